@@ -1,0 +1,23 @@
+# The two commands a new user runs: `make demo` (set up, then the main job) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+export VLLM_CPU_OMP_THREADS_BIND ?= 0-1
+export VLLM_CPU_KVCACHE_SPACE ?= 4
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-all bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/kvcat demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+test-all: setup
+	$(VENV)/bin/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,71 @@
+"""A transformers attention function that adds a per-slot bias (beta) and can record queries.
+
+Registered once under the name "kvcat" through transformers' AttentionInterface, so no model code is
+copied or patched: a model opts in with `model.config._attn_implementation = "kvcat"` (see `use_kvcat_attention`).
+Per-call inputs travel as forward kwargs, which transformers passes down to every attention call:
+
+- `kvcat_bias`: a list with one entry per layer (or None): an additive bias on the first t key columns, of
+  shape [num_kv_heads, t] (the same for every query row: beta of a compacted cache) or
+  [num_kv_heads, q_len, t] (row-specific: train-time masks). -inf removes a slot.
+- `kvcat_queries`: a dict that collects each layer's post-RoPE queries [num_heads, q_len, head_dim].
+
+Transformers builds no mask for an implementation it does not know, so this function makes its own causal
+mask; it therefore supports batch size 1 or equal-length batches without padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "kvcat"
+_registered = False
+
+
+def kvcat_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    if attention_mask is not None:
+        raise ValueError("kvcat attention builds its own causal mask; padded batches are not supported")
+    layer = module.layer_idx
+    captured = kwargs.get("kvcat_queries")
+    if captured is not None:
+        captured.setdefault(layer, []).append(query[0].detach())
+    biases = kwargs.get("kvcat_bias")
+    bias = biases[layer] if biases is not None else None
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    groups = query.shape[1] // key.shape[1]
+
+    if bias is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1 and q_len == k_len,
+                                             scale=scaling, enable_gqa=groups > 1,
+                                             attn_mask=None if q_len == k_len or q_len == 1
+                                             else _causal(q_len, k_len, query))
+    else:
+        mask = _causal(q_len, k_len, query).expand(query.shape[1], q_len, k_len).clone()
+        t = bias.shape[-1]
+        bias = bias.to(query.dtype).repeat_interleave(groups, dim=0)  # KV head -> its query heads
+        mask[..., :t] = mask[..., :t] + (bias[:, None, :] if bias.dim() == 2 else bias)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.unsqueeze(0),
+                                             scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _causal(q_len: int, k_len: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive causal mask for the last q_len of k_len positions: [q_len, k_len] of 0 / -inf."""
+    rows = torch.arange(q_len, device=like.device)[:, None] + (k_len - q_len)
+    cols = torch.arange(k_len, device=like.device)[None, :]
+    return torch.zeros(q_len, k_len, dtype=like.dtype, device=like.device).masked_fill(
+        cols > rows, float("-inf"))
+
+
+def use_kvcat_attention(model) -> None:
+    """Route a transformers model's attention through `kvcat_attention` (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, kvcat_attention)
+        _registered = True
+    model.config._attn_implementation = ATTN_NAME
+    for sub in model.modules():
+        if hasattr(sub, "config") and sub.config is not model.config:
+            sub.config._attn_implementation = ATTN_NAME

@@ -1,0 +1,171 @@
+"""CompactCache: the one compacted-KV type and file format shared by the CLI, evaluation, server and store.
+
+For every layer and KV head a compacted cache holds t slots (C_k, beta, C_v). Keys are post-RoPE at the
+positions of the original N-token context, so new tokens continue at positions N, N+1, ... Heads may keep
+different numbers of slots (non-uniform budgets): tensors are padded to the largest count with beta = -inf,
+which removes a slot from attention exactly.
+
+On disk: one safetensors file (tensors `k.{layer}`, `v.{layer}`, `beta.{layer}`) whose header carries the
+metadata as JSON, including a sha256 of the tensor bytes so truncation and corruption are detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CacheError(ValueError):
+    """A compacted cache is malformed, corrupt, or belongs to another model."""
+
+
+@dataclass
+class CompactCache:
+    keys: list[torch.Tensor]  # per layer [num_kv_heads, t, head_dim], post-RoPE
+    values: list[torch.Tensor]  # per layer [num_kv_heads, t, head_dim]
+    beta: list[torch.Tensor]  # per layer [num_kv_heads, t]; -inf marks padding
+    num_tokens: int  # N, the original context length
+    model_fingerprint: str
+    method: str
+    params: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # free-form provenance (document id, timings, ...)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- shape facts -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_slots(self) -> int:
+        """t: slots per head as stored (the largest head budget)."""
+        return self.keys[0].shape[1]
+
+    def head_counts(self) -> torch.Tensor:
+        """[num_layers, num_kv_heads] number of live (beta > -inf) slots of each head."""
+        return torch.stack([torch.isfinite(b).sum(-1) for b in self.beta])
+
+    @property
+    def ratio(self) -> float:
+        """Compaction ratio N / (mean live slots per head)."""
+        return self.num_tokens / max(self.head_counts().float().mean().item(), 1e-9)
+
+    def kv_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of K and V this cache occupies once stored as `dtype` (padded slots included)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return sum(k.numel() + v.numel() for k, v in zip(self.keys, self.values)) * elem
+
+    def to(self, device=None, dtype=None) -> "CompactCache":
+        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return CompactCache([move(k) for k in self.keys], [move(v) for v in self.values],
+                            [b.to(device=device, dtype=dtype) for b in self.beta], self.num_tokens,
+                            self.model_fingerprint, self.method, dict(self.params), dict(self.info))
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if not self.keys or not (len(self.keys) == len(self.values) == len(self.beta)):
+            raise CacheError("keys, values and beta need one entry per layer, and at least one layer")
+        if self.num_tokens < 1:
+            raise CacheError(f"num_tokens must be positive, got {self.num_tokens}")
+        for i, (k, v, b) in enumerate(zip(self.keys, self.values, self.beta)):
+            if k.dim() != 3 or v.shape != k.shape or b.shape != k.shape[:2]:
+                raise CacheError(f"layer {i}: keys {tuple(k.shape)}, values {tuple(v.shape)} and beta "
+                                 f"{tuple(b.shape)} do not agree ([heads, t, d], [heads, t, d], [heads, t])")
+            if k.shape != self.keys[0].shape:
+                raise CacheError(f"layer {i}: shape {tuple(k.shape)} differs from layer 0 "
+                                 f"{tuple(self.keys[0].shape)}")
+            if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+                raise CacheError(f"layer {i}: keys or values contain NaN or Inf")
+            if torch.isnan(b).any() or (b == float("inf")).any():
+                raise CacheError(f"layer {i}: beta contains NaN or +Inf")
+            if not torch.isfinite(b).any(-1).all():
+                raise CacheError(f"layer {i}: a head has no live slot (all beta = -inf)")
+        if self.num_slots > self.num_tokens:
+            raise CacheError(f"{self.num_slots} slots for a {self.num_tokens}-token context")
+
+    def check_model(self, fingerprint: str) -> None:
+        if fingerprint != self.model_fingerprint:
+            raise CacheError(f"this cache was made for model {self.model_fingerprint}, not for the loaded "
+                             f"model {fingerprint}; compact the document again with this model")
+
+    # ---- file format -------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (k, v, b) in enumerate(zip(self.keys, self.values, self.beta)):
+            out[f"k.{i}"], out[f"v.{i}"], out[f"beta.{i}"] = (x.detach().contiguous().cpu() for x in (k, v, b))
+        return out
+
+    def metadata(self) -> dict:
+        meta = {k: v for k, v in asdict(self).items() if k not in ("keys", "values", "beta")}
+        return {"format": FORMAT_VERSION, **meta, "num_slots": self.num_slots}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a crash mid-write never leaves a partial file under `path`."""
+        from safetensors.torch import save
+
+        path = Path(path)
+        tensors = self._tensors()
+        meta = self.metadata()
+        meta["sha256"] = _digest(tensors)
+        blob = save(tensors, metadata={"kvcat": json.dumps(meta)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect_fingerprint: str | None = None,
+             device: str | torch.device = "cpu") -> "CompactCache":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+            tensors = load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + header_len])
+            meta = json.loads(header["__metadata__"]["kvcat"])
+        except FileNotFoundError:
+            raise CacheError(f"{path}: no such cache file") from None
+        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+            raise CacheError(f"{path}: not a kvcat cache file, or truncated ({exc})") from None
+        if meta.get("format") != FORMAT_VERSION:
+            raise CacheError(f"{path}: format {meta.get('format')} is not supported (want {FORMAT_VERSION})")
+        if meta.get("sha256") != _digest(tensors):
+            raise CacheError(f"{path}: checksum mismatch, the file is corrupt")
+        n = sum(1 for name in tensors if name.startswith("k."))
+        cache = cls(keys=[tensors[f"k.{i}"].to(device) for i in range(n)],
+                    values=[tensors[f"v.{i}"].to(device) for i in range(n)],
+                    beta=[tensors[f"beta.{i}"].to(device) for i in range(n)],
+                    num_tokens=meta["num_tokens"], model_fingerprint=meta["model_fingerprint"],
+                    method=meta["method"], params=meta.get("params", {}), info=meta.get("info", {}))
+        if expect_fingerprint is not None:
+            cache.check_model(expect_fingerprint)
+        return cache
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

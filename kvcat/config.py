@@ -1,0 +1,35 @@
+"""Where kvcat keeps prepared models, data and caches, and which device it computes on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def kvcat_home() -> Path:
+    """Root of everything kvcat generates (git-ignored): `$KVCAT_HOME`, default `~/.cache/kvcat`."""
+    return Path(os.environ.get("KVCAT_HOME", Path.home() / ".cache" / "kvcat")).expanduser()
+
+
+def models_dir() -> Path:
+    return kvcat_home() / "models"
+
+
+def default_device() -> torch.device:
+    """CUDA when present, CPU otherwise; `KVCAT_DEVICE` overrides."""
+    if name := os.environ.get("KVCAT_DEVICE"):
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)}") from None

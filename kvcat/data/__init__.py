@@ -1,0 +1,1 @@
+"""Typed loaders for long documents, QA, needle-in-a-haystack and synthetic retrieval."""

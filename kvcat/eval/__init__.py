@@ -1,0 +1,1 @@
+"""Evaluation harness: method-independent metrics over any prefix -> cache function."""

@@ -1,0 +1,144 @@
+"""Reference inference in transformers: prefill a context, and run new tokens over a CompactCache.
+
+This is the ground truth the server is checked against and the engine behind evaluation. New tokens sit at
+their original positions (N, N+1, ...) after a compacted block of t slots, and beta is added to the logits
+of those slots through `kvcat.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcat.attention import use_kvcat_attention
+from kvcat.cache import CompactCache
+from kvcat.models import LoadedModel
+
+
+class ContextTooLongError(ValueError):
+    """A document (plus what follows it) does not fit the model's context window."""
+
+    def __init__(self, num_tokens: int, limit: int, what: str = "document"):
+        self.num_tokens, self.limit = num_tokens, limit
+        super().__init__(f"the {what} has {num_tokens} tokens but the model's context holds {limit}")
+
+
+@dataclass
+class Prefill:
+    """Post-RoPE keys and values of a context (and optionally its queries), per layer."""
+
+    keys: list[torch.Tensor]  # [num_kv_heads, N, head_dim]
+    values: list[torch.Tensor]  # [num_kv_heads, N, head_dim]
+    queries: list[torch.Tensor] | None  # [num_heads, N, head_dim]
+    last_logits: torch.Tensor  # [vocab]: the distribution after the last context token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def as_ids(tokens, device) -> torch.Tensor:
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    return ids[None] if ids.dim() == 1 else ids
+
+
+@torch.no_grad()
+def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 2048) -> Prefill:
+    """Run the context through the model in chunks, keeping K/V (and queries) of every layer."""
+    from transformers import DynamicCache
+
+    ids = as_ids(tokens, lm.device)
+    n = ids.shape[1]
+    if n == 0:
+        raise ValueError("cannot prefill an empty context")
+    if n > lm.spec.max_positions:
+        raise ContextTooLongError(n, lm.spec.max_positions)
+    use_kvcat_attention(lm.model)
+    past = DynamicCache(config=lm.model.config)
+    queries: dict[int, list[torch.Tensor]] | None = {} if capture_queries else None
+    logits = None
+    for start in range(0, n, chunk_size):
+        chunk = ids[:, start:start + chunk_size]
+        out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True,
+                       position_ids=torch.arange(start, start + chunk.shape[1], device=ids.device)[None],
+                       kvcat_queries=queries, logits_to_keep=1)
+        logits = out.logits[0, -1]
+    keys = [layer.keys[0] for layer in past.layers]
+    values = [layer.values[0] for layer in past.layers]
+    q = [torch.cat(queries[i], dim=1) for i in range(len(keys))] if queries is not None else None
+    return Prefill(keys=keys, values=values, queries=q, last_logits=logits.float())
+
+
+def full_cache(pre: Prefill, fingerprint: str, method: str = "full") -> CompactCache:
+    """The identity 'compaction': every key kept, beta = 0, C_v = V."""
+    return CompactCache(keys=list(pre.keys), values=list(pre.values),
+                        beta=[torch.zeros(k.shape[:2], dtype=torch.float32, device=k.device) for k in pre.keys],
+                        num_tokens=pre.num_tokens, model_fingerprint=fingerprint, method=method)
+
+
+class CacheSession:
+    """New tokens run over a CompactCache (or over no context). Each session owns its own copy of the
+    cache, so several questions can be asked of one compacted context without recompaction."""
+
+    def __init__(self, lm: LoadedModel, cache: CompactCache | None):
+        from transformers import DynamicCache
+
+        self.lm = lm
+        use_kvcat_attention(lm.model)
+        self.past = DynamicCache(config=lm.model.config)
+        self.position = 0
+        self.bias = None
+        if cache is not None:
+            cache.check_model(lm.spec.fingerprint)
+            dtype = lm.model.dtype
+            for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+                self.past.update(k[None].to(lm.device, dtype), v[None].to(lm.device, dtype), i)
+            self.bias = [b.to(lm.device) for b in cache.beta]
+            self.position = cache.num_tokens
+
+    @torch.no_grad()
+    def forward(self, tokens) -> torch.Tensor:
+        """Append tokens; returns logits [len, vocab] (float32), row i predicting the token after tokens[i]."""
+        ids = as_ids(tokens, self.lm.device)
+        q = ids.shape[1]
+        if self.position + q > self.lm.spec.max_positions:
+            raise ContextTooLongError(self.position + q, self.lm.spec.max_positions, "context plus input")
+        pos = torch.arange(self.position, self.position + q, device=ids.device)[None]
+        out = self.lm.model(input_ids=ids, past_key_values=self.past, use_cache=True, position_ids=pos,
+                            kvcat_bias=self.bias)
+        self.position += q
+        return out.logits[0].float()
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int | None = None, stop_ids: set[int] | None = None) -> list[int]:
+        """Greedy (temperature 0) or sampled continuation of `prompt`; stops at EOS or a stop id."""
+        stop = set(stop_ids or ())
+        if self.lm.tokenizer.eos_token_id is not None:
+            stop.add(self.lm.tokenizer.eos_token_id)
+        gen = torch.Generator(device=self.lm.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        logits = self.forward(prompt)[-1]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            if temperature <= 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            if token in stop:
+                break
+            out.append(token)
+            if self.position >= self.lm.spec.max_positions:
+                break
+            logits = self.forward([token])[-1]
+        return out
+
+
+def continuation_nll(lm: LoadedModel, cache: CompactCache | None, continuation) -> torch.Tensor:
+    """Per-token negative log-likelihood of continuation[1:] given the cache and continuation[:i]."""
+    ids = as_ids(continuation, lm.device)[0]
+    logits = CacheSession(lm, cache).forward(ids)
+    return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")

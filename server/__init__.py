@@ -1,0 +1,1 @@
+"""kvcat.server"""

@@ -1,0 +1,35 @@
+"""Shared fixtures: each model is loaded once per test session (CPU, float32 so logits compare)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _load(name: str):
+    from kvcat.models import is_prepared, load_model
+
+    if not is_prepared(name):
+        pytest.fail(f"model {name} is not prepared; run `make setup` (or kvcat models prepare {name})")
+    return load_model(name, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """2-layer random GQA Llama with SmolLM2's tokenizer: plumbing tests."""
+    return _load("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def small():
+    """First 6 layers of SmolLM2-135M: small, with trained attention heads."""
+    return _load("smollm2-135m-6l")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The full SmolLM2-135M."""
+    return _load("smollm2-135m")

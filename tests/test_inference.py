@@ -1,0 +1,67 @@
+"""The reference inference path: identity caches reproduce full-context logits; beta acts as a bias."""
+
+import pytest
+import torch
+
+from kvcat.cache import CompactCache
+from kvcat.inference import CacheSession, ContextTooLongError, continuation_nll, full_cache, prefill
+
+TEXT = ("The lighthouse keeper counted ships every night. On the ninth night a red ship arrived, "
+        "and the keeper wrote its name, Aurora, in the logbook before sunrise. ") * 12
+
+
+def _ids(lm, n):
+    ids = lm.tokenizer(TEXT)["input_ids"]
+    assert len(ids) >= n
+    return ids[:n]
+
+
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_identity_cache_reproduces_full_logits(small, chunk):
+    ids = _ids(small, 200)
+    prefix, cont = ids[:150], ids[150:]
+    small.model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        ref = small.model(torch.tensor([ids])).logits[0, 150:].float()
+    cache = full_cache(prefill(small, prefix, chunk_size=chunk), small.spec.fingerprint)
+    got = CacheSession(small, cache).forward(cont)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_beta_is_an_additive_logit_bias(tiny):
+    """beta = log(2) on a slot must act exactly like that key appearing twice."""
+    ids = _ids(tiny, 40)
+    pre = prefill(tiny, ids[:30])
+    doubled = CompactCache(
+        keys=[torch.cat([k, k[:, :1]], 1) for k in pre.keys],
+        values=[torch.cat([v, v[:, :1]], 1) for v in pre.values],
+        beta=[torch.zeros(k.shape[0], k.shape[1] + 1) for k in pre.keys],
+        num_tokens=31, model_fingerprint=tiny.spec.fingerprint, method="test")
+    biased = full_cache(pre, tiny.spec.fingerprint)
+    for b in biased.beta:
+        b[:, 0] = torch.log(torch.tensor(2.0))
+    biased.num_tokens = 31  # same positions for the new tokens as in `doubled`
+    a = CacheSession(tiny, doubled).forward(ids[30:])
+    b = CacheSession(tiny, biased).forward(ids[30:])
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_no_context_is_worse_than_full_context(smollm2):
+    small = smollm2
+    ids = _ids(small, 260)
+    cache = full_cache(prefill(small, ids[:200]), small.spec.fingerprint)
+    assert continuation_nll(small, cache, ids[200:]).mean() < continuation_nll(small, None, ids[200:]).mean()
+
+
+def test_two_questions_over_one_cache(small):
+    ids = _ids(small, 120)
+    cache = full_cache(prefill(small, ids), small.spec.fingerprint)
+    tok = small.tokenizer
+    a = CacheSession(small, cache).generate(tok(" The ship was called")["input_ids"], max_new_tokens=4)
+    b = CacheSession(small, cache).generate(tok(" The keeper counted")["input_ids"], max_new_tokens=4)
+    assert a and b and cache.num_tokens == 120
+
+
+def test_context_longer_than_model_is_refused(tiny):
+    with pytest.raises(ContextTooLongError, match="8193 tokens.*8192"):
+        prefill(tiny, [1] * 8193)
