@@ -8,6 +8,11 @@ Per-call inputs travel as forward kwargs, which transformers passes down to ever
   shape [num_kv_heads, t] (the same for every query row: beta of a compacted cache) or
   [num_kv_heads, q_len, t] (row-specific: train-time masks). -inf removes a slot.
 - `kvcat_queries`: a dict that collects each layer's post-RoPE queries [num_heads, q_len, head_dim].
+- `kvcat_observer`: a callable `(layer, query, key, value)` given each layer's detached post-RoPE tensors
+  [batch, heads, len, head_dim] (training policies score KV slots with it).
+
+`kvcat_bias` entries may also carry a batch dimension, [batch, num_kv_heads, q_len, t], for a different
+row-specific bias per sequence (train-time masks); a bias that requires grad is differentiated through.
 
 Transformers builds no mask for an implementation it does not know, so this function makes its own causal
 mask; it therefore supports batch size 1 or equal-length batches without padding.
@@ -29,6 +34,9 @@ def kvcat_attention(module, query, key, value, attention_mask, scaling, dropout=
     captured = kwargs.get("kvcat_queries")
     if captured is not None:
         captured.setdefault(layer, []).append(query[0].detach())
+    observer = kwargs.get("kvcat_observer")
+    if observer is not None:
+        observer(layer, query.detach(), key.detach(), value.detach())
     biases = kwargs.get("kvcat_bias")
     bias = biases[layer] if biases is not None else None
     q_len, k_len = query.shape[-2], key.shape[-2]
@@ -40,12 +48,14 @@ def kvcat_attention(module, query, key, value, attention_mask, scaling, dropout=
                                              attn_mask=None if q_len == k_len or q_len == 1
                                              else _causal(q_len, k_len, query))
     else:
-        mask = _causal(q_len, k_len, query).expand(query.shape[1], q_len, k_len).clone()
+        batched = bias.dim() == 4  # [batch, kv_heads, q, t]: one train-time mask per sequence
+        lead = (bias.shape[0], query.shape[1]) if batched else (query.shape[1],)
+        mask = _causal(q_len, k_len, query).expand(*lead, q_len, k_len).clone()
         t = bias.shape[-1]
-        bias = bias.to(query.dtype).repeat_interleave(groups, dim=0)  # KV head -> its query heads
+        bias = bias.to(query.dtype).repeat_interleave(groups, dim=int(batched))  # KV head -> its query heads
         mask[..., :t] = mask[..., :t] + (bias[:, None, :] if bias.dim() == 2 else bias)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.unsqueeze(0),
-                                             scale=scaling, enable_gqa=groups > 1)
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=groups > 1,
+                                             attn_mask=mask if batched else mask.unsqueeze(0))
     return out.transpose(1, 2).contiguous(), None
 
 

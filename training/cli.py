@@ -1,5 +1,94 @@
-"""Commands contributed to the `kvcat` CLI (filled in by this package's issue)."""
+"""`kvcat train` (KV-CAT continued pretraining) and `kvcat bench kvcat` (the paper's evaluation on SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kvcat.training.config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kvcat.py"
 
 
 def register(app, bench) -> None:
-    pass
+    app.command("train")(train_command)
+    bench.command("kvcat")(bench_command)
+
+
+def train_command(
+    model: str = typer.Option(_DEFAULTS.model, help="zoo name or local HF folder"),
+    policy: str = typer.Option(_DEFAULTS.policy, help="train-time KV sparsification: rand, attn, am, router"),
+    retention: float = typer.Option(_DEFAULTS.retention, help="fraction of prefix KV slots kept, in (0, 1]"),
+    steps: int = typer.Option(_DEFAULTS.steps, help="optimisation steps (a larger value extends a finished run)"),
+    seq_len: int = typer.Option(_DEFAULTS.seq_len, help="tokens per training sequence (prefix + continuation)"),
+    out: Path = typer.Option(..., help="output folder: an HF model folder plus resume state"),
+    prefix_frac: float = typer.Option(_DEFAULTS.prefix_frac, help="fraction of each sequence that is prefix"),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, help="sequences per micro-batch per process"),
+    grad_accum: int = typer.Option(_DEFAULTS.grad_accum, help="micro-batches per step per process"),
+    lr: float = typer.Option(_DEFAULTS.lr, help="peak learning rate of the model"),
+    router_lr: float = typer.Option(_DEFAULTS.router_lr, help="peak learning rate of the router"),
+    warmup_steps: int = typer.Option(_DEFAULTS.warmup_steps),
+    w_kl: float = typer.Option(_DEFAULTS.w_kl, help="weight of the self-distillation KL (0: plain NTP)"),
+    w_ntp: float = typer.Option(_DEFAULTS.w_ntp, help="weight of the NTP anchor on the full pass"),
+    w_budget: float = typer.Option(_DEFAULTS.w_budget, help="weight of the router's budget loss"),
+    corpora: str = typer.Option(",".join(_DEFAULTS.corpora), help="comma-separated corpora (TRAIN split)"),
+    docs: Optional[int] = typer.Option(None, help="use only this many training documents (seeded sample)"),
+    save_every: int = typer.Option(_DEFAULTS.save_every, help="checkpoint every N steps (and at the end)"),
+    seed: int = typer.Option(_DEFAULTS.seed),
+    precision: str = typer.Option(_DEFAULTS.precision, help="auto (bf16 autocast on CUDA), fp32, bf16"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: KVCAT_DEVICE, else CUDA if any)"),
+    progress: bool = typer.Option(True, help="show the progress bar"),
+) -> None:
+    """Continue-pretrain a model so its KV cache compresses well (KV-CAT). Re-running the same command on the
+    same --out resumes after an interruption. Under `torchrun --nproc-per-node N -m kvcat.cli train ...`
+    it trains data-parallel (gloo on CPU, NCCL on GPU)."""
+    from kvcat.cli import fail
+    from kvcat.data.records import DataError
+    from kvcat.models import ModelError
+    from kvcat.training.checkpoint import OutputFolderError
+    from kvcat.training.config import TrainConfigError
+    from kvcat.training.data import DataTooSmallError
+    from kvcat.training.trainer import Trainer
+
+    cfg = TrainConfig(model=model, policy=policy, retention=retention, steps=steps, seq_len=seq_len,
+                      prefix_frac=prefix_frac, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      router_lr=router_lr, warmup_steps=warmup_steps, w_kl=w_kl, w_ntp=w_ntp, w_budget=w_budget,
+                      corpora=tuple(c.strip() for c in corpora.split(",") if c.strip()), max_docs=docs,
+                      save_every=save_every, seed=seed, precision=precision)
+    try:
+        trainer = Trainer(cfg, out, device=device, log=typer.echo, progress=progress)
+    except (TrainConfigError, OutputFolderError, DataTooSmallError, ModelError, DataError) as exc:
+        fail(str(exc))
+    summary = trainer.run()
+    if trainer.d.main:
+        typer.echo(json.dumps(summary))
+    if trainer.d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def bench_command(
+    steps: Optional[int] = typer.Option(None, help="training steps per policy (default 300; smoke 2)"),
+    docs: Optional[int] = typer.Option(None, help="training documents (default: the whole TRAIN split)"),
+    seq_len: Optional[int] = typer.Option(None, help="training sequence length (default 512)"),
+    eval_windows: Optional[int] = typer.Option(None, help="held-out PPL windows (default 8)"),
+    policies: str = typer.Option("rand,attn,am,router", help="comma-separated policies to train"),
+    model: Optional[str] = typer.Option(None, help="default smollm2-135m"),
+    smoke: bool = typer.Option(False, help="a tiny configuration that checks the pipeline in minutes"),
+    out: Optional[Path] = typer.Option(None, help="result JSON (default benchmarks/results/kvcat.json, or "
+                                                  "kvcat-smoke.json with --smoke); plots beside it"),
+) -> None:
+    """KV-CAT on SmolLM2: train each policy on the same data and compute, then evaluate base vs checkpoints
+    under AM-HAK, SnapKV and truncation (PPL gap, retrieval, base PPL, gradient-compaction steps), and the
+    step-time ratio of KV-CAT against plain NTP training."""
+    import runpy
+
+    module = runpy.run_path(str(BENCH_SCRIPT))
+    module["main"](steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows,
+                   policies=[p.strip() for p in policies.split(",") if p.strip()], model=model, smoke=smoke,
+                   out=out)

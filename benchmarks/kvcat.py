@@ -1,0 +1,352 @@
+"""KV-CAT on SmolLM2-135M: does continued pretraining with a train-time KV sparsification policy make the KV
+cache easier to compress afterwards, without hurting the uncompressed model?
+
+    kvcat bench kvcat                       # the full experiment (about 2 h on a 2-core CPU machine)
+    kvcat bench kvcat --steps 50 --docs 40  # smaller
+    kvcat bench kvcat --smoke               # checks the pipeline in minutes (writes kvcat-smoke.json)
+
+1. Train one checkpoint per policy (rand, attn, am, router) from the same base, on the same TRAIN-split
+   sequences with the same compute (steps x global batch x seq-len), retention 0.5. Finished checkpoints
+   are reused (the trainer resumes or returns at once).
+2. Evaluate the base model and every checkpoint on HELD-OUT data, with each post-hoc compaction method
+   (AM-HAK, SnapKV, truncation = keep the most recent tokens) at ratios 2, 4, 8:
+   - ppl_gap: continuation perplexity over the compacted prefix minus over the full prefix (lower = better);
+   - retrieval_acc: needle-in-a-haystack answers found after compacting the haystack;
+   - base_ppl: continuation perplexity over the full prefix (the uncompressed ability; per checkpoint);
+   - grad_steps_to_target (AM-HAK rows): Adam steps of gradient-based compaction (from AM-HAK) to reach
+     a fixed target loss, the target being half of the base model's initial loss on the same window.
+3. Step time of KV-CAT training (router policy) against plain NTP training (`w_kl = 0`, no masked pass),
+   same batch and sequence length, in this run.
+Writes benchmarks/results/kvcat.json and PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = {"am-hak": ("am-hak", {}), "snapkv": ("snapkv", {}), "truncation": ("truncation", {})}
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    policies: list[str] = field(default_factory=lambda: ["rand", "attn", "am", "router"])
+    retention: float = 0.5
+    # training (identical for every policy)
+    steps: int = 300
+    docs: int | None = None
+    seq_len: int = 512
+    batch_size: int = 2
+    grad_accum: int = 2
+    lr: float = 5e-5
+    corpora: tuple[str, ...] = ("paul_graham", "sotu", "moby_dick", "kjv")
+    # evaluation (held-out split)
+    eval_windows: int = 8
+    prefix_tokens: int = 1024
+    continuation_tokens: int = 128
+    ratios: tuple[int, ...] = (2, 4, 8)
+    methods: tuple[str, ...] = ("am-hak", "snapkv", "truncation")
+    retrieval_examples: int = 8
+    retrieval_tokens: int = 1024
+    grad_windows: int = 2
+    grad_ratio: int = 4
+    grad_max_steps: int = 100
+    # step-time ratio
+    timing_steps: int = 3
+    work_dir: str = ""  # checkpoints; default $KVCAT_HOME/bench-kvcat/<config>
+    out: str = str(RESULTS / "kvcat.json")
+
+
+SMOKE = dict(steps=2, docs=8, seq_len=128, batch_size=1, grad_accum=1, eval_windows=1, prefix_tokens=192,
+             continuation_tokens=32, retrieval_examples=1, retrieval_tokens=192, grad_windows=1,
+             grad_max_steps=5, timing_steps=2, out=str(RESULTS / "kvcat-smoke.json"))
+
+
+def log(msg: str) -> None:
+    print(f"[kvcat-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Training
+
+
+def train_config(bc: BenchConfig, policy: str, **over):
+    from kvcat.training.config import TrainConfig
+
+    return TrainConfig(model=bc.model, policy=policy, retention=bc.retention, steps=bc.steps, seq_len=bc.seq_len,
+                       batch_size=bc.batch_size, grad_accum=bc.grad_accum, lr=bc.lr, corpora=tuple(bc.corpora),
+                       max_docs=bc.docs, warmup_steps=max(1, min(20, bc.steps // 10)),
+                       save_every=max(1, bc.steps // 4), **over)
+
+
+def train_all(bc: BenchConfig, work: Path) -> dict[str, Path]:
+    from kvcat.training.trainer import Trainer
+
+    paths = {}
+    for policy in bc.policies:
+        out = work / policy
+        trainer = Trainer(train_config(bc, policy), out, log=log, progress=sys.stderr.isatty())
+        if trainer.step < bc.steps:
+            log(f"training {policy}: {bc.steps} steps x {trainer.global_batch()} x {bc.seq_len} tokens -> {out}")
+        trainer.run()
+        paths[policy] = out
+        del trainer
+    return paths
+
+
+def training_curves(paths: dict[str, Path]) -> dict[str, list[dict]]:
+    from kvcat.training.checkpoint import read_log
+
+    return {p: read_log(path) for p, path in paths.items()}
+
+
+def step_time_ratio(bc: BenchConfig) -> dict:
+    """Median step time of KV-CAT (router) over plain NTP training, same batch, length and machine."""
+    from kvcat.training.trainer import Trainer
+
+    times = {}
+    for label, cfg in [("ntp", train_config(bc, "router", w_kl=0.0)), ("kvcat", train_config(bc, "router"))]:
+        cfg = replace(cfg, steps=bc.timing_steps + 1)
+        trainer = Trainer(cfg, None, log=log, progress=False)
+        trainer.train_step()  # warm-up
+        times[label] = statistics.median(trainer.train_step()["seconds"] for _ in range(bc.timing_steps))
+        del trainer
+    return {"ntp_step_s": round(times["ntp"], 4), "kvcat_step_s": round(times["kvcat"], 4),
+            "ratio": round(times["kvcat"] / times["ntp"], 3), "steps_timed": bc.timing_steps,
+            "batch": bc.batch_size * bc.grad_accum, "seq_len": bc.seq_len}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Evaluation
+
+
+def get_compaction(label: str):
+    from kvcat.compaction.base import CompactionError, get_method
+
+    name, params = METHODS[label]
+    try:
+        return get_method(name, **params)
+    except CompactionError:
+        if label == "truncation":  # the registry's name for "keep the most recent tokens"
+            return get_method("recent")
+        raise
+
+
+def continuation_ppl(lm, cache, continuation) -> tuple[float, int]:
+    from kvcat.inference import continuation_nll
+
+    nll = continuation_nll(lm, cache, list(continuation))
+    return float(nll.sum()), nll.numel()
+
+
+def evaluate(bc: BenchConfig, label: str, path, policy: str, windows, needles, grad_targets: dict) -> list[dict]:
+    from kvcat.inference import CacheSession, full_cache, prefill
+    from kvcat.models import load_model
+    from kvcat.prompts import context_and_question
+
+    lm = load_model(path, dtype="float32")
+    tok = lm.tokenizer
+    full_nll, count = 0.0, 0
+    for w in windows:
+        cache = full_cache(prefill(lm, list(w.prefix_ids)), lm.spec.fingerprint)
+        nll, n = continuation_ppl(lm, cache, w.continuation_ids)
+        full_nll, count = full_nll + nll, count + n
+    base_ppl = math.exp(full_nll / count)
+
+    def answer_ok(cache, question_ids, answers) -> bool:
+        out = CacheSession(lm, cache).generate(question_ids, max_new_tokens=16)
+        text = tok.decode(out)
+        return any(a in text for a in answers)
+
+    prompts = [context_and_question(tok, ex.document, ex.question) for ex in needles]
+    full_acc = statistics.mean(
+        answer_ok(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p.question_ids, ex.answers)
+        for p, ex in zip(prompts, needles)) if needles else None
+    rows = [{"checkpoint": label, "policy": policy, "method": "full", "ratio": 1, "ppl_gap": 0.0,
+             "retrieval_acc": full_acc, "base_ppl": round(base_ppl, 4), "grad_steps_to_target": None}]
+
+    for method_label in bc.methods:
+        method = get_compaction(method_label)
+        for ratio in bc.ratios:
+            t0 = time.perf_counter()
+            c_nll, c_count = 0.0, 0
+            for w in windows:
+                cache = method.compact(lm, list(w.prefix_ids), ratio=ratio)
+                nll, n = continuation_ppl(lm, cache, w.continuation_ids)
+                c_nll, c_count = c_nll + nll, c_count + n
+            acc = statistics.mean(answer_ok(method.compact(lm, p.context_ids, ratio=ratio), p.question_ids,
+                                            ex.answers) for p, ex in zip(prompts, needles)) if needles else None
+            grad = None
+            if method_label == "am-hak" and ratio == bc.grad_ratio:
+                grad = grad_steps(bc, lm, windows[:bc.grad_windows], grad_targets, label)
+            rows.append({"checkpoint": label, "policy": policy, "method": method_label, "ratio": ratio,
+                         "ppl_gap": round(math.exp(c_nll / c_count) - base_ppl, 4), "retrieval_acc": acc,
+                         "base_ppl": round(base_ppl, 4), "grad_steps_to_target": grad})
+            log(f"{label} {method_label} {ratio}x: gap {rows[-1]['ppl_gap']:.3f} retrieval {acc} "
+                f"grad steps {grad} ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+def grad_steps(bc: BenchConfig, lm, windows, targets: dict, label: str) -> float | None:
+    """Mean steps to the target over the windows (a window that never reaches it counts as max steps);
+    the base model's initial loss fixes each window's target (half of it)."""
+    from kvcat.compaction.optimize import steps_to_target
+
+    steps = []
+    for i, w in enumerate(windows):
+        target = targets.get(i)
+        report = steps_to_target(lm, list(w.prefix_ids), ratio=bc.grad_ratio,
+                                 target_loss=target if target is not None else -1.0, max_steps=bc.grad_max_steps)
+        if target is None:  # the base model sets the target
+            targets[i] = target = 0.5 * report["initial_loss"]
+            hit = next((s for s, v in enumerate(report["loss_curve"]) if v <= target), None)
+        else:
+            hit = report["steps_to_target"]
+        steps.append(bc.grad_max_steps if hit is None else hit)
+    return round(statistics.mean(steps), 2) if steps else None
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Report
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def plot(result: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["method"] != "full"]
+    methods = sorted({r["method"] for r in rows})
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in result["rows"]))
+    files = []
+    for metric, ylabel in [("ppl_gap", "PPL gap (compacted - full)"), ("retrieval_acc", "needle accuracy")]:
+        fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            for ck in checkpoints:
+                pts = sorted((r["ratio"], r[metric]) for r in rows if r["method"] == method and r["checkpoint"] == ck
+                             and r[metric] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=ck, linestyle="--" if ck == "base" else "-")
+            ax.set_title(method)
+            ax.set_xlabel("compaction ratio")
+            ax.set_xscale("log", base=2)
+            ax.set_ylabel(ylabel)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"KV-CAT on {result['model']}: {ylabel}")
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}_{metric}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    curves = result.get("training_curves") or {}
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for policy, rows_ in curves.items():
+            steps = [r["step"] for r in rows_]
+            axes[0].plot(steps, [r.get("kl") for r in rows_], label=policy)
+            axes[1].plot(steps, [r.get("ntp") for r in rows_], label=policy)
+        axes[0].set_title("self-distillation KL (masked vs full)")
+        axes[1].set_title("NTP loss (full pass)")
+        for ax in axes:
+            ax.set_xlabel("step")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}_training.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+def summarise(result: dict) -> dict:
+    """Best PPL-gap shrink of each policy against the base (same method and ratio), and base-PPL drift."""
+    rows = result["rows"]
+    base = {(r["method"], r["ratio"]): r for r in rows if r["checkpoint"] == "base"}
+    base_ppl = next(r["base_ppl"] for r in rows if r["checkpoint"] == "base")
+    out = {}
+    for ck in dict.fromkeys(r["checkpoint"] for r in rows if r["checkpoint"] != "base"):
+        best = None
+        for r in rows:
+            b = base.get((r["method"], r["ratio"]))
+            if r["checkpoint"] != ck or r["method"] == "full" or b is None or r["ppl_gap"] <= 0:
+                continue
+            shrink = b["ppl_gap"] / r["ppl_gap"]
+            if best is None or shrink > best["shrink"]:
+                best = {"shrink": round(shrink, 3), "method": r["method"], "ratio": r["ratio"]}
+        ppl = next(r["base_ppl"] for r in rows if r["checkpoint"] == ck)
+        out[ck] = {"best_gap_shrink": best, "base_ppl_change_pct": round(100 * (ppl / base_ppl - 1), 3)}
+    return out
+
+
+def main(steps: int | None = None, docs: int | None = None, seq_len: int | None = None,
+         eval_windows: int | None = None, policies: list[str] | None = None, model: str | None = None,
+         smoke: bool = False, out: str | Path | None = None) -> dict:
+    from kvcat.config import kvcat_home
+    from kvcat.data import needle, token_windows
+    from kvcat.models import load_model
+
+    bc = BenchConfig(**SMOKE) if smoke else BenchConfig()
+    given = {"steps": steps, "docs": docs, "seq_len": seq_len, "eval_windows": eval_windows, "policies": policies,
+             "model": model}
+    bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
+    if out is not None:
+        bc = replace(bc, out=str(out))
+    tag = f"{bc.model}-s{bc.steps}-l{bc.seq_len}-b{bc.batch_size * bc.grad_accum}-d{bc.docs or 'all'}-r{bc.retention:g}"
+    work = Path(bc.work_dir) if bc.work_dir else kvcat_home() / "bench-kvcat" / tag
+    started = time.time()
+    log(f"config: {json.dumps(asdict(bc))}")
+
+    # Every training/eval input is checked before the long part starts.
+    for policy in bc.policies:
+        train_config(bc, policy).validate()
+
+    timing = step_time_ratio(bc)
+    log(f"step time: NTP {timing['ntp_step_s']} s, KV-CAT {timing['kvcat_step_s']} s, ratio {timing['ratio']}")
+    paths = train_all(bc, work)
+
+    base = load_model(bc.model, dtype="float32")
+    windows = token_windows(base.tokenizer, bc.prefix_tokens, bc.continuation_tokens, bc.eval_windows,
+                            split="heldout")
+    needles = needle(base.tokenizer, n=bc.retrieval_examples, length=bc.retrieval_tokens, split="heldout")
+    base_path = base.spec.path
+    del base
+    grad_targets: dict = {}
+    rows = evaluate(bc, "base", base_path, "none", windows, needles, grad_targets)
+    for policy, path in paths.items():
+        rows += evaluate(bc, f"kvcat-{policy}", path, policy, windows, needles, grad_targets)
+
+    result = {"model": bc.model, "machine": machine(), "rows": rows, "step_time_ratio": timing["ratio"],
+              "step_time": timing, "config": asdict(bc), "checkpoints": {p: str(v) for p, v in paths.items()},
+              "training_curves": training_curves(paths), "smoke": smoke,
+              "wall_s": round(time.time() - started, 1)}
+    result["summary"] = summarise(result)
+    out_path = Path(bc.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot(result, out_path)
+    out_path.write_text(json.dumps(result, indent=1))
+    log(f"wrote {out_path} and {', '.join(result['plots'])}; summary: {json.dumps(result['summary'])}")
+    return result
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)

@@ -1,0 +1,142 @@
+"""Attention Matching methods for a whole model: AM-HAK, AM-OMP and AM-OMP-fast.
+
+Each wraps a per-head solver from `solvers.py`: for every layer and KV head, the head's keys/values and the
+reference queries of its GQA group (at most `max_queries`, a deterministic subsample) go in, one Solution
+comes out. Per-head budgets are non-uniform by default (`budgets.py`, computed once per model).
+With `on_policy=True` the layers are compacted in order and each layer's reference queries are re-extracted
+from the model whose earlier layers already run on their compacted cache (about L/2 extra passes of the
+query text: slower, closer to how the cache will be used).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcat.models import LoadedModel
+
+from . import budgets as budgets_mod
+from .base import Method, Progress, attention_scale, group_queries, register
+from .queries import REPEAT_PROMPT, DocumentState, get_queries
+from .solvers import SOLVERS, Solution
+
+COMMON = {"queries": "repeat", "budgets": "nonuniform", "max_queries": 2048, "sink": 4, "recent": 16,
+          "on_policy": False}
+
+
+class AMMethod(Method):
+    solver: str = ""
+
+    def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
+        return budgets_mod.head_budgets(lm, state.num_tokens, t, self.params["budgets"])
+
+    def solver_kwargs(self) -> dict:
+        skip = set(COMMON) | {"queries"}
+        return {k: v for k, v in self.params.items() if k not in skip} | {
+            "sink": self.params["sink"], "recent": self.params["recent"]}
+
+    def solve_layers(self, lm: LoadedModel, state: DocumentState, budgets: torch.Tensor,
+                     progress: Progress | None) -> list[list[Solution]]:
+        solve = SOLVERS[self.solver]
+        scale = attention_scale(lm)
+        mode = self.params["queries"]
+        queries = get_queries(lm, state, mode) if not self.params["on_policy"] else None
+        out: list[list[Solution]] = []
+        for layer in range(lm.spec.num_layers):
+            if queries is not None:
+                q = queries[layer]
+            else:
+                q = on_policy_queries(lm, state, out, layer)
+            K, V = state.prefill.keys[layer], state.prefill.values[layer]
+            heads = []
+            for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, self.params["max_queries"])):
+                heads.append(solve(K[h], V[h], qh, int(budgets[layer, h]), scale=scale,
+                                   **self.solver_kwargs()))
+            out.append(heads)
+            if progress:
+                progress(layer + 1, lm.spec.num_layers)
+        return out
+
+
+@register
+class AMHAK(AMMethod):
+    """AM with highest-attention keys (RMS score), NNLS beta clamped to [e^-3, e^3], least-squares C_v."""
+
+    name = "am-hak"
+    solver = "hak"
+    defaults = {**COMMON, "score": "rms", "fit_beta": True, "beta_bounds": (-3.0, 3.0), "nnls_iters": 2,
+                "refit_values": True, "ridge": 1e-6}
+
+
+@register
+class AMOMP(AMMethod):
+    """AM with orthogonal matching pursuit on the attention mass (weights up to e^7, drops beta < -7)."""
+
+    name = "am-omp"
+    solver = "omp"
+    defaults = {**COMMON, "k_choice": 1, "refit_every": 1, "upper": 7.0, "drop_below": -7.0,
+                "refit_values": True, "ridge": 1e-6}
+
+
+@register
+class AMOMPFast(AMOMP):
+    """AM-OMP selecting 4 keys per step and refitting the weights every 2 steps."""
+
+    name = "am-omp-fast"
+    solver = "omp"
+    defaults = {**AMOMP.defaults, "k_choice": 4, "refit_every": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# On-policy queries
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def on_policy_queries(lm: LoadedModel, state: DocumentState, done: list[list[Solution]],
+                      layer: int) -> torch.Tensor:
+    """Queries of `layer` for the repeat text, run over a cache whose layers < `layer` are compacted."""
+    from transformers import DynamicCache
+
+    from kvcat.attention import use_kvcat_attention
+
+    if layer == 0:  # nothing compacted yet: the ordinary repeat queries
+        return get_queries(lm, state, "repeat")[0]
+    use_kvcat_attention(lm.model)
+    cache = DynamicCache(config=lm.model.config)
+    bias: list[torch.Tensor | None] = []
+    for i in range(lm.spec.num_layers):
+        if i < len(done):
+            width = max(len(s.indices) for s in done[i])
+            k = torch.zeros(len(done[i]), width, lm.spec.head_dim, device=lm.device)
+            v, b = torch.zeros_like(k), torch.full((len(done[i]), width), float("-inf"), device=lm.device)
+            for h, s in enumerate(done[i]):
+                m = len(s.indices)
+                k[h, :m], v[h, :m], b[h, :m] = s.keys, s.values, s.beta
+            bias.append(b)
+        else:
+            k, v = state.prefill.keys[i], state.prefill.values[i]
+            bias.append(torch.zeros(k.shape[:2], device=lm.device))
+        cache.update(k[None].to(lm.model.dtype), v[None].to(lm.model.dtype), i)
+    prompt = lm.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
+    ids = (prompt + state.ids.tolist())[: max(lm.spec.max_positions - state.num_tokens, 2)]
+    n0 = state.num_tokens
+    captured: dict[int, list[torch.Tensor]] = {}
+    attn = lm.model.model.layers[layer].self_attn
+
+    def stop(*_):
+        raise _Stop
+
+    handle = attn.register_forward_hook(stop)
+    try:
+        lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True,
+                 position_ids=torch.arange(n0, n0 + len(ids), device=lm.device)[None],
+                 kvcat_queries=captured, kvcat_bias=bias, logits_to_keep=1)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    q = torch.cat(captured[layer], dim=1)
+    return q[:, len(prompt):] if q.shape[1] > len(prompt) else q

@@ -1,0 +1,235 @@
+"""The compaction method interface and its string registry.
+
+    method = get_method("am-hak", queries="repeat")
+    cache = method.compact(lm, context_ids, ratio=10)          # or target_tokens=...
+    fn = method.compressor(10); cache = fn(lm, context_ids)    # a "prefix -> cache" function for eval
+
+A method is one small class: it sees the document's memoized state (prefill K/V and reference queries, see
+`queries.document_state`) and per-head budgets, and returns one `Solution` (C_k, beta, C_v, indices) per
+layer and KV head; this module validates the input, pads heads with different counts (beta = -inf) and
+packages a `CompactCache`. Budgets: t = round(N / ratio) slots per head on average; a method may spread
+them unevenly across heads (the mean stays t).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from kvcat.cache import CompactCache
+from kvcat.inference import ContextTooLongError
+from kvcat.models import LoadedModel
+
+from .queries import DocumentState, document_state, get_queries
+from .solvers import Solution
+
+Progress = Callable[[int, int], None]  # (layers done, layers total)
+
+
+class CompactionError(ValueError):
+    """Bad input to a compaction: ratio, budget, empty or too long document, unknown method or parameter."""
+
+
+METHODS: dict[str, type["Method"]] = {}
+ALIASES = {"truncation": "recent", "streamingllm": "streaming-llm", "knorm": "key-norm", "am": "am-hak",
+           "omp": "am-omp", "cartridges": "optimize"}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: add a method to the registry under `cls.name` (idempotent for the same class)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a `name`")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise TypeError(f"method name {cls.name!r} is already registered by {METHODS[cls.name].__name__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    from . import am, eviction, optimize  # noqa: F401  (registration side effects)
+
+
+def get_method(name: str, **params: Any) -> "Method":
+    """Instantiate a registered method by name; unknown names or parameters raise CompactionError."""
+    _load_all()
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise CompactionError(f"unknown compaction method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name](**params)
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def resolve_budget(num_tokens: int, ratio: float | None = None, target_tokens: int | None = None) -> int:
+    """Average slots per head for an N-token context: N / ratio, or target_tokens. Must be in [1, N)."""
+    if (ratio is None) == (target_tokens is None):
+        raise CompactionError("give exactly one of ratio and target_tokens")
+    if ratio is not None:
+        try:
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise CompactionError(f"ratio must be a number, got {ratio!r}") from None
+        if not ratio > 1.0 or ratio != ratio or ratio == float("inf"):
+            raise CompactionError(f"ratio must be a finite number above 1 (N / kept slots), got {ratio}")
+        t = max(1, int(round(num_tokens / ratio)))
+    else:
+        if isinstance(target_tokens, bool) or int(target_tokens) != target_tokens or target_tokens < 1:
+            raise CompactionError(f"target_tokens must be a positive integer, got {target_tokens!r}")
+        t = int(target_tokens)
+    if t >= num_tokens:
+        raise CompactionError(f"a budget of {t} slots per head does not compact a {num_tokens}-token "
+                              "document; use a smaller budget or a larger ratio")
+    return t
+
+
+def as_context_ids(lm: LoadedModel, context_ids) -> torch.Tensor:
+    """Token ids as a 1-D long tensor (CPU), checked against the model's vocabulary and context window."""
+    if isinstance(context_ids, str):
+        raise CompactionError("compact() takes token ids; tokenize the text first")
+    ids = torch.as_tensor(context_ids, dtype=torch.long).flatten().cpu() if not isinstance(
+        context_ids, torch.Tensor) else context_ids.detach().long().flatten().cpu()
+    if ids.numel() == 0:
+        raise CompactionError("the document is empty: nothing to compact")
+    if ids.numel() < 2:
+        raise CompactionError("the document has a single token: nothing to compact")
+    vocab = lm.model.get_input_embeddings().weight.shape[0]
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise CompactionError(f"token ids must lie in [0, {vocab}) for this model")
+    if ids.numel() > lm.spec.max_positions:
+        raise ContextTooLongError(ids.numel(), lm.spec.max_positions)
+    return ids
+
+
+def attention_scale(lm: LoadedModel) -> float:
+    try:
+        return float(lm.model.model.layers[0].self_attn.scaling)
+    except AttributeError:
+        return lm.spec.head_dim ** -0.5
+
+
+def group_queries(q: torch.Tensor, num_kv_heads: int, max_queries: int | None = None,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """[num_heads, n, d] -> per KV head [g * n', d]: the queries of its group, at most `max_queries`."""
+    heads, n, d = q.shape
+    g = heads // num_kv_heads
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for h in range(num_kv_heads):
+        qh = q[h * g:(h + 1) * g].reshape(g * n, d)
+        if max_queries is not None and qh.shape[0] > max_queries:
+            pick = torch.randperm(qh.shape[0], generator=gen)[:max_queries].sort().values
+            qh = qh[pick.to(qh.device)]
+        out.append(qh)
+    return out
+
+
+def uniform_budgets(num_layers: int, num_kv_heads: int, t: int) -> torch.Tensor:
+    return torch.full((num_layers, num_kv_heads), t, dtype=torch.long)
+
+
+def package(solutions: Sequence[Sequence[Solution]], num_tokens: int, fingerprint: str, method: str,
+            params: dict, info: dict) -> CompactCache:
+    """Per layer, per head Solutions -> CompactCache, padding shorter heads with beta = -inf."""
+    width = max(len(s.indices) for layer in solutions for s in layer)
+    keys, values, betas = [], [], []
+    for layer in solutions:
+        d = layer[0].keys.shape[1]
+        dev = layer[0].keys.device
+        k = torch.zeros(len(layer), width, d, device=dev)
+        v = torch.zeros(len(layer), width, d, device=dev)
+        b = torch.full((len(layer), width), float("-inf"), device=dev)
+        for h, s in enumerate(layer):
+            m = len(s.indices)
+            k[h, :m], v[h, :m], b[h, :m] = s.keys.float(), s.values.float(), s.beta.float()
+        keys.append(k)
+        values.append(v)
+        betas.append(b)
+    return CompactCache(keys=keys, values=values, beta=betas, num_tokens=num_tokens,
+                        model_fingerprint=fingerprint, method=method, params=params, info=info)
+
+
+# --------------------------------------------------------------------------------------------------
+# The interface
+
+
+class Method(ABC):
+    """One compaction method. Subclasses set `name`, `defaults` and implement `solve_layers`."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise CompactionError(f"method {self.name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+                                  f"it takes: {', '.join(sorted(self.defaults)) or 'none'}")
+        self.params: dict[str, Any] = {**self.defaults, **params}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+
+    # ---- what a subclass provides ---------------------------------------------------------------------
+    @property
+    def query_mode(self) -> str | None:
+        """Which reference queries the method needs beyond the prefill (None: only K/V and context queries)."""
+        return self.params.get("queries")
+
+    def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
+        """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden."""
+        return uniform_budgets(lm.spec.num_layers, lm.spec.num_kv_heads, t)
+
+    @abstractmethod
+    def solve_layers(self, lm: LoadedModel, state: DocumentState, budgets: torch.Tensor,
+                     progress: Progress | None) -> list[list[Solution]]:
+        """Per layer, per KV head Solutions with len(indices) == budgets[l, h] (or fewer)."""
+
+    # ---- the public entry points ----------------------------------------------------------------------
+    def compact(self, lm: LoadedModel, context_ids, ratio: float | None = None,
+                target_tokens: int | None = None, progress: Progress | None = None) -> CompactCache:
+        """Compact one document (token ids) to about N / ratio (or target_tokens) slots per head."""
+        ids = as_context_ids(lm, context_ids)
+        t = resolve_budget(ids.numel(), ratio, target_tokens)
+        state = document_state(lm, ids)
+        extra_s = 0.0
+        if self.query_mode:
+            get_queries(lm, state, self.query_mode)
+            extra_s = state.query_s.get(self.query_mode, 0.0)
+        start = time.perf_counter()
+        budgets = self.head_budgets(lm, state, t)
+        solutions = self.solve_layers(lm, state, budgets, progress)
+        solve_s = time.perf_counter() - start
+        info = {"prefill_s": round(state.prefill_s, 4), "queries_s": round(extra_s, 4),
+                "solve_s": round(solve_s, 4), "compact_s": round(state.prefill_s + extra_s + solve_s, 4),
+                "budget": t}
+        params = {**{k: v for k, v in self.params.items() if _jsonable(v)},
+                  "ratio": ratio, "target_tokens": target_tokens}
+        return package(solutions, ids.numel(), lm.spec.fingerprint, self.name, params, info)
+
+    def compressor(self, ratio: float) -> Callable[[LoadedModel, Any], CompactCache]:
+        """A `(lm, context_ids) -> CompactCache` function at a fixed ratio, for the evaluation harness."""
+        def compress(lm: LoadedModel, context_ids) -> CompactCache:
+            return self.compact(lm, context_ids, ratio=ratio)
+
+        compress.__name__ = f"{self.name}@{ratio:g}x"
+        return compress
+
+    def compact_many(self, lm: LoadedModel, documents: Iterable, ratio: float | None = None,
+                     target_tokens: int | None = None) -> list[CompactCache]:
+        """A batch of documents, one after another (each shares nothing but the model)."""
+        return [self.compact(lm, ids, ratio=ratio, target_tokens=target_tokens) for ids in documents]
+
+
+def _jsonable(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, (list, tuple)) and all(_jsonable(x) for x in v))

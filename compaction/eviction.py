@@ -1,0 +1,210 @@
+"""Eviction baselines under the same interface: keep a subset of the original (key, value) pairs, beta = 0.
+
+Each method scores every key of every KV head (higher = keep) and keeps the top t per head, or, for
+global methods (KVzip-style), the top L*H*t over all heads and layers (at least one per head); heads with
+fewer slots are padded with beta = -inf by `base.package`.
+
+- recent (truncation): the t most recent tokens.
+- streaming-llm: the first `sink` tokens (attention sinks) + the most recent ones (Xiao et al. 2023).
+- random: t uniformly random tokens per head (seeded).
+- snapkv: attention of the last `window` context queries, averaged over them and the GQA group, pooled
+  (kernel `kernel`); the window itself is always kept (Li et al. 2024).
+- h2o: accumulated (causal) attention over all context queries ("heavy hitters") + a recent window of half
+  the budget (Zhang et al. 2023).
+- kvzip: max attention from "repeat" queries (context reconstruction), global eviction across heads and
+  layers (Kim et al. 2025).
+- key-norm: the keys with the smallest L2 norm (Devoto et al. 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvcat.models import LoadedModel
+
+from .base import Method, Progress, attention_scale, group_queries, register
+from .queries import DocumentState, get_queries
+from .solvers import Solution
+
+
+class Eviction(Method):
+    """Score-based eviction; subclasses implement `scores` ([H, N], higher = keep)."""
+
+    global_budget = False
+
+    def scores(self, lm: LoadedModel, state: DocumentState, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def solve_layers(self, lm: LoadedModel, state: DocumentState, budgets: torch.Tensor,
+                     progress: Progress | None) -> list[list[Solution]]:
+        L, H, n = lm.spec.num_layers, lm.spec.num_kv_heads, state.num_tokens
+        all_scores = []
+        for layer in range(L):
+            all_scores.append(self.scores(lm, state, layer).float().to(lm.device))
+            if progress:
+                progress(layer + 1, L)
+        if self.global_budget:
+            budgets = global_counts(torch.stack(all_scores), int(budgets.sum()))
+        out = []
+        for layer in range(L):
+            K, V = state.prefill.keys[layer], state.prefill.values[layer]
+            heads = []
+            for h in range(H):
+                t = int(budgets[layer, h])
+                idx = torch.topk(all_scores[layer][h], min(t, n)).indices.sort().values
+                heads.append(Solution(K[h, idx], torch.zeros(len(idx), device=K.device), V[h, idx], idx))
+            out.append(heads)
+        return out
+
+
+def global_counts(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-head counts [L, H] from one top-`total` over all scores [L, H, N], at least 1 per head."""
+    L, H, n = scores.shape
+    flat = scores.flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, min(total, flat.numel())).indices] = True
+    counts = keep.view(L, H, n).sum(-1).cpu()
+    while (counts == 0).any():  # every head keeps at least one slot: take it from the largest head
+        i = int(torch.argmin(counts.flatten()))
+        j = int(torch.argmax(counts.flatten()))
+        counts.view(-1)[i] += 1
+        counts.view(-1)[j] -= 1
+    return counts
+
+
+def _positions(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.float32)
+
+
+@register
+class Recent(Eviction):
+    """Truncation: keep the most recent t tokens."""
+
+    name = "recent"
+
+    def scores(self, lm, state, layer):
+        H, n = lm.spec.num_kv_heads, state.num_tokens
+        return _positions(n, lm.device).expand(H, n)
+
+
+@register
+class StreamingLLM(Eviction):
+    """Attention sinks (first `sink` tokens) plus the most recent tokens."""
+
+    name = "streaming-llm"
+    defaults = {"sink": 4}
+
+    def scores(self, lm, state, layer):
+        H, n = lm.spec.num_kv_heads, state.num_tokens
+        s = _positions(n, lm.device).clone()
+        s[: self.params["sink"]] = float("inf")
+        return s.expand(H, n)
+
+
+@register
+class Random(Eviction):
+    """t uniformly random tokens per head."""
+
+    name = "random"
+    defaults = {"seed": 0}
+
+    def scores(self, lm, state, layer):
+        gen = torch.Generator().manual_seed(int(self.params["seed"]) * 100003 + layer)
+        return torch.rand(lm.spec.num_kv_heads, state.num_tokens, generator=gen)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, scale: float, q_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T s) [n_q, N]; with q_pos, causal: query at position p sees keys 0..p."""
+    logits = (q.float() @ k.float().T) * scale
+    if q_pos is not None:
+        cols = torch.arange(k.shape[0], device=k.device)
+        logits = logits.masked_fill(cols[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+@register
+class SnapKV(Eviction):
+    """Attention of the last `window` context queries (mean over them and the group), average-pooled;
+    the window itself is always kept."""
+
+    name = "snapkv"
+    defaults = {"window": 32, "kernel": 7}
+
+    def scores(self, lm, state, layer):
+        n, H = state.num_tokens, lm.spec.num_kv_heads
+        w = min(int(self.params["window"]), n)
+        sel = state.query_pos >= n - w  # the stored context queries always include the last ones
+        q = state.prefill.queries[layer][:, sel.to(state.prefill.queries[layer].device)]  # [Hq, w', d]
+        K = state.prefill.keys[layer]
+        g = q.shape[0] // H
+        pos = state.query_pos[sel].to(K.device)
+        w = len(pos)
+        out = []
+        for h in range(H):
+            a = _attention(q[h * g:(h + 1) * g].reshape(g * w, -1), K[h], attention_scale(lm), pos.repeat(g))
+            s = a.mean(0)
+            k = int(self.params["kernel"])
+            s = F.avg_pool1d(s[None, None], kernel_size=k, stride=1, padding=k // 2)[0, 0][:n]
+            s[n - w:] = float("inf")
+            out.append(s)
+        return torch.stack(out)
+
+
+@register
+class H2O(Eviction):
+    """Heavy hitters (causal accumulated attention of all context queries) + recent half of the budget."""
+
+    name = "h2o"
+    defaults = {"recent_frac": 0.5, "chunk": 512}
+
+    def solve_layers(self, lm, state, budgets, progress):
+        self._t = int(budgets.float().mean().round())
+        return super().solve_layers(lm, state, budgets, progress)
+
+    def scores(self, lm, state, layer):
+        n, H = state.num_tokens, lm.spec.num_kv_heads
+        q_all = state.prefill.queries[layer]  # all context queries, or a uniform sample (query_pos)
+        K = state.prefill.keys[layer]
+        g = q_all.shape[0] // H
+        m = q_all.shape[1]
+        out = []
+        for h in range(H):
+            acc = torch.zeros(n, device=K.device)
+            for start in range(0, m, int(self.params["chunk"])):
+                stop = min(start + int(self.params["chunk"]), m)
+                pos = state.query_pos[start:stop].to(K.device).repeat(g)
+                q = q_all[h * g:(h + 1) * g, start:stop].reshape(-1, q_all.shape[-1])
+                acc += _attention(q, K[h], attention_scale(lm), pos).sum(0)
+            recent = int(round(self._t * float(self.params["recent_frac"])))
+            if recent > 0:
+                acc[n - recent:] = float("inf")
+            out.append(acc)
+        return torch.stack(out)
+
+
+@register
+class KVzip(Eviction):
+    """Max attention from repeat (context reconstruction) queries; global eviction across heads/layers."""
+
+    name = "kvzip"
+    defaults = {"queries": "repeat", "max_queries": 4096}
+    global_budget = True
+
+    def scores(self, lm, state, layer):
+        q = get_queries(lm, state, self.params["queries"])[layer]
+        K = state.prefill.keys[layer]
+        out = []
+        for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, self.params["max_queries"])):
+            out.append(_attention(qh, K[h], attention_scale(lm)).amax(0))
+        return torch.stack(out)
+
+
+@register
+class KeyNorm(Eviction):
+    """Keep the keys with the smallest L2 norm."""
+
+    name = "key-norm"
+
+    def scores(self, lm, state, layer):
+        return -state.prefill.keys[layer].float().norm(dim=-1)

@@ -1,0 +1,191 @@
+"""Reference queries: the post-RoPE queries a compacted cache is fitted against.
+
+Modes (each returns, per layer, queries [num_heads, n, head_dim]):
+- "context": the context's own queries from its prefill (free: captured during the prefill).
+- "repeat": prefill "Repeat the previous context verbatim." and the context again *after* the cached context
+  (continuing from its K/V, so the context is not run twice) and keep the queries of the copy: these are
+  queries of tokens that look back at the whole context, like later questions do.
+- "self-study": the model writes a few short texts about the context (summary, questions, key facts) over
+  its K/V; the queries of those generated tokens.
+- "repeat+self-study": both, concatenated.
+
+The document's prefill and its queries are the expensive part of compaction; `document_state` memoizes
+them (small LRU keyed by model fingerprint, token-ids hash and query mode) so several methods and ratios
+on one document share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcat.inference import Prefill, as_ids, prefill
+from kvcat.models import LoadedModel
+
+REPEAT_PROMPT = "\n\nRepeat the previous context verbatim.\n\n"
+SELF_STUDY_PROMPTS = (
+    "\n\nSummarize the text above in a few sentences.\n",
+    "\n\nWrite three questions about the text above, with their answers.\n",
+    "\n\nList the key facts, names and numbers in the text above.\n",
+)
+
+
+@dataclass
+class DocumentState:
+    """Everything a compaction method needs about one document, computed once."""
+
+    ids: torch.Tensor  # [N] token ids
+    prefill: Prefill  # K/V and (a sample of) the context's own queries
+    prefill_s: float  # seconds the prefill took
+    query_pos: torch.Tensor  # [n] positions of the context queries kept in prefill.queries (sorted)
+    queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # mode -> per layer [H, n, d]
+    query_s: dict[str, float] = field(default_factory=dict)  # mode -> extra seconds to get them
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill.num_tokens
+
+
+def _tokens(lm: LoadedModel, text: str) -> list[int]:
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+REPEAT_MAX_TOKENS = 2048  # longer contexts repeat evenly spaced segments totalling this many tokens
+REPEAT_SEGMENT = 256
+
+
+def repeat_segments(ids: list[int], max_tokens: int = REPEAT_MAX_TOKENS, segment: int = REPEAT_SEGMENT) -> list[int]:
+    """The context to copy: all of it, or evenly spaced contiguous segments totalling max_tokens."""
+    n = len(ids)
+    if n <= max_tokens:
+        return list(ids)
+    count = max(1, max_tokens // segment)
+    starts = [round(i * (n - segment) / max(count - 1, 1)) for i in range(count)]
+    return [tok for s in starts for tok in ids[s:s + segment]]
+
+
+def repeat_queries(lm: LoadedModel, state: DocumentState) -> list[torch.Tensor]:
+    """Queries of a verbatim copy of the context, continuing from the context's K/V (no re-prefill).
+    Long contexts copy evenly spaced segments (REPEAT_MAX_TOKENS in all): the solvers subsample the
+    queries anyway, and this keeps the pass at a fraction of the prefill's cost."""
+    ids = _tokens(lm, REPEAT_PROMPT) + repeat_segments(state.ids.tolist())
+    limit = lm.spec.max_positions - state.num_tokens
+    ids = ids[:limit] if limit > 0 else ids[:0]
+    if len(ids) < 2:  # no room after the context: fall back to the context's own queries
+        return list(state.prefill.queries)
+    out = prefill(lm, ids, capture_queries=True, past=state.prefill)
+    skip = len(_tokens(lm, REPEAT_PROMPT))
+    return [q[:, skip:] if q.shape[1] > skip else q for q in out.queries]
+
+
+@torch.no_grad()
+def self_study_queries(lm: LoadedModel, state: DocumentState, max_new_tokens: int = 48,
+                       prompts: tuple[str, ...] = SELF_STUDY_PROMPTS, seed: int = 0) -> list[torch.Tensor]:
+    """Queries of the prompts plus short model-written continuations over the document's K/V."""
+    from transformers import DynamicCache
+
+    from kvcat.attention import use_kvcat_attention
+
+    use_kvcat_attention(lm.model)
+    gen = torch.Generator(device=lm.device).manual_seed(seed)
+    collected: list[list[torch.Tensor]] = [[] for _ in state.prefill.keys]
+    n0 = state.num_tokens
+    for prompt in prompts:
+        room = lm.spec.max_positions - n0
+        if room < 8:
+            break
+        cache = DynamicCache(config=lm.model.config)
+        for i, (k, v) in enumerate(zip(state.prefill.keys, state.prefill.values)):
+            cache.update(k[None], v[None], i)
+        tokens = _tokens(lm, prompt)[: room // 2]
+        pos = n0
+        queries: dict[int, list[torch.Tensor]] = {}
+        for _ in range(max_new_tokens + 1):
+            if pos + len(tokens) > lm.spec.max_positions:
+                break
+            ids = as_ids(tokens, lm.device)
+            out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, kvcat_queries=queries,
+                           position_ids=torch.arange(pos, pos + ids.shape[1], device=lm.device)[None],
+                           logits_to_keep=1)
+            pos += ids.shape[1]
+            probs = torch.softmax(out.logits[0, -1].float() / 0.7, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+            if nxt == lm.tokenizer.eos_token_id:
+                break
+            tokens = [nxt]
+        for i in range(len(collected)):
+            collected[i].append(torch.cat(queries[i], dim=1))
+    if not collected[0]:
+        return list(state.prefill.queries)
+    return [torch.cat(qs, dim=1) for qs in collected]
+
+
+QUERY_MODES: dict[str, Callable[[LoadedModel, DocumentState], list[torch.Tensor]]] = {
+    "context": lambda lm, st: list(st.prefill.queries),
+    "repeat": repeat_queries,
+    "self-study": self_study_queries,
+    "repeat+self-study": lambda lm, st: [torch.cat([a, b], dim=1) for a, b in
+                                         zip(get_queries(lm, st, "repeat"), get_queries(lm, st, "self-study"))],
+}
+
+
+def get_queries(lm: LoadedModel, state: DocumentState, mode: str) -> list[torch.Tensor]:
+    """Per-layer reference queries of `mode`, computed once per document state."""
+    if mode not in QUERY_MODES:
+        raise ValueError(f"unknown query mode {mode!r}; choose one of {', '.join(QUERY_MODES)}")
+    if mode not in state.queries:
+        start = time.perf_counter()
+        state.queries[mode] = QUERY_MODES[mode](lm, state)
+        state.query_s[mode] = 0.0 if mode == "context" else time.perf_counter() - start
+    return state.queries[mode]
+
+
+# --------------------------------------------------------------------------------------------------
+# Memoized per-document state
+
+_STATES: OrderedDict[tuple, DocumentState] = OrderedDict()
+MAX_STATES = 4
+
+
+def _key(lm: LoadedModel, ids: torch.Tensor) -> tuple:
+    digest = hashlib.sha256(ids.cpu().numpy().astype("int64").tobytes()).hexdigest()[:24]
+    return (lm.spec.fingerprint, str(lm.device), str(lm.model.dtype), digest)
+
+
+CONTEXT_QUERIES = 2048  # context queries kept per document: all of a short one, else a sample
+LAST_QUERIES = 64  # ... always including the last ones (SnapKV's observation window)
+
+
+def context_query_positions(n: int, keep: int = CONTEXT_QUERIES, last: int = LAST_QUERIES) -> torch.Tensor:
+    """Sorted positions of the context queries to keep: all, or the last `last` plus a seeded uniform sample."""
+    if n <= keep:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(n)
+    sample = torch.randperm(n - last, generator=gen)[: keep - last]
+    return torch.cat([sample.sort().values, torch.arange(n - last, n)])
+
+
+def document_state(lm: LoadedModel, ids: torch.Tensor) -> DocumentState:
+    """The document's prefill (K/V + its own queries), memoized; reference queries are added per mode
+    on demand through `get_queries` and live in the same memo entry."""
+    key = _key(lm, ids)
+    if key in _STATES:
+        _STATES.move_to_end(key)
+        return _STATES[key]
+    pos = context_query_positions(ids.numel())
+    start = time.perf_counter()
+    pre = prefill(lm, ids.to(lm.device), capture_queries=True, query_positions=pos)
+    state = DocumentState(ids=ids.cpu(), prefill=pre, prefill_s=time.perf_counter() - start, query_pos=pos)
+    _STATES[key] = state
+    while len(_STATES) > MAX_STATES:
+        _STATES.popitem(last=False)
+    return state
+
+
+def clear_memo() -> None:
+    _STATES.clear()

@@ -1,0 +1,262 @@
+"""Attention Matching per-head solvers on plain tensors: `(K, V, Q, t) -> Solution(C_k, beta, C_v, indices)`.
+
+For one KV head with N cached keys K [N, d] and values V [N, d], and reference queries Q [n, d] (for GQA, the
+queries of every query head of the group stacked), find t slots such that for the reference queries
+  1. the attention mass  sum_i exp(q.k_i s)  is matched by  sum_j exp(q.C_k[j] s + beta[j]),
+  2. the attention output  softmax(q K^T s) V  is matched by  softmax(q C_k^T s + beta) C_v,
+with s = 1/sqrt(d) (or the model's scaling). Keys are a subset of the original keys:
+  - HAK ("highest attention keys"): rank keys by the RMS over queries of their attention weight; keep the top t.
+  - OMP: greedily add the key that most reduces the mass residual, refitting the weights after each step.
+beta = log w with w >= 0 the (box-constrained) non-negative least-squares mass weights; C_v is a float32
+least-squares fit, regularized towards the original values of the kept keys (ridge) so that ill-conditioned
+heads fall back to plain eviction values instead of blowing up.
+
+Everything is float32 (float64 for the small normal-equation solves) and device-agnostic.
+Reference: Zweiger et al., "Fast KV Compaction via Attention Matching", arXiv 2602.16284.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Solution:
+    keys: torch.Tensor  # [t, d] compacted keys C_k (a subset of K)
+    beta: torch.Tensor  # [t] additive logit bias per slot
+    values: torch.Tensor  # [t, d] compacted values C_v
+    indices: torch.Tensor  # [t] long: which original keys were kept (sorted)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def shifted_exp(K: torch.Tensor, Q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(Q K^T s - rowmax) [n, N] in float32 and the row maxima [n, 1]."""
+    logits = (Q.float() @ K.float().T) * scale
+    m = logits.amax(dim=1, keepdim=True)
+    return torch.exp(logits - m), m
+
+
+def forced_indices(n: int, t: int, sink: int, recent: int) -> torch.Tensor:
+    """The first `sink` and the last `recent` positions, capped so they never fill more than half of t."""
+    sink = min(sink, t // 2, n)
+    recent = min(recent, max(t // 2 - sink, 0), n - sink)
+    idx = list(range(sink)) + list(range(n - recent, n))
+    return torch.tensor(sorted(set(idx)), dtype=torch.long)
+
+
+def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Solve A X = B for symmetric positive (semi)definite A, in float64, with escalating ridge on failure."""
+    A64, B64 = A.double(), B.double()
+    A64 = 0.5 * (A64 + A64.T)
+    scale = A64.diagonal().abs().mean().clamp_min(1e-30)
+    for extra in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
+        L, info = torch.linalg.cholesky_ex(A64 + extra * scale * torch.eye(A.shape[0], dtype=A64.dtype,
+                                                                          device=A.device))
+        if int(info) == 0:
+            X = torch.cholesky_solve(B64 if B64.dim() == 2 else B64[:, None], L)
+            X = X if B64.dim() == 2 else X[:, 0]
+            if torch.isfinite(X).all():
+                return X.to(B.dtype)
+    return torch.linalg.lstsq(A64.cpu(), B64.cpu()).solution.to(B.device, B.dtype)
+
+
+def fit_mass_weights(M: torch.Tensor, y: torch.Tensor, lower: float, upper: float | None,
+                     iters: int = 2, ridge: float = 1e-6) -> torch.Tensor:
+    """Box-constrained NNLS  min ||M w - y||  s.t. lower <= w <= upper.
+
+    Least squares (ridge towards w = 1, i.e. beta = 0) clamped to the box, then `iters` projected-gradient
+    steps with step 1/||M||^2."""
+    t = M.shape[1]
+    G = M.T @ M
+    lam = ridge * G.diagonal().mean().clamp_min(1e-30)
+    w = _spd_solve(G + lam * torch.eye(t, device=M.device), M.T @ y + lam)
+    hi = upper if upper is not None else float("inf")
+    w = w.clamp(lower, hi)
+    if iters > 0:
+        u = torch.ones(t, device=M.device, dtype=G.dtype) / t ** 0.5  # power iteration: ||M||^2 = ||G||
+        for _ in range(8):
+            u = G @ u
+            u = u / u.norm().clamp_min(1e-30)
+        step = 1.0 / (u @ G @ u).clamp_min(1e-12)
+        My = M.T @ y
+        for _ in range(iters):
+            w = (w - step * (G @ w - My)).clamp(lower, hi)
+    return w
+
+
+def fit_values(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """C_v = argmin ||X C - Y||^2 + lam ||C - prior||^2 (float32 result); lam relative to the mean of diag X^T X."""
+    G = X.T @ X
+    lam = ridge * G.diagonal().mean().clamp_min(1e-30)
+    return _spd_solve(G + lam * torch.eye(G.shape[0], device=X.device), X.T @ Y + lam * prior).float()
+
+
+def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, idx: torch.Tensor,
+           w: torch.Tensor | None, scale: float, refit_values: bool, ridge: float) -> Solution:
+    """Given chosen indices (and mass weights w, or None for beta = 0): sort, fit C_v, package."""
+    order = torch.argsort(idx)
+    idx = idx[order]
+    w = w[order] if w is not None else None
+    beta = torch.log(w).float() if w is not None else torch.zeros(len(idx), device=K.device)
+    C_k = K[idx]
+    prior = V[idx].float()
+    if refit_values:
+        A = E / E.sum(dim=1, keepdim=True)  # attention of the full cache
+        Y = A @ V.float()  # [n, d] target outputs
+        logits = (Q.float() @ C_k.float().T) * scale + beta
+        X = torch.softmax(logits, dim=1)
+        C_v = fit_values(X, Y, prior, ridge)
+        if not torch.isfinite(C_v).all():
+            C_v = prior
+    else:
+        C_v = prior
+    return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx)
+
+
+def identity(K: torch.Tensor, V: torch.Tensor) -> Solution:
+    return Solution(K, torch.zeros(K.shape[0], device=K.device), V, torch.arange(K.shape[0], device=K.device))
+
+
+def _check(K, V, Q, t):
+    if K.dim() != 2 or V.shape != K.shape or Q.dim() != 2 or Q.shape[1] != K.shape[1]:
+        raise ValueError(f"solver wants K [N, d], V [N, d], Q [n, d]; got {tuple(K.shape)}, "
+                         f"{tuple(V.shape)}, {tuple(Q.shape)}")
+    if not 1 <= t <= K.shape[0]:
+        raise ValueError(f"budget t={t} must be in [1, N={K.shape[0]}]")
+    if Q.shape[0] == 0:
+        raise ValueError("no reference queries")
+
+
+# --------------------------------------------------------------------------------------------------
+# Solvers
+
+
+def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: float | None = None,
+        score: str = "rms", sink: int = 4, recent: int = 16, fit_beta: bool = True,
+        beta_bounds: tuple[float, float] = (-3.0, 3.0), nnls_iters: int = 2, refit_values: bool = True,
+        ridge: float = 1e-6) -> Solution:
+    """Highest-attention keys (RMS / mean / max over queries), NNLS beta clamped to e^bounds, C_v refit."""
+    _check(K, V, Q, t)
+    N = K.shape[0]
+    if t == N:
+        return identity(K, V)
+    scale = scale if scale is not None else K.shape[1] ** -0.5
+    E, _ = shifted_exp(K, Q, scale)
+    A = E / E.sum(dim=1, keepdim=True)
+    if score == "rms":
+        s = A.square().mean(0).sqrt()
+    elif score == "mean":
+        s = A.mean(0)
+    elif score == "max":
+        s = A.amax(0)
+    else:
+        raise ValueError(f"unknown score {score!r}: rms, mean or max")
+    s[forced_indices(N, t, sink, recent).to(K.device)] = float("inf")
+    idx = torch.topk(s, t).indices
+    w = None
+    if fit_beta:
+        w = fit_mass_weights(E[:, idx], E.sum(1), math.exp(beta_bounds[0]), math.exp(beta_bounds[1]),
+                             nnls_iters)
+    return finish(K, V, Q, E, idx, w, scale, refit_values, ridge)
+
+
+def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: float | None = None,
+        sink: int = 4, recent: int = 16, k_choice: int = 1, refit_every: int = 1, upper: float = 7.0,
+        drop_below: float | None = -7.0, refit_values: bool = True, ridge: float = 1e-6) -> Solution:
+    """Orthogonal matching pursuit on the attention mass: greedily add the k_choice keys most correlated with
+    the residual, refit the non-negative weights (incremental normal equations), optionally drop keys whose
+    log-weight falls below `drop_below` and pick replacements."""
+    _check(K, V, Q, t)
+    N = K.shape[0]
+    if t == N:
+        return identity(K, V)
+    scale = scale if scale is not None else K.shape[1] ** -0.5
+    E, _ = shifted_exp(K, Q, scale)
+    y = E.sum(1)
+    hi = math.exp(upper)
+    lo = 1e-12
+    chosen = forced_indices(N, t, sink, recent).to(K.device).tolist()
+    banned = torch.zeros(N, dtype=torch.bool, device=K.device)
+    w = None
+
+    def refit(sel: list[int]) -> torch.Tensor:
+        M = E[:, sel]
+        G = M.T @ M
+        lam = 1e-8 * G.diagonal().mean().clamp_min(1e-30)
+        return _spd_solve(G + lam * torch.eye(len(sel), device=K.device), M.T @ y).clamp(lo, hi)
+
+    step = 0
+    rounds = 0
+    while True:
+        while len(chosen) < t:
+            if w is None or len(w) != len(chosen):
+                w = refit(chosen) if chosen else None
+            resid = y - (E[:, chosen] @ w if chosen else 0.0)
+            corr = E.T @ resid
+            mask = banned.clone()
+            if chosen:
+                mask[torch.tensor(chosen, device=K.device)] = True
+            corr[mask] = -float("inf")
+            k = min(k_choice, t - len(chosen), int((~mask).sum()))
+            if k <= 0:
+                break
+            new = torch.topk(corr, k).indices.tolist()
+            chosen.extend(new)
+            step += 1
+            if step % refit_every == 0 or len(chosen) >= t:
+                w = refit(chosen)
+            else:  # keep old weights, give the new keys weight 1
+                w = torch.cat([w, torch.ones(k, device=K.device, dtype=w.dtype)])
+        w = refit(chosen)
+        rounds += 1
+        if drop_below is None or rounds > 3:
+            break
+        low = torch.log(w) < drop_below
+        if not low.any() or int((~banned).sum()) - len(chosen) < int(low.sum()):
+            break
+        drop = [c for c, bad in zip(chosen, low.tolist()) if bad]
+        banned[torch.tensor(drop, device=K.device)] = True
+        chosen = [c for c, bad in zip(chosen, low.tolist()) if not bad]
+        w = None
+    idx = torch.tensor(chosen, device=K.device, dtype=torch.long)
+    return finish(K, V, Q, E, idx, w, scale, refit_values, ridge)
+
+
+def omp_fast(K, V, Q, t, **kw) -> Solution:
+    """OMP picking 4 keys per step and refitting weights every 2 steps (about 8x fewer solves)."""
+    kw.setdefault("k_choice", 4)
+    kw.setdefault("refit_every", 2)
+    return omp(K, V, Q, t, **kw)
+
+
+SOLVERS: dict[str, Callable[..., Solution]] = {"hak": hak, "omp": omp, "omp-fast": omp_fast}
+
+
+# --------------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+def attention_output(K, V, Q, beta=None, scale=None) -> torch.Tensor:
+    scale = scale if scale is not None else K.shape[1] ** -0.5
+    logits = (Q.float() @ K.float().T) * scale
+    if beta is not None:
+        logits = logits + beta.float()
+    return torch.softmax(logits, dim=1) @ V.float()
+
+
+def matching_errors(K, V, Q, sol: Solution, scale=None) -> dict[str, float]:
+    """Relative output error and mean |log mass ratio| of a solution on queries Q."""
+    scale = scale if scale is not None else K.shape[1] ** -0.5
+    full = attention_output(K, V, Q, scale=scale)
+    comp = attention_output(sol.keys, sol.values, Q, sol.beta, scale)
+    lz_full = torch.logsumexp((Q.float() @ K.float().T) * scale, 1)
+    lz_comp = torch.logsumexp((Q.float() @ sol.keys.float().T) * scale + sol.beta.float(), 1)
+    return {"output_rel_err": float((comp - full).norm() / full.norm().clamp_min(1e-12)),
+            "log_mass_err": float((lz_comp - lz_full).abs().mean())}

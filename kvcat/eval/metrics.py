@@ -1,0 +1,62 @@
+"""Answer scoring: SQuAD-style exact match and token F1, answer containment, and retrieval hits."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (the SQuAD evaluation's normalization)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def first_line(prediction: str) -> str:
+    """The answer part of a generation: its first non-empty line."""
+    for line in prediction.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(prediction: str, answers) -> float:
+    pred = normalize(first_line(prediction))
+    return float(any(pred == normalize(a) for a in answers))
+
+
+def _f1(pred: str, gold: str) -> float:
+    p, g = normalize(pred).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = Counter(p) & Counter(g)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1(prediction: str, answers) -> float:
+    pred = first_line(prediction)
+    return max((_f1(pred, a) for a in answers), default=0.0)
+
+
+def contains(prediction: str, answers) -> float:
+    """1 when a (normalized) gold answer appears anywhere in the (normalized) generation."""
+    pred = f" {normalize(prediction)} "
+    return float(any(normalize(a) and f" {normalize(a)} " in pred for a in answers))
+
+
+def retrieved(prediction: str, answers) -> float:
+    """Retrieval hit: the exact answer string (a number, a UUID) appears in the generation."""
+    return float(any(a and a.lower() in prediction.lower() for a in answers))
+
+
+def ppl(total_nll: float, tokens: int) -> float:
+    return math.exp(total_nll / tokens) if tokens else float("nan")

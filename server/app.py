@@ -1,0 +1,225 @@
+"""The FastAPI app: thin routes over `KvcatService`; the vLLM engine runs in the same process.
+
+`create_app(ServerConfig(...))` returns an app whose lifespan loads the model for compaction (transformers),
+starts the vLLM engine with the kvcat connector, runs the start-up self-test, and drains on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvcat.server import metrics
+from kvcat.server.protocol import ChatCompletionRequest, CompactRequest, error_body
+from kvcat.server.service import ApiError, KvcatService
+
+log = logging.getLogger("kvcat.server")
+
+
+@dataclass
+class ServerConfig:
+    model: str  # zoo name or HF folder
+    dtype: str = "auto"  # the engine's dtype
+    compaction_dtype: str = "float32"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    beta: bool = True
+    kv_cache_gib: float | None = None
+    store_dir: str | None = None  # default: a fresh temporary folder
+    self_test: bool = True
+    served_name: str | None = None
+    engine_extra: dict = field(default_factory=dict)
+
+
+def _error(status: int, body: dict) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(config: ServerConfig, service: KvcatService | None = None) -> FastAPI:
+    state: dict = {"service": service, "error": None, "started": time.time()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = None
+        if state["service"] is None:
+            try:
+                engine = await _start(config, state)
+            except Exception as exc:
+                state["error"] = f"{type(exc).__name__}: {exc}"
+                log.exception("kvcat server failed to start")
+                raise
+        try:
+            yield
+        finally:
+            svc = state["service"]
+            if svc is not None:
+                await svc.drain()
+            if engine is not None:
+                engine.shutdown()
+
+    app = FastAPI(title="kvcat", version="0.1.0", lifespan=lifespan)
+    app.state.kvcat = state
+
+    def svc() -> KvcatService:
+        s = state["service"]
+        if s is None or not s.ready:
+            raise ApiError(503, "the server is starting (engine loading or self-test running)",
+                           "service_unavailable", code="not_ready")
+        if s.closing:
+            raise ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+        return s
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        metrics.ERRORS.labels(str(exc.code)).inc()
+        return _error(exc.status, error_body(exc.message, exc.type, exc.code, exc.param))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        metrics.ERRORS.labels("validation").inc()
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []) if x != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errs)
+        return _error(422, error_body(msg, "invalid_request_error", 422, ".".join(loc) or None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        metrics.ERRORS.labels("internal").inc()
+        return _error(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", 500))
+
+    # ---- probes and metrics --------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        s = state["service"]
+        if s is not None and s.ready and not s.closing:
+            return {"status": "ready", "model": s.model_name, "beta": s.beta}
+        return _error(503, {"status": "failed" if state["error"] else "starting", "error": state["error"]})
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    # ---- API ------------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        s = svc()
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": int(state["started"]),
+                                            "owned_by": "kvcat", "max_model_len": s.max_positions}
+                                           for m in s.model_ids()]}
+
+    @app.post("/v1/compact")
+    async def compact(req: CompactRequest):
+        s = svc()
+        if req.run_async:
+            job = s.submit_job(req)
+            return JSONResponse(job.public(), status_code=202,
+                                headers={"Location": f"/v1/compact/jobs/{job.id}"})
+        return await s.compact(req)
+
+    @app.get("/v1/compact/jobs/{job_id}")
+    async def job(job_id: str):
+        return svc().get_job(job_id).public()
+
+    @app.get("/v1/contexts")
+    async def contexts():
+        return {"object": "list", "data": [r.public() for r in svc().store.list()]}
+
+    @app.get("/v1/contexts/{context_id}")
+    async def context(context_id: str):
+        return svc().get_context(context_id).public()
+
+    @app.delete("/v1/contexts/{context_id}")
+    async def delete_context(context_id: str):
+        return svc().delete_context(context_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        result = await svc().chat(req)
+        if isinstance(result, dict):
+            return result
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    return app
+
+
+async def _start(config: ServerConfig, state: dict):
+    """Load the compaction model, start the engine, run the end-to-end self-test; sets state['service']."""
+    from kvcat.models import load_model
+    from kvcat.server.store import ContextStore
+    from kvcat.server.vllm_adapter.engine import Engine, EngineConfig
+
+    lm = await asyncio.to_thread(load_model, config.model, config.compaction_dtype)
+    name = config.served_name or lm.spec.name
+    ecfg = EngineConfig(model=str(lm.spec.path), dtype=config.dtype, max_model_len=config.max_model_len,
+                        tensor_parallel_size=config.tensor_parallel_size, beta=config.beta,
+                        kv_cache_gib=config.kv_cache_gib, served_name=name, extra=config.engine_extra)
+    engine = await asyncio.to_thread(Engine.start, ecfg)
+    store_dir = config.store_dir or tempfile.mkdtemp(prefix="kvcat-contexts-")
+    store = ContextStore(store_dir, fingerprint=lm.spec.fingerprint)
+    service = KvcatService(engine, lm, store, name, beta=config.beta)
+    state["service"] = service
+    if config.self_test:
+        await self_test(service)
+    service.ready = True
+    log.info("kvcat server ready: model %s, beta %s, store %s", name, config.beta, store_dir)
+    return engine
+
+
+SELF_TEST_TEXT = ("Mira keeps bees on the roof of the old library. Every spring she counts the hives, "
+                  "and this year there were seven.")
+
+
+async def self_test(service: KvcatService, tolerance: float | None = None) -> dict:
+    """End to end through the connector: an identity context (every token kept, beta 0) must give the
+    same first token and logprob as the same prompt prefilled by the engine. Also warms the engine up."""
+    from kvcat.inference import full_cache, prefill
+    from kvcat.server import prompting
+    from kvcat.server.vllm_adapter.engine import ContextHandle, GenParams
+
+    tok = service.tokenizer
+    source = {"text": SELF_TEST_TEXT}
+    ctx = prompting.context_ids(tok, source)
+    q = prompting.question_ids(tok, source, [{"role": "user", "content": "How many hives?"}])
+    cache = await asyncio.to_thread(lambda: full_cache(prefill(service.lm, ctx), service.lm.spec.fingerprint))
+    path = Path(service.store.root) / f".selftest-{os.getpid()}.kvc"
+    cache.save(path)
+    params = GenParams(max_tokens=1, temperature=0.0, logprobs=1)
+    try:
+        async def first(ids, handle):
+            async for chunk in service.engine.generate(ids, params, handle):
+                if chunk.token_ids:
+                    t = chunk.token_ids[0]
+                    return t, chunk.logprobs[0][t]
+            raise RuntimeError("no token generated")
+
+        plain = await first(ctx + q, None)
+        handle = ContextHandle("selftest", str(path), cache.num_slots, cache.num_tokens,
+                               f"kvcat-selftest-{time.time_ns()}")
+        injected = await first(q, handle)
+    finally:
+        path.unlink(missing_ok=True)
+    tol = tolerance if tolerance is not None else (1e-3 if service.engine.dtype == "float32" else 0.15)
+    diff = abs(plain[1] - injected[1])
+    if plain[0] != injected[0] or diff > tol:
+        raise RuntimeError(f"kvcat start-up self-test failed: a context injected through the KV connector "
+                           f"gave token {injected[0]} (logprob {injected[1]:.5f}) where the engine's own prefill "
+                           f"gave {plain[0]} ({plain[1]:.5f}); vLLM's internals may have changed")
+    return {"token": plain[0], "logprob_diff": diff}

@@ -1,0 +1,33 @@
+"""Every kvcat_* Prometheus metric, defined once (imported where observed).
+
+They live in prometheus-client's default registry, beside vLLM's own `vllm:*` metrics, so `/metrics`
+serves both. Labels: model and method; request metrics add mode = "compacted" | "full".
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+CONTEXTS_STORED = Gauge("kvcat_contexts_stored", "Compacted contexts held by the server", ["model", "method"])
+ORIGINAL_TOKENS = Gauge("kvcat_context_original_tokens", "Tokens of the stored contexts before compaction",
+                        ["model", "method"])
+COMPACTED_TOKENS = Gauge("kvcat_context_compacted_tokens", "Slots per head of the stored contexts",
+                         ["model", "method"])
+KV_BYTES_SAVED = Gauge("kvcat_kv_bytes_saved", "KV bytes saved by the stored contexts vs full caches",
+                       ["model", "method"])
+COMPACTION_RATIO = Histogram("kvcat_compaction_ratio", "Compaction ratio N / t", ["model", "method"],
+                             buckets=(2, 4, 8, 10, 16, 32, 64, 128))
+COMPACTION_SECONDS = Histogram("kvcat_compaction_seconds", "Wall time of one compaction", ["model", "method"],
+                               buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+TTFT_SECONDS = Histogram("kvcat_time_to_first_token_seconds", "Time to first token of chat completions",
+                         ["model", "method", "mode"], buckets=_LATENCY)
+E2E_SECONDS = Histogram("kvcat_e2e_request_latency_seconds", "End-to-end latency of chat completions",
+                        ["model", "method", "mode"], buckets=_LATENCY)
+REQUESTS = Counter("kvcat_chat_requests", "Chat completions served", ["model", "method", "mode"])
+ERRORS = Counter("kvcat_errors", "Errors returned, by type", ["type"])
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

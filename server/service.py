@@ -1,0 +1,421 @@
+"""Serving logic behind the routes: compaction jobs, the context store, chat completions over contexts.
+
+Nothing here imports vLLM: the engine comes in as `kvcat.server.vllm_adapter.engine.Engine` (or any object
+with the same `generate`), so the routes and this logic stay testable and vLLM stays in one sub-package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kvcat.server import metrics, prompting
+from kvcat.server.protocol import ChatCompletionRequest, CompactRequest
+from kvcat.server.store import ContextRecord, ContextStore
+
+log = logging.getLogger("kvcat.server")
+
+
+class ApiError(Exception):
+    """An error returned to the client in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.code = code if code is not None else status
+
+
+@dataclass
+class Job:
+    id: str
+    status: str = "queued"  # queued | running | succeeded | failed
+    progress: float = 0.0
+    created: int = field(default_factory=lambda: int(time.time()))
+    result: dict | None = None
+    error: dict | None = None
+    future: asyncio.Future | None = None
+
+    def public(self) -> dict:
+        return {"id": self.id, "object": "compaction.job", "status": self.status,
+                "progress": round(self.progress, 4), "created": self.created, "context": self.result,
+                "error": self.error}
+
+
+def _subsample_compact(lm, ids, ratio=None, target_tokens=None, progress=None):
+    """Stand-in used only when kvcat.compaction is unavailable: keep evenly spaced tokens, beta = 0."""
+    import torch
+
+    from kvcat.cache import CompactCache
+    from kvcat.inference import prefill
+
+    n = len(ids)
+    t = int(target_tokens) if target_tokens else max(1, round(n / ratio))
+    pre = prefill(lm, ids)
+    keep = torch.linspace(0, n - 1, t).round().long().unique()
+    if progress:
+        progress(1, 1)
+    return CompactCache([k[:, keep] for k in pre.keys], [v[:, keep] for v in pre.values],
+                        [torch.zeros(k.shape[0], len(keep)) for k in pre.keys], n, lm.spec.fingerprint,
+                        "subsample", {"ratio": ratio, "target_tokens": target_tokens})
+
+
+class KvcatService:
+    def __init__(self, engine, lm, store: ContextStore, model_name: str, *, beta: bool = True,
+                 default_method: str = "am-hak", max_jobs: int = 64):
+        self.engine, self.lm, self.store = engine, lm, store
+        self.model_name, self.beta = model_name, beta
+        self.default_method = default_method
+        self.tokenizer = lm.tokenizer
+        self.jobs: dict[str, Job] = {}
+        self.max_jobs = max_jobs
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcat-compact")
+        self._inflight: dict[str, int] = {}
+        self._deleted: set[str] = set()
+        self.ready = False
+        self.closing = False
+        self._refresh_gauges()
+
+    # ---- model names -------------------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        return [self.model_name]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, str(self.lm.spec.path), self.lm.spec.name):
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.lm.spec.max_positions)
+
+    # ---- compaction --------------------------------------------------------------------------------
+    def _source(self, req: CompactRequest) -> dict:
+        if req.text is not None:
+            return {"text": req.text}
+        return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages]}
+
+    def _method(self, req: CompactRequest):
+        try:
+            from kvcat.compaction.base import CompactionError, get_method, method_names
+        except ImportError:
+            return None, ValueError
+        params = dict(req.params)
+        if req.query_mode is not None:
+            params["queries"] = req.query_mode
+        try:
+            method = get_method(req.method, **params)
+        except CompactionError as exc:
+            raise ApiError(422, str(exc), "invalid_request_error", "method") from None
+        # Paged memory holds the same number of slots for every head: non-uniform budgets are padded to
+        # the widest head and save no memory, so the server asks for uniform ones unless told otherwise.
+        if "budgets" in method.defaults and "budgets" not in params:
+            method.params["budgets"] = "uniform"
+        if not self.beta and "fit_beta" in method.defaults and "fit_beta" not in params:
+            method.params["fit_beta"] = False  # stock kernels: no per-slot bias
+        del method_names
+        return method, CompactionError
+
+    def prepare_compaction(self, req: CompactRequest):
+        """Validate a compaction request (cheap checks only) and return a callable doing the work."""
+        self.check_model(req.model)
+        source = self._source(req)
+        ids = prompting.context_ids(self.tokenizer, source)
+        n = len(ids)
+        if n > self.max_positions:
+            raise ApiError(413, f"the document has {n} tokens but the model's context holds "
+                           f"{self.max_positions}", "invalid_request_error", "text", "context_length_exceeded")
+        if n < 2:
+            raise ApiError(422, "the document is too short to compact", "invalid_request_error", "text")
+        t = req.target_tokens if req.target_tokens is not None else max(1, round(n / req.ratio))
+        if t >= n:
+            raise ApiError(422, f"a budget of {t} slots does not compact a {n}-token document; use a larger "
+                           "ratio or fewer target_tokens", "invalid_request_error",
+                           "ratio" if req.ratio is not None else "target_tokens")
+        method, method_error = self._method(req)
+
+        def run(progress) -> ContextRecord:
+            start = time.perf_counter()
+            try:
+                if method is None:
+                    cache = _subsample_compact(self.lm, ids, req.ratio, req.target_tokens, progress)
+                else:
+                    cache = method.compact(self.lm, ids, ratio=req.ratio, target_tokens=req.target_tokens,
+                                           progress=progress)
+            except method_error as exc:
+                raise ApiError(422, str(exc), "invalid_request_error") from None
+            if not self.beta:
+                import torch
+
+                if any(bool(torch.isinf(b).any()) for b in cache.beta):
+                    raise ApiError(422, "this cache has heads with different budgets (padded with beta = "
+                                   "-inf), which stock attention kernels cannot mask; compact with uniform "
+                                   "budgets or serve with --beta", "invalid_request_error", "params")
+                for b in cache.beta:
+                    b.zero_()
+            seconds = time.perf_counter() - start
+            rec = self.store.add(cache, model=self.model_name, compaction_seconds=seconds, source=source,
+                                 kv_bytes_per_token=self.engine.kv_bytes_per_token())
+            labels = (self.model_name, rec.method)
+            metrics.COMPACTION_RATIO.labels(*labels).observe(rec.ratio)
+            metrics.COMPACTION_SECONDS.labels(*labels).observe(seconds)
+            self._refresh_gauges()
+            return rec
+
+        return run
+
+    async def compact(self, req: CompactRequest) -> dict:
+        run = self.prepare_compaction(req)
+        loop = asyncio.get_running_loop()
+        try:
+            rec = await loop.run_in_executor(self._pool, run, None)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a failed compaction never takes the server down)
+            log.exception("compaction failed")
+            raise ApiError(500, f"compaction failed: {exc}", "server_error", code="compaction_failed") from None
+        return rec.public()
+
+    def submit_job(self, req: CompactRequest) -> Job:
+        run = self.prepare_compaction(req)
+        self._trim_jobs()
+        job = Job(id=f"job-{uuid.uuid4().hex[:24]}")
+        self.jobs[job.id] = job
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            job.progress = min(0.99, done / max(total, 1))
+
+        def work():
+            job.status = "running"
+            return run(progress)
+
+        fut = loop.run_in_executor(self._pool, work)
+
+        def finished(f: asyncio.Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                job.status, job.progress, job.result = "succeeded", 1.0, f.result().public()
+            else:
+                job.status = "failed"
+                if isinstance(exc, ApiError):
+                    job.error = {"message": exc.message, "type": exc.type, "code": exc.code}
+                else:
+                    log.error("compaction job %s failed: %r", job.id, exc)
+                    job.error = {"message": f"compaction failed: {exc}", "type": "server_error",
+                                 "code": "compaction_failed"}
+                metrics.ERRORS.labels("compaction_failed").inc()
+
+        fut.add_done_callback(finished)
+        job.future = fut
+        return job
+
+    def _trim_jobs(self) -> None:
+        done = [j for j in self.jobs.values() if j.status in ("succeeded", "failed")]
+        for job in sorted(done, key=lambda j: j.created)[: max(0, len(self.jobs) - self.max_jobs + 1)]:
+            self.jobs.pop(job.id, None)
+
+    def get_job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no compaction job {job_id!r}", "invalid_request_error", "job_id", "job_not_found")
+        return job
+
+    # ---- contexts ----------------------------------------------------------------------------------
+    def get_context(self, context_id: str) -> ContextRecord:
+        rec = self.store.get(context_id)
+        if rec is None:
+            raise ApiError(404, f"no kv_context {context_id!r} (unknown or deleted; compact the document "
+                           "again with POST /v1/compact)", "invalid_request_error", "kv_context",
+                           "context_not_found")
+        return rec
+
+    def delete_context(self, context_id: str) -> dict:
+        self.get_context(context_id)
+        busy = self._inflight.get(context_id, 0) > 0
+        self.store.delete(context_id, keep_file=busy)
+        if busy:
+            self._deleted.add(context_id)
+        self._refresh_gauges()
+        return {"id": context_id, "object": "kv_context.deleted", "deleted": True}
+
+    def _refresh_gauges(self) -> None:
+        totals: dict[tuple[str, str], list[int]] = {}
+        for rec in self.store.list():
+            acc = totals.setdefault((rec.model, rec.method), [0, 0, 0, 0])
+            acc[0] += 1
+            acc[1] += rec.num_tokens
+            acc[2] += rec.num_slots
+            acc[3] += rec.kv_bytes_full - rec.kv_bytes_compacted
+        for gauge in (metrics.CONTEXTS_STORED, metrics.ORIGINAL_TOKENS, metrics.COMPACTED_TOKENS,
+                      metrics.KV_BYTES_SAVED):
+            gauge.clear()
+        for (model, method), (count, n, t, saved) in totals.items():
+            metrics.CONTEXTS_STORED.labels(model, method).set(count)
+            metrics.ORIGINAL_TOKENS.labels(model, method).set(n)
+            metrics.COMPACTED_TOKENS.labels(model, method).set(t)
+            metrics.KV_BYTES_SAVED.labels(model, method).set(saved)
+
+    # ---- chat --------------------------------------------------------------------------------------
+    def _build(self, req: ChatCompletionRequest):
+        from kvcat.server.vllm_adapter.engine import ContextHandle, GenParams
+
+        self.check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        handle, rec = None, None
+        try:
+            if req.kv_context is not None:
+                rec = self.get_context(req.kv_context)
+                ids = prompting.question_ids(self.tokenizer, rec.source, messages)
+                salt = f"kvcat:{rec.id}:{'beta' if self.beta else 'nobeta'}"
+                handle = ContextHandle(rec.id, str(self.store.path(rec.id)), rec.num_slots, rec.num_tokens, salt)
+                # positions as the reference path counts them (N + question), and the engine's own limit
+                # (t slots + question)
+                used, limit = rec.num_tokens + len(ids), self.max_positions
+                engine_room = self.engine.max_model_len - (rec.num_slots + len(ids))
+                limit = min(limit, used + engine_room)
+            else:
+                ids = prompting.plain_ids(self.tokenizer, messages)
+                used, limit = len(ids), min(self.max_positions, self.engine.max_model_len)
+        except prompting.PromptError as exc:
+            raise ApiError(422, str(exc), "invalid_request_error", "messages") from None
+        if used >= limit:
+            raise ApiError(413, f"the prompt needs {used} positions but the model's context holds {limit}",
+                           "invalid_request_error", "messages", "context_length_exceeded")
+        room = limit - used
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(room, 512)
+        if max_tokens > room:
+            raise ApiError(413, f"the prompt needs {used} positions and max_tokens {max_tokens} more, but the "
+                           f"model's context holds {limit}", "invalid_request_error", "max_tokens",
+                           "context_length_exceeded")
+        k = None
+        if req.logprobs:
+            k = req.top_logprobs or 0
+        params = GenParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                           top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop or [],
+                           logprobs=k)
+        return ids, params, handle, rec
+
+    def _logprob_entries(self, chunk, top: int) -> list[dict]:
+        out = []
+        for tid, step in zip(chunk.token_ids, chunk.logprobs or []):
+            def entry(t, lp):
+                text = self.tokenizer.decode([t])
+                return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(text.encode())}
+
+            best = sorted(step.items(), key=lambda kv: -kv[1])[:top]
+            out.append({**entry(tid, step.get(tid, -math.inf)), "top_logprobs": [entry(t, lp) for t, lp in best]})
+        return out
+
+    async def chat(self, req: ChatCompletionRequest):
+        ids, params, handle, rec = self._build(req)
+        mode = "compacted" if handle else "full"
+        method = rec.method if rec else "none"
+        labels = (self.model_name, method, mode)
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if handle:
+            self._inflight[handle.context_id] = self._inflight.get(handle.context_id, 0) + 1
+        start = time.perf_counter()
+        state = {"first": None, "done": False}
+
+        async def stream_chunks():
+            try:
+                async for chunk in self.engine.generate(ids, params, handle, request_id):
+                    if state["first"] is None and chunk.token_ids:
+                        state["first"] = time.perf_counter() - start
+                        metrics.TTFT_SECONDS.labels(*labels).observe(state["first"])
+                    yield chunk
+                state["done"] = True
+                metrics.E2E_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+                metrics.REQUESTS.labels(*labels).inc()
+            finally:
+                if not state["done"]:
+                    try:
+                        await self.engine.abort(request_id)
+                    except Exception:  # noqa: BLE001
+                        pass
+                if handle:
+                    self._release(handle.context_id)
+
+        extra = {"kv_context": handle.context_id} if handle else {}
+        if not req.stream:
+            text, toks, finish, last, lps = "", [], None, None, []
+            async for chunk in stream_chunks():
+                text += chunk.text
+                toks += chunk.token_ids
+                finish = chunk.finish_reason or finish
+                last = chunk
+                if req.logprobs:
+                    lps += self._logprob_entries(chunk, req.top_logprobs or 0)
+            usage = self._usage(last, len(ids), len(toks), handle)
+            return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": {"content": lps} if req.logprobs else None,
+                                 "finish_reason": finish or "stop"}],
+                    "usage": usage, "system_fingerprint": self.lm.spec.fingerprint, **extra}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def sse():
+            base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": self.model_name, "system_fingerprint": self.lm.spec.fingerprint}
+            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+            last, n = None, 0
+            try:
+                async for chunk in stream_chunks():
+                    last, n = chunk, n + len(chunk.token_ids)
+                    lp = ({"content": self._logprob_entries(chunk, req.top_logprobs or 0)}
+                          if req.logprobs else None)
+                    if chunk.text or chunk.finish_reason or lp:
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": chunk.text},
+                                                         "logprobs": lp, "finish_reason": chunk.finish_reason}]})
+            except ApiError as exc:
+                yield _sse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+            except Exception as exc:  # noqa: BLE001
+                log.exception("streaming failed")
+                metrics.ERRORS.labels("engine_error").inc()
+                yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                                      "code": 500}})
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": self._usage(last, len(ids), n, handle)})
+            yield "data: [DONE]\n\n"
+
+        return sse()
+
+    def _usage(self, last, prompt_tokens: int, completion: int, handle) -> dict:
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion}
+        if handle is not None:
+            usage["kv_context_slots"] = handle.num_slots
+        if last is not None and last.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": int(last.cached_tokens)}
+        return usage
+
+    def _release(self, context_id: str) -> None:
+        left = self._inflight.get(context_id, 1) - 1
+        if left > 0:
+            self._inflight[context_id] = left
+            return
+        self._inflight.pop(context_id, None)
+        if context_id in self._deleted:
+            self._deleted.discard(context_id)
+            self.store.remove_file(context_id)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait for in-flight compaction jobs (shutdown); later submissions are refused."""
+        self.closing = True
+        pending = [j.future for j in self.jobs.values() if j.future is not None and not j.future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"

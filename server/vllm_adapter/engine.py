@@ -1,0 +1,183 @@
+"""Engine wrapper: vLLM's AsyncLLM in this process (engine core in its own), with the kvcat connector.
+
+`Engine.start(config)` builds AsyncLLM with prefix caching on and `KvcatConnector` loaded by module path;
+`Engine.generate` runs one request, either plain (prompt token ids) or over a compacted context
+(`ContextHandle`: t placeholder slots written by the connector, then the real tokens).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvcat.server.vllm_adapter import check_version
+
+PLACEHOLDER_TOKEN = 0  # any id: the connector overwrites its K/V; it is never embedded for real
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_NAME = "kvcat_beta_attention"
+
+
+@dataclass
+class EngineConfig:
+    model: str  # HF folder
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    beta: bool = True
+    kv_cache_gib: float | None = None  # CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: ignored (gpu_memory_utilization)
+    enforce_eager: bool = True
+    seed: int = 0
+    served_name: str | None = None
+    extra: dict = field(default_factory=dict)  # passed to AsyncEngineArgs as is
+
+
+@dataclass(frozen=True)
+class ContextHandle:
+    """What a request needs to run over a stored compacted context."""
+
+    context_id: str
+    path: str  # CompactCache file the worker loads
+    num_slots: int  # t
+    num_tokens: int  # N
+    salt: str  # covers everything that determines the injected K/V
+
+    @property
+    def shift(self) -> int:
+        return self.num_tokens - self.num_slots
+
+
+@dataclass
+class GenParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict[int, float]] | None = None  # per new token: token id -> logprob (top-k + chosen)
+    cached_tokens: int | None = None
+
+
+def beta_plugin_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, llm, vllm_config):
+        self.config = config
+        self.llm = llm
+        self.vllm_config = vllm_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.dtype = str(vllm_config.model_config.dtype).replace("torch.", "")
+        self.vllm_version = check_version()
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> "Engine":
+        """Build the engine (blocks for the engine start-up; call from a worker thread in async code)."""
+        check_version()
+        if config.beta:
+            if os.environ.get("KVCAT_BETA_BACKEND") == "0":
+                raise RuntimeError("beta requested but KVCAT_BETA_BACKEND=0 disables the beta backend")
+            if not beta_plugin_installed():
+                raise RuntimeError(f"the {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} is not installed, so vLLM's "
+                                   "worker processes cannot load the beta attention backend; reinstall kvcat "
+                                   "(`pip install -e .`), or serve with --no-beta")
+        else:
+            os.environ["KVCAT_BETA_BACKEND"] = "0"  # inherited by engine processes: stock kernels only
+        if config.kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kv_transfer = {"kv_connector": "KvcatConnector",
+                       "kv_connector_module_path": "kvcat.server.vllm_adapter.connector",
+                       "kv_role": "kv_both", "kv_connector_extra_config": {"beta": config.beta}}
+        args = AsyncEngineArgs(model=str(config.model), dtype=config.dtype, max_model_len=config.max_model_len,
+                               tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=True,
+                               kv_transfer_config=kv_transfer, enforce_eager=config.enforce_eager,
+                               seed=config.seed, served_model_name=config.served_name,
+                               disable_log_stats=False, **config.extra)
+        vllm_config = args.create_engine_config()
+        llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=False)
+        return cls(config, llm, vllm_config)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def prompt_for(self, token_ids: list[int], context: ContextHandle | None):
+        from vllm.inputs import TokensPrompt
+
+        if context is None:
+            return TokensPrompt(prompt_token_ids=list(token_ids))
+        return TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN] * context.num_slots + list(token_ids),
+                            cache_salt=context.salt)
+
+    async def generate(self, token_ids: list[int], params: GenParams, context: ContextHandle | None = None,
+                       request_id: str | None = None) -> AsyncIterator[Chunk]:
+        """Stream the completion of `token_ids` (over `context` when given), one Chunk per engine step."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if not token_ids:
+            raise ValueError("a request needs at least one real token after the context")
+        extra = None
+        if context is not None:
+            extra = {"kv_transfer_params": {"kvcat": {
+                "context": context.context_id, "path": context.path, "slots": context.num_slots,
+                "shift": context.shift, "beta": self.config.beta}}}
+        sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                            seed=params.seed, stop=params.stop or None,
+                            stop_token_ids=params.stop_token_ids or None, logprobs=params.logprobs,
+                            output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        prompt = self.prompt_for(token_ids, context)
+        request_id = request_id or uuid.uuid4().hex
+        n_prompt = len(prompt["prompt_token_ids"])
+        completion = 0
+        async for out in self.llm.generate(prompt, sp, request_id):
+            comp = out.outputs[0]
+            completion += len(comp.token_ids)
+            lps = None
+            if comp.logprobs is not None:
+                lps = [{tid: lp.logprob for tid, lp in step.items()} for step in comp.logprobs]
+            yield Chunk(token_ids=list(comp.token_ids), text=comp.text, finish_reason=comp.finish_reason,
+                        prompt_tokens=n_prompt - (context.num_slots if context else 0),
+                        completion_tokens=completion, logprobs=lps,
+                        cached_tokens=getattr(out, "num_cached_tokens", None))
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def reset_prefix_cache(self) -> None:
+        await self.llm.reset_prefix_cache()
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of paged KV per token in this engine (all layers, K and V, this rank's heads)."""
+        mc = self.vllm_config.model_config
+        import torch
+
+        dtype = self.vllm_config.cache_config.cache_dtype
+        elem = mc.dtype.itemsize if dtype == "auto" else 1
+        del torch
+        layers = mc.get_num_layers(self.vllm_config.parallel_config)
+        heads = mc.get_num_kv_heads(self.vllm_config.parallel_config)
+        return 2 * layers * heads * mc.get_head_size() * elem
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def delete_quietly(path: str | Path) -> None:
+    Path(path).unlink(missing_ok=True)

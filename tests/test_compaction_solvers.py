@@ -1,0 +1,86 @@
+"""Per-head Attention Matching solvers on plain tensors, and budget allocation."""
+
+import math
+
+import pytest
+import torch
+
+from kvcat.compaction import budgets, solvers
+
+
+def _head(n=120, d=16, q=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(n, d, generator=g) * 1.5
+    V = torch.randn(n, d, generator=g)
+    Q = torch.randn(q, d, generator=g) * 1.5
+    return K, V, Q
+
+
+@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
+def test_keeping_everything_is_exact(name):
+    K, V, Q = _head()
+    s = solvers.SOLVERS[name](K, V, Q, K.shape[0])
+    assert torch.equal(s.keys, K) and torch.equal(s.values, V) and torch.all(s.beta == 0)
+    assert torch.equal(s.indices, torch.arange(K.shape[0]))
+    err = solvers.matching_errors(K, V, Q, s)
+    assert err["output_rel_err"] < 1e-6 and err["log_mass_err"] < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
+def test_solution_shapes_and_fit_beats_plain_eviction(name):
+    K, V, Q = _head()
+    t = 30
+    s = solvers.SOLVERS[name](K, V, Q, t)
+    assert s.keys.shape == (t, K.shape[1]) and s.values.shape == (t, K.shape[1]) and s.beta.shape == (t,)
+    assert torch.equal(s.keys, K[s.indices])  # keys are a subset of the original keys
+    assert torch.all(s.indices[1:] > s.indices[:-1])  # sorted, distinct
+    assert torch.isfinite(s.beta).all() and torch.isfinite(s.values).all()
+    plain = solvers.Solution(K[s.indices], torch.zeros(t), V[s.indices], s.indices)
+    fitted, evicted = solvers.matching_errors(K, V, Q, s), solvers.matching_errors(K, V, Q, plain)
+    assert fitted["output_rel_err"] < evicted["output_rel_err"]
+    assert fitted["log_mass_err"] < evicted["log_mass_err"]
+
+
+def test_sink_and_recent_tokens_are_kept():
+    K, V, Q = _head()
+    s = solvers.hak(K, V, Q, 40, sink=4, recent=8)
+    kept = set(s.indices.tolist())
+    assert {0, 1, 2, 3} <= kept and set(range(112, 120)) <= kept
+
+
+def test_hak_beta_respects_its_clamp():
+    K, V, Q = _head(seed=3)
+    s = solvers.hak(K, V, Q, 10, beta_bounds=(-3.0, 3.0))
+    assert s.beta.min() >= -3.0 - 1e-5 and s.beta.max() <= 3.0 + 1e-5
+
+
+def test_mass_weights_recover_a_known_mixture():
+    g = torch.Generator().manual_seed(0)
+    M = torch.rand(300, 5, generator=g)
+    w_true = torch.tensor([0.5, 1.0, 2.0, 4.0, 0.1])
+    w = solvers.fit_mass_weights(M, M @ w_true, 1e-6, None, iters=0, ridge=0.0)
+    assert torch.allclose(w, w_true, atol=1e-3)
+
+
+def test_bad_solver_input():
+    K, V, Q = _head()
+    with pytest.raises(ValueError, match="budget"):
+        solvers.hak(K, V, Q, 0)
+    with pytest.raises(ValueError, match="budget"):
+        solvers.omp(K, V, Q, K.shape[0] + 1)
+    with pytest.raises(ValueError, match="solver wants"):
+        solvers.hak(K, V[:, :3], Q, 5)
+
+
+def test_allocation_hits_the_total_and_favours_sensitive_heads():
+    fr = budgets.FRACTIONS
+    cost = torch.zeros(2, 2, len(fr))
+    for i, f in enumerate(fr):
+        cost[0, 0, i] = 10 * (1 - f)  # a sensitive head
+        cost[0, 1, i] = 0.1 * (1 - f)
+        cost[1, 0, i] = 1 * (1 - f)
+        cost[1, 1, i] = 1 * (1 - f)
+    counts = budgets.allocate(cost, fr, n=1000, t=100)
+    assert int(counts.sum()) == 400 and counts.min() >= 1 and counts.max() <= 1000
+    assert counts[0, 0] > counts[1, 0] > counts[0, 1] or counts[0, 0] > counts[0, 1]
+    assert math.isclose(counts.float().mean().item(), 100)

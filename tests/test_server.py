@@ -1,0 +1,243 @@
+"""The served path end to end: one vLLM engine behind one `kvcat serve` on loopback for the whole file.
+
+Correctness: for one CompactCache and question, the server's greedy tokens equal the transformers reference
+(`kvcat.inference.CacheSession` on the very cache file the server stored), and its first-token logprobs match
+within LOGPROB_TOL (fp32 engine), with beta != 0 and with beta = 0. A control checks that the context changes
+the answer. Then the HTTP API, its errors, and the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+LOGPROB_TOL = 1e-3  # fp32 engine vs fp32 transformers; measured differences are ~1e-5
+MODEL = "smollm2-135m"
+DOC = ("Field notes, day twelve. The expedition reached the northern glacier at noon. Dr. Okafor measured the "
+       "ice at 41 meters thick, and the cook, a man called Teodor, lost the last bag of lentils in a crevasse. "
+       "We named the campsite Lentil Point in his honour. The radio code for the supply plane is BLUE HERON. ")
+QUESTION = "What is the radio code for the supply plane?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from kvcat.models import is_prepared
+
+    if not is_prepared(MODEL):
+        pytest.fail(f"model {MODEL} is not prepared; run `make setup`")
+    store = tmp_path_factory.mktemp("store")
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    log = open(store.parent / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "kvcat.cli", "serve", "--model", MODEL, "--dtype", "float32",
+                             "--port", str(port), "--max-model-len", "4096", "--store-dir", str(store)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited ({proc.returncode}); log: {Path(log.name).read_text()[-3000:]}")
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server not ready; log: {Path(log.name).read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"base": base, "store": store, "proc": proc,
+               "client": openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _compact(server, **body):
+    r = httpx.post(server["base"] + "/v1/compact", json={"text": DOC} | body, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def contexts(server):
+    """Two compactions of DOC at 4x: attention matching with fitted beta, and SnapKV (beta = 0)."""
+    return {"beta": _compact(server, ratio=4, method="am-hak", query_mode="context"),
+            "nobeta": _compact(server, ratio=4, method="snapkv")}
+
+
+def _ask(server, question, kv_context=None, **kw):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0,
+                logprobs=True, top_logprobs=5)
+    args.update(kw)
+    return server["client"].chat.completions.create(
+        **args, extra_body={"kv_context": kv_context} if kv_context else None)
+
+
+@pytest.mark.parametrize("which", ["beta", "nobeta"])
+def test_served_tokens_and_logprobs_match_reference(server, contexts, smollm2, which):
+    from kvcat.cache import CompactCache
+    from kvcat.inference import CacheSession
+    from kvcat.server import prompting
+
+    ctx = contexts[which]
+    cache = CompactCache.load(server["store"] / f"{ctx['id']}.kvc", expect_fingerprint=smollm2.spec.fingerprint)
+    nonzero = any(bool((b[torch.isfinite(b)] != 0).any()) for b in cache.beta)
+    assert nonzero == (which == "beta")
+    assert ctx["compacted_tokens"] == cache.num_slots < cache.num_tokens
+
+    tok = smollm2.tokenizer
+    q = prompting.question_ids(tok, {"text": DOC}, [{"role": "user", "content": QUESTION}])
+    ref_tokens = CacheSession(smollm2, cache).generate(q, max_new_tokens=12)
+    ref_first = torch.log_softmax(CacheSession(smollm2, cache).forward(q)[-1], -1)
+
+    resp = _ask(server, QUESTION, ctx["id"])
+    content = resp.choices[0].logprobs.content
+    assert [c.token for c in content] == [tok.decode([t]) for t in ref_tokens]
+    assert resp.choices[0].message.content == tok.decode(ref_tokens)
+    top = content[0].top_logprobs
+    assert len(top) == 5
+    ref_top = torch.topk(ref_first, 5)
+    assert [t.token for t in top] == [tok.decode([int(i)]) for i in ref_top.indices]
+    diffs = [abs(t.logprob - float(v)) for t, v in zip(top, ref_top.values)]
+    assert max(diffs) < LOGPROB_TOL, diffs
+
+
+def test_context_changes_the_answer(server, contexts):
+    over = _ask(server, QUESTION, contexts["beta"]["id"], max_tokens=16).choices[0].message.content
+    plain = _ask(server, QUESTION, max_tokens=16).choices[0].message.content
+    assert over != plain
+
+
+def test_second_question_reuses_the_context_blocks(server, contexts):
+    def hits():
+        for line in httpx.get(server["base"] + "/metrics").text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                return float(line.split()[-1])
+        return 0.0
+
+    # 130 slots: one full 128-slot block that a later request over the same context finds in the prefix cache
+    cid = _compact(server, text=DOC * 3, target_tokens=130, method="snapkv")["id"]
+    _ask(server, "Who lost the lentils?", cid, max_tokens=2)
+    before = hits()
+    r = _ask(server, "How thick was the ice?", cid, max_tokens=2)
+    assert hits() >= before + 128
+    assert r.usage.prompt_tokens < 40  # only the question was prompted; the context came from paged blocks
+
+
+def test_streaming_stop_usage_and_seed(server, contexts):
+    cid = contexts["beta"]["id"]
+    stream = server["client"].chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"kv_context": cid})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _ask(server, QUESTION, cid, max_tokens=10).choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    words = text.split()
+    if len(words) > 2:
+        stopped = _ask(server, QUESTION, cid, max_tokens=10, stop=[words[1]]).choices[0]
+        assert words[1] not in stopped.message.content and stopped.finish_reason == "stop"
+    sampled = [_ask(server, "Tell me a word.", max_tokens=8, temperature=1.0, seed=7, logprobs=False)
+               .choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_context_endpoints(server, contexts):
+    base = server["base"]
+    listed = {c["id"] for c in httpx.get(base + "/v1/contexts").json()["data"]}
+    assert {contexts["beta"]["id"], contexts["nobeta"]["id"]} <= listed
+    one = httpx.get(base + f"/v1/contexts/{contexts['beta']['id']}").json()
+    assert one["original_tokens"] > one["compacted_tokens"] and one["kv_bytes_saved"] > 0
+    assert one["kv_bytes_compacted"] * 3 < one["kv_bytes_full"]
+    models = server["client"].models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+    extra = _compact(server, target_tokens=16, method="snapkv")
+    assert extra["compacted_tokens"] == 16
+    assert httpx.delete(base + f"/v1/contexts/{extra['id']}").json()["deleted"] is True
+    assert httpx.get(base + f"/v1/contexts/{extra['id']}").status_code == 404
+    assert not (server["store"] / f"{extra['id']}.kvc").exists()
+
+
+def test_async_compaction_job(server):
+    r = httpx.post(server["base"] + "/v1/compact", json={"text": DOC, "ratio": 8, "method": "snapkv",
+                                                         "async": True})
+    assert r.status_code == 202
+    job = r.json()
+    for _ in range(300):
+        job = httpx.get(server["base"] + f"/v1/compact/jobs/{job['id']}").json()
+        if job["status"] in ("succeeded", "failed"):
+            break
+        assert 0.0 <= job["progress"] <= 1.0
+        time.sleep(0.2)
+    assert job["status"] == "succeeded" and job["progress"] == 1.0
+    assert job["context"]["id"].startswith("ctx-")
+
+
+def test_errors_in_openai_format(server):
+    base, client = server["base"], server["client"]
+    with pytest.raises(openai.NotFoundError) as err:
+        _ask(server, "Hi", "ctx-000000000000")
+    assert err.value.body["code"] == "context_not_found"
+
+    long_doc = "word " * 9000
+    r = httpx.post(base + "/v1/compact", json={"text": long_doc, "ratio": 10}, timeout=60)
+    assert r.status_code == 413 and "8192" in r.json()["error"]["message"]
+    for bad in ({"ratio": 0.5}, {"ratio": 4, "target_tokens": 3}, {"ratio": "lots"}, {"ratio": 4, "colour": 1},
+                {"ratio": 4, "method": "no-such-method"}):
+        r = httpx.post(base + "/v1/compact", json={"text": DOC, **bad}, timeout=60)
+        assert r.status_code == 422, (bad, r.text)
+        assert set(r.json()["error"]) >= {"message", "type", "code"}
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-nothing", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 5000}])
+    assert err.value.status_code == 413
+
+    # a compaction that fails inside the method answers 4xx/5xx and leaves the server up
+    r = httpx.post(base + "/v1/compact", json={"text": DOC, "ratio": 4, "method": "snapkv",
+                                               "params": {"window": "not-a-number"}}, timeout=60)
+    assert r.status_code in (422, 500) and "error" in r.json()
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert _ask(server, "Say hi.", max_tokens=2).choices[0].message.content
+
+
+def test_metrics_and_probes(server, contexts):
+    _ask(server, QUESTION, contexts["beta"]["id"], max_tokens=2)
+    _ask(server, QUESTION, max_tokens=2)
+    text = httpx.get(server["base"] + "/metrics").text
+    for name in ("vllm:time_to_first_token_seconds", "kvcat_contexts_stored", "kvcat_kv_bytes_saved",
+                 "kvcat_compaction_ratio_bucket", "kvcat_compaction_seconds_bucket",
+                 'kvcat_time_to_first_token_seconds_bucket{le="+Inf",method="am-hak",mode="compacted"',
+                 'kvcat_e2e_request_latency_seconds_count{method="none",mode="full"', "kvcat_errors_total"):
+        assert name in text, name
+    assert httpx.get(server["base"] + "/ready").json()["status"] == "ready"

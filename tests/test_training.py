@@ -1,0 +1,208 @@
+"""KV-CAT training: policies, the masked pass, losses, saving, and bad input (tiny-random, short sequences)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from kvcat.training.checkpoint import META_FILE, _old, atomic_save, recover
+from kvcat.training.config import TrainConfig, TrainConfigError
+from kvcat.training.policies import POLICIES
+from kvcat.training.trainer import Trainer
+
+TINY = dict(model="tiny-random", seq_len=48, prefix_frac=0.75, batch_size=2, steps=2, warmup_steps=1,
+            corpora=("paul_graham",), max_docs=4, seed=0)
+
+
+def tiny_trainer(out=None, **overrides) -> Trainer:
+    return Trainer(TrainConfig(**{**TINY, **overrides}), out, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_each_policy_trains_with_finite_loss(policy):
+    trainer = tiny_trainer(policy=policy, retention=0.5)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    summary = trainer.run()
+    rows = trainer.history
+    assert [r["step"] for r in rows] == [1, 2] and summary["steps"] == 2
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("loss", "ntp", "kl"))
+        assert row["kl"] > 0  # half the prefix is hidden from the continuation
+        if policy == "router":
+            assert 0.3 < row["keep"] < 0.7 and math.isfinite(row["budget"])
+        else:
+            assert row["keep"] == pytest.approx(0.5, abs=0.02)
+    if policy == "router":  # the router learns (its parameters moved)
+        assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_masked_pass_with_full_retention_equals_full_pass(policy):
+    trainer = tiny_trainer(policy=policy, retention=1.0)
+    ids = trainer.data.batch([0, 1])
+    with torch.no_grad():
+        full, masked = trainer.forward_pair(ids, [0, 1])
+    p = trainer.cfg.prefix_len
+    assert masked.shape == full[:, p:].shape
+    assert torch.allclose(masked, full[:, p:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["attn", "rand"])
+def test_masked_pass_equals_a_cache_holding_only_the_kept_slots(policy):
+    """Masking dropped slots must be exactly running the continuation over a compressed (gathered) cache."""
+    from transformers import DynamicCache
+
+    trainer = tiny_trainer(policy=policy, retention=0.5)
+    ids = trainer.data.batch([3, 4])
+    p = trainer.cfg.prefix_len
+    with torch.no_grad():
+        full, masked = trainer.forward_pair(ids, [3, 4])
+        keep = [torch.isfinite(b) for b in trainer.policy.slot_bias()]  # [B, KVH, P] per layer
+        prefix = trainer.model(input_ids=ids[:, :p], use_cache=True).past_key_values
+        small = DynamicCache(config=trainer.model.config)
+        for i, layer in enumerate(prefix.layers):
+            idx = keep[i].nonzero()[:, 2].view(*keep[i].shape[:2], -1)  # same count per head: top-k
+            gather = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+            small.update(layer.keys.gather(2, gather), layer.values.gather(2, gather), i)
+        pos = torch.arange(p, ids.shape[1])[None].expand(2, -1)
+        direct = trainer.model(input_ids=ids[:, p:], past_key_values=small, position_ids=pos).logits
+    assert not torch.allclose(masked, full[:, p:], atol=1e-3)
+    assert torch.allclose(masked, direct, atol=1e-4, rtol=0)
+
+
+def test_policy_randomness_depends_only_on_the_sequence():
+    trainer = tiny_trainer(policy="rand", retention=0.5)
+    ids = trainer.data.batch([5, 6, 7])
+    with torch.no_grad():
+        trainer.forward_pair(ids, [5, 6, 7])
+        together = [b[1] for b in trainer.policy.slot_bias()]
+        trainer.forward_pair(ids[1:2], [6])
+        alone = [b[0] for b in trainer.policy.slot_bias()]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+
+
+def test_router_is_differentiable_and_budget_pulls_to_target():
+    trainer = tiny_trainer(policy="router", retention=0.25)
+    ids = trainer.data.batch([0, 1])
+    parts = trainer.micro_step(ids, [0, 1])
+    parts["loss"].backward()
+    grads = {n: p.grad for n, p in trainer.policy.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    # Starting at the prior, the mean keep probability sits on the target: no budget pressure yet.
+    assert parts["budget"].item() < 1e-3
+
+
+def test_saved_folder_is_a_plain_hf_model(tmp_path):
+    out = tmp_path / "run"
+    trainer = tiny_trainer(out, policy="router", retention=0.5)
+    trainer.run()
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["policy"] == "router" and meta["retention"] == 0.5 and meta["steps"] == 2 and meta["complete"]
+    assert len(meta["base_model"]["fingerprint"]) == 16 and meta["data"]["split"] == "train"
+    assert "kvcat" not in (out / "config.json").read_text()
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        names = set(fh.keys())
+    own = {n for n, _ in trainer.model.named_parameters()} - {"lm_head.weight"}
+    assert names == own  # the model's weights only: no router
+
+    ids = trainer.data.batch([0])[0, :16].tolist()
+    trainer.model.eval()
+    trainer.model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        expected = trainer.model(torch.tensor([ids])).logits[0, -1]
+    # A fresh interpreter that never imports kvcat.
+    code = ("import sys, json, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r}); "
+            f"print(json.dumps(m(torch.tensor([{ids}])).logits[0, -1].tolist())); "
+            "assert not any(k.startswith('kvcat') for k in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+# ---- atomic saves --------------------------------------------------------------------------------
+
+
+def test_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
+    out = tmp_path / "ckpt"
+    atomic_save(out, lambda d: (d / "weights").write_text("good"))
+
+    def broken(d):
+        (d / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(out, broken)
+    assert (out / "weights").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+    # A kill between the two renames leaves only .ckpt.old: recover() puts it back.
+    out.rename(_old(out))
+    recover(out)
+    assert (out / "weights").read_text() == "good" and not _old(out).exists()
+
+
+# ---- bad input: clear errors before any compute ---------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """The `train` command alone, with weight loading forbidden: errors must come before any compute."""
+    from kvcat.training import cli as training_cli
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr("kvcat.models.load_model", no_compute)
+    app, bench = typer.Typer(), typer.Typer()
+    app.add_typer(bench, name="bench")
+    training_cli.register(app, bench)
+    return lambda *args: CliRunner().invoke(app, ["train", *args])
+
+
+BASE_ARGS = ["--model", "tiny-random", "--seq-len", "48", "--corpora", "paul_graham", "--docs", "4",
+             "--batch-size", "2", "--steps", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--retention", "0"], "retention must be in (0, 1]"),
+    (["--retention", "1.5"], "retention must be in (0, 1]"),
+    (["--policy", "h2o"], "unknown policy 'h2o'"),
+    (["--seq-len", "9000"], "exceeds the model's 8192 positions"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--docs", "1", "--seq-len", "4096", "--batch-size", "8"], "fewer than one global batch"),
+    (["--steps", "100000"], "would cycle"),
+    (["--corpora", "no_such_corpus"], "unknown corpus"),
+])
+def test_bad_input_fails_before_compute(cli, tmp_path, args, message):
+    res = cli(*BASE_ARGS, "--out", str(tmp_path / "o"), *args)
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()), res.output
+
+
+def test_output_folder_of_another_run_is_refused(cli, tmp_path):
+    other = TrainConfig(**{**TINY, "policy": "attn"})
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / META_FILE).write_text(json.dumps({"run_key": other.run_key(), "config": other.to_dict()}))
+    res = cli(*BASE_ARGS, "--policy", "router", "--out", str(out))
+    assert res.exit_code == 2 and "holds another run" in " ".join(res.output.split()), res.output
+    stranger = tmp_path / "s"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    res = cli(*BASE_ARGS, "--out", str(stranger))
+    assert res.exit_code == 2 and "not a kvcat training folder" in " ".join(res.output.split()), res.output
+
+
+def test_config_rejects_empty_prefix_or_continuation():
+    with pytest.raises(TrainConfigError, match="prefix-frac"):
+        TrainConfig(**{**TINY, "prefix_frac": 0.999}).validate()

@@ -1,0 +1,119 @@
+"""The typed configuration of a KV-CAT training run, and its checks (all made before any compute is spent).
+
+A run is identified by its `run_key()`: every field that changes what the trained weights mean. Two
+invocations with the same key on the same output folder are the same run (the second one resumes); a folder
+holding a run with another key is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+class TrainConfigError(ValueError):
+    """A training option is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train
+    model: str = "smollm2-135m"  # zoo name or a local HF folder
+    policy: str = "router"  # train-time KV sparsification policy: rand, attn, am, router
+    retention: float = 0.5  # fraction of prefix KV slots a continuation query may see, per layer and KV head
+    corpora: tuple[str, ...] = ("paul_graham", "sotu", "moby_dick", "kjv")  # TRAIN split only
+    max_docs: int | None = None  # use only the first N training documents (after a seeded shuffle)
+
+    # ---- sequences: each is a prefix (to be compressed) followed by a continuation
+    seq_len: int = 1024
+    prefix_frac: float = 0.75  # prefix length = round(prefix_frac * seq_len)
+    observation_window: int = 32  # ATTN: the last prefix queries that score the prefix (SnapKV-style)
+
+    # ---- optimisation
+    steps: int = 1000
+    batch_size: int = 4  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per step per process; global batch = batch * accum * world
+    lr: float = 2e-5
+    router_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_frac: float = 0.1  # cosine decay down to lr * min_lr_frac
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    seed: int = 0
+
+    # ---- loss = w_kl * KL(full || masked) on continuation + w_ntp * NTP(full) + w_budget * budget
+    w_kl: float = 1.0
+    w_ntp: float = 1.0
+    w_budget: float = 10.0
+    kl_temperature: float = 1.0
+
+    # ---- router
+    router_hidden: int = 32
+    router_tau: float = 1.0  # Gumbel-sigmoid temperature
+    router_noise: bool = True  # sample keep decisions (Gumbel); False: deterministic threshold at 0.5
+
+    # ---- bookkeeping (not part of the run identity)
+    save_every: int = 200
+    log_every: int = 1
+    max_epochs: float = 50.0  # refuse runs that would cycle the training data more often than this
+
+    _RUN_FIELDS_EXCLUDED = ("steps", "save_every", "log_every", "max_epochs")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def prefix_len(self) -> int:
+        return int(round(self.prefix_frac * self.seq_len))
+
+    @property
+    def continuation_len(self) -> int:
+        return self.seq_len - self.prefix_len
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["corpora"] = list(self.corpora)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "corpora" in kwargs:
+            kwargs["corpora"] = tuple(kwargs["corpora"])
+        return cls(**kwargs)
+
+    def run_key(self) -> str:
+        """Hash of the fields that define the run (steps may grow on resume; logging may change)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in self._RUN_FIELDS_EXCLUDED}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self, max_positions: int | None = None) -> None:
+        """Raise TrainConfigError for any option that cannot work (model limits checked when given)."""
+        from kvcat.training.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise TrainConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 0.0 < self.retention <= 1.0:
+            raise TrainConfigError(f"retention must be in (0, 1], got {self.retention}")
+        if self.seq_len < 8:
+            raise TrainConfigError(f"seq-len must be at least 8 tokens, got {self.seq_len}")
+        if max_positions is not None and self.seq_len > max_positions:
+            raise TrainConfigError(f"seq-len {self.seq_len} exceeds the model's {max_positions} positions")
+        if not 0.0 < self.prefix_frac < 1.0 or not 1 <= self.prefix_len < self.seq_len:
+            raise TrainConfigError(f"prefix-frac must leave a non-empty prefix and continuation, got "
+                                   f"{self.prefix_frac} of {self.seq_len} tokens")
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "observation_window",
+                     "router_hidden"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise TrainConfigError(f"docs must be at least 1, got {self.max_docs}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if min(self.w_kl, self.w_ntp, self.w_budget) < 0 or self.w_kl + self.w_ntp == 0:
+            raise TrainConfigError("loss weights must be non-negative, and w-kl or w-ntp positive")
+        if self.lr <= 0 or self.router_lr <= 0 or self.router_tau <= 0 or self.kl_temperature <= 0:
+            raise TrainConfigError("lr, router-lr, router-tau and kl-temperature must be positive")
+        if not self.corpora:
+            raise TrainConfigError("name at least one training corpus")
