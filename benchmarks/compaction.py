@@ -20,13 +20,9 @@ Writes benchmarks/results/compaction.json and compaction.png (quality vs ratio, 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,42 +36,6 @@ def log(msg: str) -> None:
     print(f"[bench compaction {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-class PeakRSS:
-    """Peak resident set size (MB) of this process while inside the block, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> float:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _answer(lm, cache, question_ids, max_new_tokens=24) -> str:
     from kvcat.inference import CacheSession
 
@@ -87,6 +47,7 @@ def run(docs: int = 20, doc_tokens: int = 6144, continuation: int = 256,
         ratios=(2, 4, 8, 16, 32, 50), methods: str | list[str] = "all", needles: int = 10, qa: int = 10,
         model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0) -> dict:
     from kvcat import data
+    from kvcat.bench import PeakRSS, provenance, write_result
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
     from kvcat.eval.metrics import f1, retrieved
@@ -163,15 +124,12 @@ def run(docs: int = 20, doc_tokens: int = 6144, continuation: int = 256,
         rows.append({"method": m, "ratio": r, "ppl_gap": mean(a["gap"]), "needle_acc": mean(a["needle"]),
                      "qa_f1": mean(a["squad"]), "compact_s": mean(a["compact_s"]), "prefill_s": mean(prefill_s),
                      "peak_rss_mb": round(max(a["rss"]), 1) if a["rss"] else None})
-    result = {"model": model, "machine": machine(),
+    result = {"model": model, **provenance(),
               "config": {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": ratios,
                          "methods": names, "needles": needles, "qa": qa, "seed": seed, "split": "heldout",
                          "model_mb": round(model_mb, 1), "full_kv_mb_fp32": round(kv_full_mb, 1)},
               "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_result(result, out)
     png = plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {png}")
     print(table(result))

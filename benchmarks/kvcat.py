@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"am-hak": ("am-hak", {}), "snapkv": ("snapkv", {}), "truncation": ("truncation", {})}
@@ -221,12 +218,6 @@ def grad_steps(bc: BenchConfig, lm, windows, targets: dict, label: str) -> float
 # 3. Report
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def plot(result: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -333,7 +324,9 @@ def main(steps: int | None = None, docs: int | None = None, seq_len: int | None 
     for policy, path in paths.items():
         rows += evaluate(bc, f"kvcat-{policy}", path, policy, windows, needles, grad_targets)
 
-    result = {"model": bc.model, "machine": machine(), "rows": rows, "step_time_ratio": timing["ratio"],
+    from kvcat.bench import provenance, write_result
+
+    result = {"model": bc.model, **provenance(), "rows": rows, "step_time_ratio": timing["ratio"],
               "step_time": timing, "config": asdict(bc), "checkpoints": {p: str(v) for p, v in paths.items()},
               "training_curves": training_curves(paths), "smoke": smoke,
               "wall_s": round(time.time() - started, 1)}
@@ -341,7 +334,7 @@ def main(steps: int | None = None, docs: int | None = None, seq_len: int | None 
     out_path = Path(bc.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(result, out_path)
-    out_path.write_text(json.dumps(result, indent=1))
+    write_result(result, out_path)
     log(f"wrote {out_path} and {', '.join(result['plots'])}; summary: {json.dumps(result['summary'])}")
     return result
 

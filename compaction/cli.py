@@ -110,14 +110,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         out: Path = typer.Option(Path("benchmarks/results/compaction.json"), help="JSON output"),
     ) -> None:
         """Compaction quality/speed benchmark -> benchmarks/results/compaction.json + Pareto PNG."""
-        import importlib.util
-        import sys
+        from kvcat.bench import load_script
 
-        script = Path(__file__).resolve().parents[1] / "benchmarks" / "compaction.py"
-        spec = importlib.util.spec_from_file_location("kvcat_bench_compaction", script)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        mod.run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
+        load_script("compaction").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
                 ratios=[float(r) for r in ratios.split(",")], methods=methods, needles=needles, qa=qa,
                 model=model, out=out)

@@ -245,7 +245,6 @@ def render_k8s_dashboard() -> str:
 
 def render_k8s_rules() -> str:
     """deploy/prometheus/rules/*.yml as one PrometheusRule for prometheus-operator."""
-    import yaml
 
     groups = rule_groups()
     rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",

@@ -1,7 +1,7 @@
 """`kvcat demo`: compact one long document and answer questions over the compacted cache.
 
-The offline variant runs entirely in transformers (the reference path); the served variant (default when
-the server package provides it) goes through `kvcat serve`, `/v1/compact` and the official openai client.
+The default goes through `kvcat serve`, `/v1/compact` and the official openai client
+(`kvcat.server.demo`); `--offline` runs entirely in transformers (the reference path).
 """
 
 from __future__ import annotations
@@ -48,14 +48,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
              method: str = typer.Option("am-hak", help="compaction method"),
              ratio: float = typer.Option(10.0, help="compaction ratio N/t"),
              offline: bool = typer.Option(False, help="transformers only, no server")) -> None:
-        """Compact a long document and answer questions over the compacted cache."""
-        served = None
-        if not offline:
-            try:
-                from kvcat.server.demo import served_demo as served
-            except ImportError:
-                served = None
-        if served is not None:
-            served(model=model, method=method, ratio=ratio)
-        else:
+        """Serve a model, compact a long document through /v1/compact, answer questions over it."""
+        if offline:
             offline_demo(model=model, method=method, ratio=ratio)
+            return
+        from kvcat.server.demo import served_demo
+
+        served_demo(model=model, method=method, ratio=ratio)

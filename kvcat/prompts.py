@@ -77,12 +77,17 @@ def _separator_split(tokenizer) -> int:
     return _SPLITS[key]
 
 
-def context_ids(tokenizer, context: str) -> list[int]:
-    """The compressible prefix for a document: template head, the document, and (part of) the blank line."""
+def context_text(tokenizer, context: str) -> str:
+    """The compressible prefix as text: template head, the document, and (part of) the blank line."""
     head, _ = _template_parts(tokenizer)
     if not context.strip():
-        return _encode(tokenizer, head)
-    return _encode(tokenizer, f"{head}{context.strip()}{SEPARATOR[:_separator_split(tokenizer)]}")
+        return head
+    return f"{head}{context.strip()}{SEPARATOR[:_separator_split(tokenizer)]}"
+
+
+def context_ids(tokenizer, context: str) -> list[int]:
+    """The compressible prefix for a document, as token ids (see `context_text`)."""
+    return _encode(tokenizer, context_text(tokenizer, context))
 
 
 def question_ids(tokenizer, question: str, after_context: bool = True) -> list[int]:

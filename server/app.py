@@ -122,7 +122,9 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
     async def models():
         s = svc()
         return {"object": "list", "data": [{"id": m, "object": "model", "created": int(state["started"]),
-                                            "owned_by": "kvcat", "max_model_len": s.max_positions}
+                                            "owned_by": "kvcat", "max_model_len": s.max_positions,
+                                            "kv_block_size": s.engine.block_size,
+                                            "kv_bytes_per_token": s.engine.kv_bytes_per_token()}
                                            for m in s.model_ids()]}
 
     @app.post("/v1/compact")

@@ -42,14 +42,16 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
 def bench_serve(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
                 doc_tokens: int = typer.Option(8000, help="document length in tokens"),
                 ratios: str = typer.Option("10,32", help="compaction ratios, comma-separated"),
-                method: str = typer.Option("snapkv", help="compaction method (the served path is the same)"),
+                method: str = typer.Option("am-hak", help="compaction method"),
                 dtype: str = typer.Option("bfloat16", help="engine dtype"),
+                docs: int = typer.Option(3, help="held-out documents"),
+                budget_gib: float = typer.Option(1.0, help="the fixed KV budget for contexts_in_budget"),
                 out: str = typer.Option("benchmarks/results/serve.json", help="JSON output (PNG beside it)")) -> None:
     """TTFT, decode speed, KV bytes and contexts per KV budget: compacted vs full-context chat."""
-    from benchmarks.serve import main as run_bench  # noqa: PLC0415
+    from kvcat.bench import load_script
 
-    run_bench(model=model, doc_tokens=doc_tokens, ratios=[float(r) for r in ratios.split(",")], method=method,
-              dtype=dtype, out=out)
+    load_script("serve").run(model=model, doc_tokens=doc_tokens, ratios=[float(r) for r in ratios.split(",")],
+                             method=method, dtype=dtype, docs=docs, budget_gib=budget_gib, out=out)
 
 
 def register(app, bench) -> None:

@@ -15,6 +15,10 @@ ORIGINAL_TOKENS = Gauge("kvcat_context_original_tokens", "Tokens of the stored c
                         ["model", "method"])
 COMPACTED_TOKENS = Gauge("kvcat_context_compacted_tokens", "Slots per head of the stored contexts",
                          ["model", "method"])
+KV_BYTES_FULL = Gauge("kvcat_kv_bytes_full", "KV bytes the stored contexts would hold uncompacted",
+                      ["model", "method"])
+KV_BYTES_COMPACTED = Gauge("kvcat_kv_bytes_compacted", "KV bytes the stored contexts hold compacted",
+                           ["model", "method"])
 KV_BYTES_SAVED = Gauge("kvcat_kv_bytes_saved", "KV bytes saved by the stored contexts vs full caches",
                        ["model", "method"])
 COMPACTION_RATIO = Histogram("kvcat_compaction_ratio", "Compaction ratio N / t", ["model", "method"],

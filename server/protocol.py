@@ -63,6 +63,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = Field(1, ge=1, le=1)
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: generate at least this many tokens")
     kv_context: str | None = None
 
     @field_validator("stop")

@@ -15,6 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from kvcat.compaction import CompactionError
 from kvcat.server import metrics, prompting
 from kvcat.server.protocol import ChatCompletionRequest, CompactRequest
 from kvcat.server.store import ContextRecord, ContextStore
@@ -45,24 +46,6 @@ class Job:
         return {"id": self.id, "object": "compaction.job", "status": self.status,
                 "progress": round(self.progress, 4), "created": self.created, "context": self.result,
                 "error": self.error}
-
-
-def _subsample_compact(lm, ids, ratio=None, target_tokens=None, progress=None):
-    """Stand-in used only when kvcat.compaction is unavailable: keep evenly spaced tokens, beta = 0."""
-    import torch
-
-    from kvcat.cache import CompactCache
-    from kvcat.inference import prefill
-
-    n = len(ids)
-    t = int(target_tokens) if target_tokens else max(1, round(n / ratio))
-    pre = prefill(lm, ids)
-    keep = torch.linspace(0, n - 1, t).round().long().unique()
-    if progress:
-        progress(1, 1)
-    return CompactCache([k[:, keep] for k in pre.keys], [v[:, keep] for v in pre.values],
-                        [torch.zeros(k.shape[0], len(keep)) for k in pre.keys], n, lm.spec.fingerprint,
-                        "subsample", {"ratio": ratio, "target_tokens": target_tokens})
 
 
 class KvcatService:
@@ -101,10 +84,8 @@ class KvcatService:
         return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages]}
 
     def _method(self, req: CompactRequest):
-        try:
-            from kvcat.compaction.base import CompactionError, get_method, method_names
-        except ImportError:
-            return None, ValueError
+        from kvcat.compaction import get_method
+
         params = dict(req.params)
         if req.query_mode is not None:
             params["queries"] = req.query_mode
@@ -118,8 +99,7 @@ class KvcatService:
             method.params["budgets"] = "uniform"
         if not self.beta and "fit_beta" in method.defaults and "fit_beta" not in params:
             method.params["fit_beta"] = False  # stock kernels: no per-slot bias
-        del method_names
-        return method, CompactionError
+        return method
 
     def prepare_compaction(self, req: CompactRequest):
         """Validate a compaction request (cheap checks only) and return a callable doing the work."""
@@ -137,17 +117,14 @@ class KvcatService:
             raise ApiError(422, f"a budget of {t} slots does not compact a {n}-token document; use a larger "
                            "ratio or fewer target_tokens", "invalid_request_error",
                            "ratio" if req.ratio is not None else "target_tokens")
-        method, method_error = self._method(req)
+        method = self._method(req)
 
         def run(progress) -> ContextRecord:
             start = time.perf_counter()
             try:
-                if method is None:
-                    cache = _subsample_compact(self.lm, ids, req.ratio, req.target_tokens, progress)
-                else:
-                    cache = method.compact(self.lm, ids, ratio=req.ratio, target_tokens=req.target_tokens,
-                                           progress=progress)
-            except method_error as exc:
+                cache = method.compact(self.lm, ids, ratio=req.ratio, target_tokens=req.target_tokens,
+                                       progress=progress)
+            except CompactionError as exc:
                 raise ApiError(422, str(exc), "invalid_request_error") from None
             if not self.beta:
                 import torch
@@ -247,19 +224,20 @@ class KvcatService:
     def _refresh_gauges(self) -> None:
         totals: dict[tuple[str, str], list[int]] = {}
         for rec in self.store.list():
-            acc = totals.setdefault((rec.model, rec.method), [0, 0, 0, 0])
+            acc = totals.setdefault((rec.model, rec.method), [0, 0, 0, 0, 0])
             acc[0] += 1
             acc[1] += rec.num_tokens
             acc[2] += rec.num_slots
-            acc[3] += rec.kv_bytes_full - rec.kv_bytes_compacted
-        for gauge in (metrics.CONTEXTS_STORED, metrics.ORIGINAL_TOKENS, metrics.COMPACTED_TOKENS,
-                      metrics.KV_BYTES_SAVED):
+            acc[3] += rec.kv_bytes_full
+            acc[4] += rec.kv_bytes_compacted
+        gauges = (metrics.CONTEXTS_STORED, metrics.ORIGINAL_TOKENS, metrics.COMPACTED_TOKENS,
+                  metrics.KV_BYTES_FULL, metrics.KV_BYTES_COMPACTED)
+        for gauge in (*gauges, metrics.KV_BYTES_SAVED):
             gauge.clear()
-        for (model, method), (count, n, t, saved) in totals.items():
-            metrics.CONTEXTS_STORED.labels(model, method).set(count)
-            metrics.ORIGINAL_TOKENS.labels(model, method).set(n)
-            metrics.COMPACTED_TOKENS.labels(model, method).set(t)
-            metrics.KV_BYTES_SAVED.labels(model, method).set(saved)
+        for (model, method), values in totals.items():
+            for gauge, value in zip(gauges, values):
+                gauge.labels(model, method).set(value)
+            metrics.KV_BYTES_SAVED.labels(model, method).set(values[3] - values[4])
 
     # ---- chat --------------------------------------------------------------------------------------
     def _build(self, req: ChatCompletionRequest):
@@ -296,7 +274,11 @@ class KvcatService:
         k = None
         if req.logprobs:
             k = req.top_logprobs or 0
-        params = GenParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        if req.min_tokens > max_tokens:
+            raise ApiError(422, f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}",
+                           "invalid_request_error", "min_tokens")
+        params = GenParams(max_tokens=max_tokens, min_tokens=req.min_tokens,
+                           temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop or [],
                            logprobs=k)
         return ids, params, handle, rec

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,24 @@ def small():
 def smollm2():
     """The full SmolLM2-135M."""
     return _load("smollm2-135m")
+
+
+@contextmanager
+def kvcat_server(root: Path, model: str = "smollm2-135m", **kwargs):
+    """`kvcat serve` on a free loopback port (fp32 engine, so logits compare), stopped on exit."""
+    from kvcat.models import is_prepared
+    from kvcat.server.launch import ServerProcess, ServerStartError
+
+    if not is_prepared(model):
+        pytest.fail(f"model {model} is not prepared; run `make setup`")
+    kwargs = {"dtype": "float32", "max_model_len": 4096, "store_dir": root / "store",
+              "log_path": root / "server.log", **kwargs}
+    srv = ServerProcess(model, **kwargs)
+    try:
+        srv.start()
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield srv
+    finally:
+        srv.stop()

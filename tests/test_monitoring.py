@@ -9,16 +9,16 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import kvcat_server
 from kvcat import dashboard
+from kvcat.server.launch import free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -44,12 +44,6 @@ DOCS = [
 ]
 QUESTIONS = ["What is the radio code for the supply plane?", "Who is the harbour master?"]
 SCRAPE_S = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, ok, timeout: float, proc: subprocess.Popen, log: Path) -> None:
@@ -80,27 +74,10 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`kvcat serve` on a free loopback port (the same launch as tests/test_server.py)."""
-    from kvcat.models import is_prepared
-
-    if not is_prepared(MODEL):
-        pytest.fail(f"model {MODEL} is not prepared; run `make setup`")
     root = tmp_path_factory.mktemp("kvcat-monitoring")
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    log = root / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kvcat.cli", "serve", "--model", MODEL, "--dtype", "float32",
-                                 "--port", str(port), "--max-model-len", "4096", "--store-dir", str(root / "store")],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait("kvcat serve", lambda: httpx.get(base + "/ready", timeout=2).status_code == 200, 420, proc, log)
-        yield {"base": base, "port": port, "proc": proc, "log": log,
-               "client": openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)}
-    finally:
-        _stop(proc, 60)
+    with kvcat_server(root, MODEL) as srv:
+        yield {"base": srv.base, "port": srv.port, "proc": srv.proc, "log": srv.log_path, "srv": srv,
+               "client": srv.openai(timeout=300)}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +88,7 @@ def prometheus(server, tmp_path_factory):
         pytest.fail("the prometheus server is not installed: `make setup` installs Debian's `prometheus` "
                     "package (apt-get install prometheus); install it by hand where apt is unavailable")
     root = tmp_path_factory.mktemp("prometheus")
-    port = _free_port()
+    port = free_port()
     cfg = yaml.safe_load((dashboard.DEPLOY / "prometheus" / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval=f"{SCRAPE_S:g}s", evaluation_interval=f"{SCRAPE_S:g}s")
     cfg["rule_files"] = [str(f) for f in dashboard.RULE_FILES]
@@ -297,7 +274,7 @@ def test_preview_renders_from_the_live_prometheus(prometheus, traffic, tmp_path)
 
 def test_server_down_alert_goes_pending_when_the_server_stops(server, prometheus, traffic):
     prom = prometheus["api"]
-    _stop(server["proc"], 60)
+    server["srv"].stop()
     deadline = time.time() + 30
     while time.time() < deadline:
         alerts = [a for a in prom._get("/api/v1/alerts", {})["alerts"]

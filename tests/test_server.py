@@ -8,16 +8,12 @@ the answer. Then the HTTP API, its errors, and the metrics.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import kvcat_server
 
 pytestmark = pytest.mark.vllm
 
@@ -32,51 +28,11 @@ DOC = ("Field notes, day twelve. The expedition reached the northern glacier at 
 QUESTION = "What is the radio code for the supply plane?"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from kvcat.models import is_prepared
-
-    if not is_prepared(MODEL):
-        pytest.fail(f"model {MODEL} is not prepared; run `make setup`")
-    store = tmp_path_factory.mktemp("store")
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    log = open(store.parent / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kvcat.cli", "serve", "--model", MODEL, "--dtype", "float32",
-                             "--port", str(port), "--max-model-len", "4096", "--store-dir", str(store)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 400
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}); log: {Path(log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not ready; log: {Path(log.name).read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"base": base, "store": store, "proc": proc,
-               "client": openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    root = tmp_path_factory.mktemp("server")
+    with kvcat_server(root, MODEL) as srv:
+        yield {"base": srv.base, "store": root / "store", "proc": srv.proc, "client": srv.openai(timeout=300)}
 
 
 def _compact(server, **body):

@@ -11,7 +11,6 @@ import typer
 from kvcat.training.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
-BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kvcat.py"
 
 
 def register(app, bench) -> None:
@@ -86,9 +85,8 @@ def bench_command(
     """KV-CAT on SmolLM2: train each policy on the same data and compute, then evaluate base vs checkpoints
     under AM-HAK, SnapKV and truncation (PPL gap, retrieval, base PPL, gradient-compaction steps), and the
     step-time ratio of KV-CAT against plain NTP training."""
-    import runpy
+    from kvcat.bench import load_script
 
-    module = runpy.run_path(str(BENCH_SCRIPT))
-    module["main"](steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows,
+    load_script("kvcat").main(steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows,
                    policies=[p.strip() for p in policies.split(",") if p.strip()], model=model, smoke=smoke,
                    out=out)

@@ -43,20 +43,6 @@ class NamedCompressor:
         return self.name if self.ratio is None else f"{self.name}@{self.ratio:g}x"
 
 
-def _registry_get_method():
-    try:
-        from kvcat.compaction import get_method
-        return get_method
-    except ImportError:
-        pass
-    try:
-        from kvcat.compaction.base import get_method
-        return get_method
-    except ImportError as exc:
-        raise EvalError(f"compaction methods are unavailable ({exc}); only the built-in methods "
-                        f"{', '.join(BUILTINS)} can be evaluated") from None
-
-
 def resolve(name: str, ratio: float | None = None) -> NamedCompressor:
     """A built-in or registered compaction method, at `ratio` (required for registered methods)."""
     if name == "full":
@@ -67,7 +53,8 @@ def resolve(name: str, ratio: float | None = None) -> NamedCompressor:
         raise EvalError(f"method {name!r} needs a compression ratio (--ratio), e.g. --ratio 8")
     if not ratio > 1:
         raise EvalError(f"the compression ratio must be greater than 1, got {ratio:g}")
-    get_method = _registry_get_method()
+    from kvcat.compaction import get_method
+
     try:
         method = get_method(name)
     except (KeyError, ValueError) as exc:  # the registry's CompactionError is a ValueError

@@ -52,6 +52,7 @@ class ContextHandle:
 @dataclass
 class GenParams:
     max_tokens: int = 64
+    min_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -138,7 +139,8 @@ class Engine:
             extra = {"kv_transfer_params": {"kvcat": {
                 "context": context.context_id, "path": context.path, "slots": context.num_slots,
                 "shift": context.shift, "beta": self.config.beta}}}
-        sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        sp = SamplingParams(max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+                            temperature=params.temperature, top_p=params.top_p,
                             seed=params.seed, stop=params.stop or None,
                             stop_token_ids=params.stop_token_ids or None, logprobs=params.logprobs,
                             output_kind=RequestOutputKind.DELTA, extra_args=extra)

@@ -1,0 +1,180 @@
+"""Serving benchmark: chat over a compacted context against the same document sent in full, one engine.
+
+    kvcat bench serve                                    # 3 held-out 8k-token documents, ratios 10 and 32
+    kvcat bench serve --docs 1 --doc-tokens 2000         # minutes
+
+One `kvcat serve` (vLLM CPU engine, bf16 by default) on loopback. For each held-out document:
+- full-cold: the whole document + question as plain chat, first time (nothing of it cached);
+- full-warm: the same request again (vLLM's prefix cache holds the document's blocks);
+- compacted-cold (per ratio): the document POSTed to /v1/compact once, then a question with kv_context
+  (the KV connector writes the t compacted slots; only the question is prefilled);
+- compacted-warm: a second question over the same context (its blocks hit the prefix cache).
+Measured from the client (official openai client, streaming): ttft_s (request to first token) and
+decode_tok_s (tokens after the first / time after the first; min_tokens fixes the count). kv_bytes: the
+paged KV a context holds (whole blocks of the engine's block size; for full chat the document's blocks),
+and contexts_in_budget: how many such contexts fit the fixed KV budget (--budget-gib).
+Writes benchmarks/results/serve.json and serve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTIONS = ("Who is speaking, and to whom?", "Name one topic the text discusses.")
+
+
+def log(msg: str) -> None:
+    print(f"[bench serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _stream(client, model: str, content: str, context: str | None, tokens: int) -> dict:
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=tokens, temperature=0.0,
+        stream=True, stream_options={"include_usage": True},
+        extra_body={"min_tokens": tokens, **({"kv_context": context} if context else {})})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            first = first if first is not None else now
+            last = now
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    if first is None:
+        raise RuntimeError("the server streamed no content")
+    decode = (n - 1) / (last - first) if n > 1 and last > first else float("nan")
+    return {"ttft_s": first - start, "decode_tok_s": decode}
+
+
+def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0), method: str = "am-hak",
+        dtype: str = "bfloat16", docs: int = 3, decode_tokens: int = 32, budget_gib: float = 1.0,
+        out: Path | str = RESULTS / "serve.json") -> dict:
+    import httpx
+    from transformers import AutoTokenizer
+
+    from kvcat import data
+    from kvcat.bench import provenance, write_result
+    from kvcat.models import resolve
+    from kvcat.server.launch import ServerProcess
+
+    out = Path(out)
+    _, path = resolve(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    windows = data.token_windows(tok, doc_tokens, 2, docs, split="heldout", corpora=("sotu",))
+    texts = [tok.decode(w.prefix_ids) for w in windows]
+    samples: dict[tuple[str, float], list[dict]] = {}
+    kv_bytes: dict[tuple[str, float], list[int]] = {}
+    with ServerProcess(model, dtype=dtype, max_model_len=max(doc_tokens + 512, 2048),
+                       kv_cache_gib=max(2.0, budget_gib)) as srv:
+        client = srv.openai()
+        info = client.models.list().data[0].model_extra
+        served = client.models.list().data[0].id
+        block, per_token = int(info["kv_block_size"]), int(info["kv_bytes_per_token"])
+        blocks_of = lambda n: math.ceil(n / block) * block * per_token  # noqa: E731
+        log(f"server up in {srv.startup_s:.0f} s: {model} {dtype}, block {block}, {per_token} KV bytes/token")
+        _stream(client, served, "Hello!", None, 4)  # warm-up
+        for i, text in enumerate(texts):
+            content = f"{text}\n\n{QUESTIONS[0]}"
+            for mode in ("full-cold", "full-warm"):
+                samples.setdefault((mode, 1.0), []).append(_stream(client, served, content, None, decode_tokens))
+            n = len(windows[i].prefix_ids)
+            kv_bytes.setdefault(("full", 1.0), []).append(blocks_of(n))
+            for r in ratios:
+                resp = httpx.post(srv.url("/v1/compact"), timeout=3600,
+                                  json={"text": text, "ratio": r, "method": method})
+                resp.raise_for_status()
+                ctx = resp.json()
+                for mode, q in (("compacted-cold", QUESTIONS[0]), ("compacted-warm", QUESTIONS[1])):
+                    samples.setdefault((mode, r), []).append(_stream(client, served, q, ctx["id"], decode_tokens))
+                kv_bytes.setdefault(("compacted", r), []).append(blocks_of(ctx["compacted_tokens"]))
+                httpx.delete(srv.url(f"/v1/contexts/{ctx['id']}"), timeout=60)
+                log(f"doc {i + 1}/{len(texts)} ratio {r:g}: {ctx['original_tokens']} -> {ctx['compacted_tokens']} "
+                    f"slots, compaction {ctx['compaction_seconds']:.1f} s")
+    budget = int(budget_gib * 2**30)
+    rows = []
+    for (mode, r), ss in samples.items():
+        kb = int(statistics.mean(kv_bytes[("full" if mode.startswith("full") else "compacted", r)]))
+        rows.append({"mode": mode, "ratio": r, "ttft_s": round(statistics.mean(s["ttft_s"] for s in ss), 4),
+                     "ttft_s_all": [round(s["ttft_s"], 4) for s in ss],
+                     "decode_tok_s": round(statistics.mean(s["decode_tok_s"] for s in ss), 2),
+                     "kv_bytes": kb, "contexts_in_budget": budget // kb})
+    cold = next(r["ttft_s"] for r in rows if r["mode"] == "full-cold")
+    full_kv = next(r["kv_bytes"] for r in rows if r["mode"] == "full-cold")
+    full_fit = next(r["contexts_in_budget"] for r in rows if r["mode"] == "full-cold")
+    for r in rows:
+        r["ttft_speedup_vs_full_cold"] = round(cold / r["ttft_s"], 2)
+        r["kv_bytes_vs_full"] = round(r["kv_bytes"] / full_kv, 4)
+        r["contexts_vs_full"] = round(r["contexts_in_budget"] / max(full_fit, 1), 2)
+    result = {"model": model, **provenance(),
+              "config": {"doc_tokens": doc_tokens, "docs": docs, "ratios": list(ratios), "method": method,
+                         "dtype": dtype, "decode_tokens": decode_tokens, "budget_gib": budget_gib,
+                         "kv_block_size": block, "kv_bytes_per_token": per_token, "split": "heldout"},
+              "rows": rows}
+    write_result(result, out)
+    png = plot(result, out.with_suffix(".png"))
+    log(f"wrote {out} and {png}")
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| mode | ratio | TTFT s | TTFT speed-up vs full cold | decode tok/s | KV bytes / context | "
+             "vs full | contexts in budget | vs full |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['ratio']:g} | {r['ttft_s']:.3f} | {r['ttft_speedup_vs_full_cold']:.1f}x | "
+                     f"{r['decode_tok_s']:.1f} | {r['kv_bytes']:,} | {r['kv_bytes_vs_full']:.3f} | "
+                     f"{r['contexts_in_budget']} | {r['contexts_vs_full']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [r["mode"] if r["ratio"] == 1 else f"{r['mode']}\n{r['ratio']:g}x" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in zip(axes, ("ttft_s", "decode_tok_s", "contexts_in_budget"),
+                              ("time to first token (s, lower is better)", "decode tokens/s",
+                               f"contexts in a {result['config']['budget_gib']:g} GiB KV budget")):
+        ax.bar(range(len(rows)), [r[key] for r in rows],
+               color=["tab:grey" if r["mode"].startswith("full") else "tab:blue" for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        if key != "decode_tok_s":
+            ax.set_yscale("log")
+    fig.suptitle(f"kvcat serve: {result['model']}, {result['config']['doc_tokens']}-token documents "
+                 f"({result['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--doc-tokens", type=int, default=8000)
+    ap.add_argument("--ratios", default="10,32")
+    ap.add_argument("--method", default="am-hak")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--docs", type=int, default=3)
+    ap.add_argument("--budget-gib", type=float, default=1.0)
+    ap.add_argument("--out", default=str(RESULTS / "serve.json"))
+    a = ap.parse_args(argv)
+    run(model=a.model, doc_tokens=a.doc_tokens, ratios=[float(r) for r in a.ratios.split(",")], method=a.method,
+        dtype=a.dtype, docs=a.docs, budget_gib=a.budget_gib, out=a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""What every benchmark shares: loading its script, provenance of its results, writing them, peak memory.
+
+Benchmark scripts live in the repository's `benchmarks/` folder (one per benchmark, runnable on their own);
+`kvcat bench NAME` loads them through `load_script`. Every result JSON carries `provenance()`: the machine,
+the date, the command line and the git commit that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py as a module (it is a script folder, not a package)."""
+    path = BENCHMARKS / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such benchmark script (benchmarks run from a source checkout)")
+    spec = importlib.util.spec_from_file_location(f"kvcat_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def machine() -> str:
+    import torch
+
+    cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({cpu}), torch {torch.__version__}"
+    return f"{cpu}, {_mem_gib()} GiB RAM, torch {torch.__version__}"
+
+
+def _mem_gib() -> int:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    except (ValueError, OSError):
+        return 0
+
+
+def provenance() -> dict:
+    """machine, date (UTC), command and git commit: recorded in every benchmark result."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"machine": machine(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git_commit": commit}
+
+
+def write_result(result: dict, out: str | os.PathLike) -> Path:
+    """Write a result JSON atomically (a killed benchmark never leaves half a file)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    return out
+
+
+class PeakRSS:
+    """Peak resident set size (MB) of this process while inside the block, sampled every 5 ms."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    @staticmethod
+    def rss(pid: int | str = "self") -> float:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -1,0 +1,121 @@
+"""Running `kvcat serve` as a child process on loopback: for the demo, the benchmarks and the tests.
+
+    with ServerProcess("smollm2-135m", dtype="bfloat16") as srv:
+        client = srv.openai()
+        httpx.post(srv.url("/v1/compact"), json={...})
+
+The server is started in its own process session (vLLM spawns engine and worker processes beneath it), waited
+for on `/ready`, and stopped with SIGTERM (it drains), then SIGKILL of the whole group if it hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become ready; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str, *, dtype: str = "bfloat16", port: int | None = None,
+                 store_dir: str | os.PathLike | None = None, max_model_len: int | None = None,
+                 beta: bool = True, kv_cache_gib: float | None = None, args: list[str] | tuple[str, ...] = (),
+                 log_path: str | os.PathLike | None = None, env: dict | None = None,
+                 ready_timeout: float = 600.0):
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="kvcat-serve-",
+                                                                              suffix=".log")[1])
+        self.cmd = [sys.executable, "-m", "kvcat.cli", "serve", "--model", model, "--dtype", dtype,
+                    "--host", "127.0.0.1", "--port", str(self.port), "--beta" if beta else "--no-beta"]
+        if store_dir is not None:
+            self.cmd += ["--store-dir", str(store_dir)]
+        if max_model_len is not None:
+            self.cmd += ["--max-model-len", str(max_model_len)]
+        if kv_cache_gib is not None:
+            self.cmd += ["--kv-cache-gib", str(kv_cache_gib)]
+        self.cmd += list(args)
+        self.env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+                    "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def start(self) -> "ServerProcess":
+        import httpx
+
+        log = open(self.log_path, "w")
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"kvcat serve exited with code {self.proc.returncode}; end of its log "
+                                       f"({self.log_path}):\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url("/ready"), timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerStartError(f"kvcat serve not ready after {self.ready_timeout:.0f} s; end of its log "
+                                       f"({self.log_path}):\n{self.log_tail()}")
+            time.sleep(0.5)
+        self.startup_s = time.perf_counter() - start
+        return self
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (the server drains in-flight work), then SIGKILL of the process group after `timeout`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and every engine process under it (crash tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def openai(self, api_key: str = "unused", timeout: float = 600.0):
+        import openai
+
+        return openai.OpenAI(base_url=self.url("/v1"), api_key=api_key, max_retries=0, timeout=timeout)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
