@@ -162,7 +162,7 @@ def evaluate(bc: BenchConfig, label: str, path, policy: str, windows, needles, g
     base_ppl = math.exp(full_nll / count)
 
     def answer_ok(cache, question_ids, answers) -> bool:
-        out = CacheSession(lm, cache).generate(question_ids, max_new_tokens=16)
+        out = CacheSession(lm, cache).generate(question_ids, max_new_tokens=24)
         text = tok.decode(out)
         return any(a in text for a in answers)
 

@@ -200,7 +200,13 @@ class Method(ABC):
         """Compact one document (token ids) to about N / ratio (or target_tokens) slots per head."""
         ids = as_context_ids(lm, context_ids)
         t = resolve_budget(ids.numel(), ratio, target_tokens)
-        state = document_state(lm, ids)
+        return self.compact_state(lm, document_state(lm, ids), t, ratio=ratio, target_tokens=target_tokens,
+                                  progress=progress)
+
+    def compact_state(self, lm: LoadedModel, state: DocumentState, t: int, ratio: float | None = None,
+                      target_tokens: int | None = None, progress: Progress | None = None) -> CompactCache:
+        """Compact a document whose state (K/V, queries) is already computed to t slots per head on average
+        (also the block of new tokens in incremental compaction, `incremental.extend`)."""
         extra_s = 0.0
         if self.query_mode:
             get_queries(lm, state, self.query_mode)
@@ -214,7 +220,7 @@ class Method(ABC):
                 "budget": t}
         params = {**{k: v for k, v in self.params.items() if _jsonable(v)},
                   "ratio": ratio, "target_tokens": target_tokens}
-        return package(solutions, ids.numel(), lm.spec.fingerprint, self.name, params, info)
+        return package(solutions, state.num_tokens, lm.spec.fingerprint, self.name, params, info)
 
     def compressor(self, ratio: float) -> Callable[[LoadedModel, Any], CompactCache]:
         """A `(lm, context_ids) -> CompactCache` function at a fixed ratio, for the evaluation harness."""

@@ -57,8 +57,8 @@ class Optimized(Method):
                        "initial_loss": curve[0] if curve else None, "final_loss": curve[-1] if curve else None}
         return out
 
-    def compact(self, lm, context_ids, ratio=None, target_tokens=None, progress=None) -> CompactCache:
-        cache = super().compact(lm, context_ids, ratio=ratio, target_tokens=target_tokens, progress=progress)
+    def compact_state(self, lm, state, t, ratio=None, target_tokens=None, progress=None) -> CompactCache:
+        cache = super().compact_state(lm, state, t, ratio=ratio, target_tokens=target_tokens, progress=progress)
         cache.info.update({k: v for k, v in self.report.items() if k != "loss_curve"})
         cache.info["loss_curve"] = self.report.get("loss_curve", [])[:: max(1, len(self.report.get(
             "loss_curve", [])) // 50)]

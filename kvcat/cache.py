@@ -71,6 +71,21 @@ class CompactCache:
                             [b.to(device=device, dtype=dtype) for b in self.beta], self.num_tokens,
                             self.model_fingerprint, self.method, dict(self.params), dict(self.info))
 
+    def concat(self, block: "CompactCache") -> "CompactCache":
+        """This cache followed by `block`, the compacted form of the tokens that came after it (its keys
+        at positions num_tokens..): one cache of both, the kind incremental compaction builds."""
+        block.check_model(self.model_fingerprint)
+        if block.num_layers != self.num_layers or block.keys[0].shape[0] != self.keys[0].shape[0]:
+            raise CacheError("the blocks have different numbers of layers or KV heads")
+        cat = lambda a, b: [torch.cat([x, y.to(x.device, x.dtype)], dim=1) for x, y in zip(a, b)]  # noqa: E731
+        blocks = self.info.get("blocks") or [{"tokens": self.num_tokens, "slots": self.num_slots,
+                                              "method": self.method}]
+        info = {**self.info, "blocks": [*blocks, {"tokens": block.num_tokens, "slots": block.num_slots,
+                                                  "method": block.method}]}
+        return CompactCache(cat(self.keys, block.keys), cat(self.values, block.values), cat(self.beta, block.beta),
+                            self.num_tokens + block.num_tokens, self.model_fingerprint, self.method,
+                            dict(self.params), info)
+
     # ---- checks ------------------------------------------------------------------------------------
     def validate(self) -> None:
         if not self.keys or not (len(self.keys) == len(self.values) == len(self.beta)):

@@ -117,15 +117,16 @@ class CacheSession:
             self.position = cache.num_tokens
 
     @torch.no_grad()
-    def forward(self, tokens) -> torch.Tensor:
-        """Append tokens; returns logits [len, vocab] (float32), row i predicting the token after tokens[i]."""
+    def forward(self, tokens, queries: dict[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Append tokens; returns logits [len, vocab] (float32), row i predicting the token after tokens[i].
+        With `queries`, each layer's post-RoPE queries of these tokens are appended to queries[layer]."""
         ids = as_ids(tokens, self.lm.device)
         q = ids.shape[1]
         if self.position + q > self.lm.spec.max_positions:
             raise ContextTooLongError(self.position + q, self.lm.spec.max_positions, "context plus input")
         pos = torch.arange(self.position, self.position + q, device=ids.device)[None]
         out = self.lm.model(input_ids=ids, past_key_values=self.past, use_cache=True, position_ids=pos,
-                            kvcat_bias=self.bias)
+                            kvcat_bias=self.bias, kvcat_queries=queries)
         self.position += q
         return out.logits[0].float()
 

@@ -31,6 +31,8 @@ E2E_SECONDS = Histogram("kvcat_e2e_request_latency_seconds", "End-to-end latency
                         ["model", "method", "mode"], buckets=_LATENCY)
 REQUESTS = Counter("kvcat_chat_requests", "Chat completions served", ["model", "method", "mode"])
 ERRORS = Counter("kvcat_errors", "Errors returned, by type", ["type"])
+for _type in ("compaction_failed", "engine_error", "internal"):  # exported at 0, so rates and alerts have data
+    ERRORS.labels(_type)
 
 
 def render() -> tuple[bytes, str]:

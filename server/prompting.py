@@ -17,11 +17,11 @@ class PromptError(ValueError):
     pass
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -29,7 +29,7 @@ def context_ids(tokenizer, source: dict) -> list[int]:
     """Tokens of the context that gets compacted (source: {"text": ...} or {"messages": [...]})."""
     if "text" in source:
         return prompts.context_ids(tokenizer, source["text"])
-    return _encode(tokenizer, _render(tokenizer, source["messages"], False))
+    return encode(tokenizer, render(tokenizer, source["messages"], False))
 
 
 def question_ids(tokenizer, source: dict, messages: list[dict]) -> list[int]:
@@ -47,15 +47,15 @@ def question_ids(tokenizer, source: dict, messages: list[dict]) -> list[int]:
             return prompts.question_ids(tokenizer, first["content"])
         convo = [{"role": "user", "content": f"{document.strip()}{prompts.SEPARATOR}{first['content'].strip()}"},
                  *rest]
-        full = _render(tokenizer, convo, True)
+        full = render(tokenizer, convo, True)
         prefix = prompts.context_text(tokenizer, document)
     else:
-        full = _render(tokenizer, [*source["messages"], *messages], True)
-        prefix = _render(tokenizer, source["messages"], False)
+        full = render(tokenizer, [*source["messages"], *messages], True)
+        prefix = render(tokenizer, source["messages"], False)
     if not full.startswith(prefix):
         raise PromptError("the chat template does not render the context as a prefix of the conversation")
-    return _encode(tokenizer, full[len(prefix):])
+    return encode(tokenizer, full[len(prefix):])
 
 
 def plain_ids(tokenizer, messages: list[dict]) -> list[int]:
-    return _encode(tokenizer, _render(tokenizer, messages, True))
+    return encode(tokenizer, render(tokenizer, messages, True))

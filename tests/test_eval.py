@@ -22,6 +22,8 @@ def test_metrics():
     assert metrics.contains("It was built in 1889 by Eiffel", ["1889"]) == 1.0
     assert metrics.contains("It was built in 18890", ["1889"]) == 0.0
     assert metrics.retrieved("The number is 4829113.", ["4829113"]) == 1.0
+    assert metrics.recalled("The number is 4829113.", ["4829113"]) == 1.0
+    assert metrics.recalled("it is 2556991b-0000", ["2556991b-e5f7"]) == pytest.approx(9 / 13)
 
 
 def test_identity_compression_has_zero_gap(small):
@@ -51,11 +53,15 @@ def test_no_context_is_worse_than_full_on_every_metric(smol_results):
     assert full.gap == pytest.approx(0.0, abs=1e-3 * full.full_ppl)
     assert none.compressed_ppl > full.compressed_ppl and none.no_context_ppl > none.full_ppl
     assert none.gap > 0
-    for task in ("needle", "kv"):
-        f, z = smol_results[task]
-        assert f.accuracy > z.accuracy, (task, f.examples, z.examples)
+    f, z = smol_results["needle"]
+    assert f.accuracy > z.accuracy and f.recall > z.recall, (f.examples, z.examples)
+    # SmolLM2-135M cannot copy a whole UUID value (exact hits are 0 either way) but reproduces part of it
+    f, z = smol_results["kv"]
+    assert f.accuracy >= z.accuracy and f.recall > z.recall, (f.examples, z.examples)
+    # It answers in sentences, so exact match stays at 0 with or without the context; F1 and containment do not
     f, z = smol_results["squad"]
-    for metric in ("exact_match", "f1", "contains"):
+    assert f.exact_match >= z.exact_match
+    for metric in ("f1", "contains"):
         assert getattr(f, metric) > getattr(z, metric), (metric, f.examples, z.examples)
 
 

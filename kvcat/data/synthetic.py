@@ -87,7 +87,8 @@ def needle_example(tokenizer, length: int, depth: float, split: str = "heldout",
         document = document[:doc_offsets[length][0]].rstrip()
         doc_ids, doc_offsets = _ids_offsets(tokenizer, document)
     needle_token = next(i for i, (a, b) in enumerate(doc_offsets) if b > needle_char)
-    question = f"What is the special magic number for {city} mentioned in the text? Answer with the number only."
+    # Short on purpose: small models echo the question before answering, and a long one eats the answer budget.
+    question = f"What is the special magic number for {city}?"
     return Example(id=f"needle/{split}-{seed}-{index}-{length}-{depth:g}", task="needle", document=document,
                    question=question, answers=(number,), split=split,
                    metadata={"length": length, "num_tokens": len(doc_ids), "depth": depth,

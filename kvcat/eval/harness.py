@@ -27,7 +27,7 @@ from kvcat.inference import CacheSession, ContextTooLongError, continuation_nll
 from kvcat.models import LoadedModel
 from kvcat.prompts import context_and_question
 
-MAX_NEW_TOKENS = {"needle": 16, "kv": 48, "hotpotqa": 32, "squad": 32}
+MAX_NEW_TOKENS = {"needle": 24, "kv": 48, "hotpotqa": 32, "squad": 32}
 
 
 # ---- result types -----------------------------------------------------------------------------------
@@ -61,6 +61,7 @@ class RetrievalResult:
     ratio: float | None
     n: int
     accuracy: float
+    recall: float  # mean fraction of the answer reproduced contiguously (metrics.recalled)
     achieved_ratio: float | None
     compress_s: float
     examples: list[dict] = field(default_factory=list)
@@ -219,8 +220,10 @@ def retrieval(lm: LoadedModel, compressors: Sequence[NamedCompressor], examples:
     for comp, rows, ratio, sec in _generate_all(lm, compressors, examples, task, max_new_tokens, progress):
         for r in rows:
             r["correct"] = metrics.retrieved(r["prediction"], r["answers"])
+            r["recall"] = metrics.recalled(r["prediction"], r["answers"])
         out.append(RetrievalResult(task=task, method=comp.label, ratio=comp.ratio, n=len(rows),
-                                   accuracy=sum(r["correct"] for r in rows) / len(rows), achieved_ratio=ratio,
+                                   accuracy=sum(r["correct"] for r in rows) / len(rows),
+                                   recall=sum(r["recall"] for r in rows) / len(rows), achieved_ratio=ratio,
                                    compress_s=sec, examples=rows))
     return out
 

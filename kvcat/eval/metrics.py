@@ -1,4 +1,4 @@
-"""Answer scoring: SQuAD-style exact match and token F1, answer containment, and retrieval hits."""
+"""Answer scoring: SQuAD-style exact match and token F1, answer containment, retrieval hits and recall."""
 
 from __future__ import annotations
 
@@ -56,6 +56,22 @@ def contains(prediction: str, answers) -> float:
 def retrieved(prediction: str, answers) -> float:
     """Retrieval hit: the exact answer string (a number, a UUID) appears in the generation."""
     return float(any(a and a.lower() in prediction.lower() for a in answers))
+
+
+def recalled(prediction: str, answers) -> float:
+    """Partial retrieval credit: the longest run of an answer's characters reproduced contiguously in the
+    generation, as a fraction of the answer's length (1.0 for an exact hit; small models often get part of a
+    long value right, which exact hits cannot tell from a guess)."""
+    from difflib import SequenceMatcher
+
+    pred = prediction.lower()
+    best = 0.0
+    for a in answers:
+        a = a.lower()
+        if a:
+            m = SequenceMatcher(None, pred, a, autojunk=False).find_longest_match(0, len(pred), 0, len(a))
+            best = max(best, m.size / len(a))
+    return best
 
 
 def ppl(total_nll: float, tokens: int) -> float:
