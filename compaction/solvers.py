@@ -180,26 +180,28 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     scale = scale if scale is not None else K.shape[1] ** -0.5
     E, _ = shifted_exp(K, Q, scale)
     y = E.sum(1)
+    ET = E.T.contiguous()
+    ET64, y64 = ET.double(), y.double()
     hi = math.exp(upper)
     lo = 1e-12
     chosen = forced_indices(N, t, sink, recent).to(K.device).tolist()
     banned = torch.zeros(N, dtype=torch.bool, device=K.device)
-    w = None
+    gram = _Gram(ET64, y64, t)
+    gram.add(chosen)
 
-    def refit(sel: list[int]) -> torch.Tensor:
-        M = E[:, sel]
-        G = M.T @ M
+    def refit() -> torch.Tensor:
+        G = gram.G
         lam = 1e-8 * G.diagonal().mean().clamp_min(1e-30)
-        return _spd_solve(G + lam * torch.eye(len(sel), device=K.device), M.T @ y).clamp(lo, hi)
+        return _spd_solve(G + lam * torch.eye(len(chosen), device=K.device, dtype=G.dtype), gram.My
+                          ).clamp(lo, hi).float()
 
+    w = refit() if chosen else None
     step = 0
     rounds = 0
     while True:
         while len(chosen) < t:
-            if w is None or len(w) != len(chosen):
-                w = refit(chosen) if chosen else None
-            resid = y - (E[:, chosen] @ w if chosen else 0.0)
-            corr = E.T @ resid
+            resid = (y64 - gram.fitted(w) if chosen else y64).float()
+            corr = ET @ resid
             mask = banned.clone()
             if chosen:
                 mask[torch.tensor(chosen, device=K.device)] = True
@@ -209,12 +211,13 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
                 break
             new = torch.topk(corr, k).indices.tolist()
             chosen.extend(new)
+            gram.add(new)
             step += 1
             if step % refit_every == 0 or len(chosen) >= t:
-                w = refit(chosen)
+                w = refit()
             else:  # keep old weights, give the new keys weight 1
                 w = torch.cat([w, torch.ones(k, device=K.device, dtype=w.dtype)])
-        w = refit(chosen)
+        w = refit()
         rounds += 1
         if drop_below is None or rounds > 3:
             break
@@ -224,9 +227,47 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         drop = [c for c, bad in zip(chosen, low.tolist()) if bad]
         banned[torch.tensor(drop, device=K.device)] = True
         chosen = [c for c, bad in zip(chosen, low.tolist()) if not bad]
-        w = None
+        gram = _Gram(ET64, y64, t)
+        gram.add(chosen)
+        w = refit()
     idx = torch.tensor(chosen, device=K.device, dtype=torch.long)
     return finish(K, V, Q, E, idx, w, scale, refit_values, ridge)
+
+
+class _Gram:
+    """The normal equations M^T M and M^T y of the chosen columns M of E (at most `capacity`), grown a few
+    columns at a time: each step costs O(n * k * new) instead of recomputing O(n * k^2). Works on E^T, so
+    that a chosen column is a contiguous row."""
+
+    def __init__(self, ET: torch.Tensor, y: torch.Tensor, capacity: int):
+        self.ET, self.y, self.k = ET, y, 0
+        self._Mt = ET.new_empty(capacity, ET.shape[1])
+        self._G = ET.new_empty(capacity, capacity)
+        self._My = ET.new_empty(capacity)
+
+    @property
+    def G(self) -> torch.Tensor:
+        return self._G[:self.k, :self.k]
+
+    @property
+    def My(self) -> torch.Tensor:
+        return self._My[:self.k]
+
+    def fitted(self, w: torch.Tensor) -> torch.Tensor:
+        """M w: the mass the chosen keys give each query under weights w."""
+        return self._Mt[:self.k].T @ w.to(self._Mt.dtype)
+
+    def add(self, cols: list[int]) -> None:
+        k, m = self.k, len(cols)
+        if m == 0:
+            return
+        rows = self.ET[cols]
+        cross = self._Mt[:k] @ rows.T
+        self._G[:k, k:k + m], self._G[k:k + m, :k] = cross, cross.T
+        self._G[k:k + m, k:k + m] = rows @ rows.T
+        self._My[k:k + m] = rows @ self.y
+        self._Mt[k:k + m] = rows
+        self.k += m
 
 
 def omp_fast(K, V, Q, t, **kw) -> Solution:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvcat.server import metrics
+from kvcat.server.onthefly import AutoCompaction
 from kvcat.server.protocol import ChatCompletionRequest, CompactRequest, error_body
 from kvcat.server.service import ApiError, KvcatService
 
@@ -38,6 +39,7 @@ class ServerConfig:
     store_dir: str | None = None  # default: a fresh temporary folder
     self_test: bool = True
     served_name: str | None = None
+    auto: AutoCompaction = field(default_factory=AutoCompaction)  # on-the-fly compaction (off by default)
     engine_extra: dict = field(default_factory=dict)
 
 
@@ -154,10 +156,10 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
-        result = await svc().chat(req)
+        result, headers = await svc().chat(req)
         if isinstance(result, dict):
-            return result
-        return StreamingResponse(result, media_type="text/event-stream")
+            return JSONResponse(result, headers=headers)
+        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
 
     return app
 
@@ -176,7 +178,8 @@ async def _start(config: ServerConfig, state: dict):
     engine = await asyncio.to_thread(Engine.start, ecfg)
     store_dir = config.store_dir or tempfile.mkdtemp(prefix="kvcat-contexts-")
     store = ContextStore(store_dir, fingerprint=lm.spec.fingerprint)
-    service = KvcatService(engine, lm, store, name, beta=config.beta)
+    service = KvcatService(engine, lm, store, name, beta=config.beta, auto=config.auto)
+    service.auto_policy_check()
     state["service"] = service
     if config.self_test:
         await self_test(service)

@@ -29,6 +29,14 @@ TTFT_SECONDS = Histogram("kvcat_time_to_first_token_seconds", "Time to first tok
                          ["model", "method", "mode"], buckets=_LATENCY)
 E2E_SECONDS = Histogram("kvcat_e2e_request_latency_seconds", "End-to-end latency of chat completions",
                         ["model", "method", "mode"], buckets=_LATENCY)
+ONTHEFLY_REQUESTS = Counter("kvcat_onthefly_requests", "Chat requests served over an on-the-fly compacted "
+                            "prefix, by outcome (hit, prefix-hit, compacted, incremental)",
+                            ["model", "method", "outcome"])
+ONTHEFLY_COMPACTIONS = Counter("kvcat_onthefly_compactions", "On-the-fly compactions, from scratch or joined to a "
+                               "stored prefix (incremental)", ["model", "method", "kind"])
+ONTHEFLY_BYTES_SAVED = Counter("kvcat_onthefly_kv_bytes_saved", "KV bytes not held by requests served over "
+                               "on-the-fly compacted prefixes (full minus compacted, summed over requests)",
+                               ["model", "method"])
 REQUESTS = Counter("kvcat_chat_requests", "Chat completions served", ["model", "method", "mode"])
 ERRORS = Counter("kvcat_errors", "Errors returned, by type", ["type"])
 for _type in ("compaction_failed", "engine_error", "internal"):  # exported at 0, so rates and alerts have data

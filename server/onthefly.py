@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
+from kvcat import prompts
 from kvcat.server import prompting
 
 SEPARATOR = "\n\n"
@@ -75,22 +76,32 @@ class Split:
 
     source: dict  # {"messages": [...]} or {"text": ...}, as /v1/compact takes it
     rest: list[dict]  # the kept turns: what is sent uncompressed after the context
-    prefixes: list[int]  # for chat-message sources: shorter split points to look up (longest first)
+    prefixes: list[tuple[dict, list[dict]]]  # shorter (source, rest) splits of the same prompt, longest first
+
+
+def _text_split(message: dict) -> tuple[str, str] | None:
+    """A user message `document + "\n\n" + question` as (document, question)."""
+    content = message["content"].strip()
+    if message["role"] != "user" or SEPARATOR not in content:
+        return None
+    document, question = content.rsplit(SEPARATOR, 1)
+    return (document, question) if document.strip() and question.strip() else None
 
 
 def split(messages: list[dict], keep_turns: int) -> Split | None:
     """Where to cut `messages`; None when nothing can be compacted without changing the prompt."""
+    first = _text_split(messages[0])
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if len(users) >= keep_turns and users[-keep_turns] > 0:
         cut = users[-keep_turns]
         if any(m["role"] in ("system", "developer") for m in messages[cut:]):
             return None  # a system message among the kept turns cannot follow a compacted context
-        candidates = [i for i in users if 0 < i < cut]
-        return Split({"messages": messages[:cut]}, messages[cut:], sorted(candidates, reverse=True))
-    if len(messages) == 1 and messages[0]["role"] == "user" and SEPARATOR in messages[0]["content"].strip():
-        document, question = messages[0]["content"].strip().rsplit(SEPARATOR, 1)
-        if document.strip() and question.strip():
-            return Split({"text": document}, [{"role": "user", "content": question}], [])
+        prefixes = [({"messages": messages[:j]}, messages[j:]) for j in reversed(users) if 0 < j < cut]
+        if first is not None:  # a first turn "document\n\nquestion", compacted as a text document earlier
+            prefixes.append(({"text": first[0]}, [{"role": "user", "content": first[1]}, *messages[1:]]))
+        return Split({"messages": messages[:cut]}, messages[cut:], prefixes)
+    if len(messages) == 1 and first is not None:
+        return Split({"text": first[0]}, [{"role": "user", "content": first[1]}], [])
     return None
 
 
@@ -101,11 +112,16 @@ def context_key(fingerprint: str, source: dict, policy: AutoCompaction, beta: bo
     return "ctx-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _rendered(tokenizer, source: dict) -> str:
+    if "text" in source:
+        return prompts.context_text(tokenizer, source["text"])
+    return prompting.render(tokenizer, source["messages"], False)
+
+
 def new_tokens(tokenizer, old: dict, new: dict) -> list[int] | None:
-    """Tokens that a chat-message context `new` adds after its prefix `old` (None if `old` does not render as
-    a prefix of `new`, in which case the new context is compacted from scratch)."""
-    before = prompting.render(tokenizer, old["messages"], False)
-    after = prompting.render(tokenizer, new["messages"], False)
+    """Tokens that a context `new` adds after its prefix `old` (None if `old` does not render as a prefix of
+    `new`, token for token; the new context is then compacted from scratch)."""
+    before, after = _rendered(tokenizer, old), _rendered(tokenizer, new)
     if not after.startswith(before):
         return None
     ids = prompting.encode(tokenizer, after[len(before):])

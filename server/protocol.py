@@ -43,6 +43,16 @@ class CompactRequest(BaseModel):
         return self
 
 
+class KvCompactionOptions(BaseModel):
+    """Per-request on-the-fly compaction settings (each overrides the server's flag of the same name)."""
+
+    model_config = ConfigDict(extra="forbid")
+    threshold_tokens: int | None = Field(None, ge=1, description="compact when the prompt is longer than this")
+    ratio: float | None = Field(None, gt=1, description="compaction ratio of the leading part")
+    method: str | None = Field(None, description="compaction method")
+    keep_turns: int | None = Field(None, ge=1, description="most recent user turns kept uncompressed")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -64,7 +74,17 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = Field(1, ge=1, le=1)
     min_tokens: int = Field(0, ge=0, description="vLLM extension: generate at least this many tokens")
-    kv_context: str | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=256,
+                                   description="vLLM extension: isolates this request's prefix-cache entries")
+    kv_context: str | None = Field(None, description="answer over this compacted context (POST /v1/compact)")
+    kv_compaction: Literal["off"] | KvCompactionOptions | None = Field(
+        None, description='on-the-fly compaction of a long prompt: "off", or settings overriding the server\'s')
+
+    @model_validator(mode="after")
+    def _context_or_compaction(self) -> "ChatCompletionRequest":
+        if self.kv_context is not None and isinstance(self.kv_compaction, KvCompactionOptions):
+            raise ValueError("give kv_context (an existing compacted context) or kv_compaction options, not both")
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -12,11 +12,13 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvcat.compaction import CompactionError
-from kvcat.server import metrics, prompting
+from kvcat.server import metrics, onthefly, prompting
+from kvcat.server.onthefly import AutoCompaction, AutoCompactionError
 from kvcat.server.protocol import ChatCompletionRequest, CompactRequest
 from kvcat.server.store import ContextRecord, ContextStore
 
@@ -50,7 +52,7 @@ class Job:
 
 class KvcatService:
     def __init__(self, engine, lm, store: ContextStore, model_name: str, *, beta: bool = True,
-                 default_method: str = "am-hak", max_jobs: int = 64):
+                 default_method: str = "am-hak", max_jobs: int = 64, auto: AutoCompaction | None = None):
         self.engine, self.lm, self.store = engine, lm, store
         self.model_name, self.beta = model_name, beta
         self.default_method = default_method
@@ -60,6 +62,8 @@ class KvcatService:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcat-compact")
         self._inflight: dict[str, int] = {}
         self._deleted: set[str] = set()
+        self.auto = auto or AutoCompaction()
+        self._auto_locks: dict[str, asyncio.Lock] = {}
         self.ready = False
         self.closing = False
         self._refresh_gauges()
@@ -83,14 +87,14 @@ class KvcatService:
             return {"text": req.text}
         return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages]}
 
-    def _method(self, req: CompactRequest):
+    def _method(self, name: str, params: dict, query_mode: str | None = None):
         from kvcat.compaction import get_method
 
-        params = dict(req.params)
-        if req.query_mode is not None:
-            params["queries"] = req.query_mode
+        params = dict(params)
+        if query_mode is not None:
+            params["queries"] = query_mode
         try:
-            method = get_method(req.method, **params)
+            method = get_method(name, **params)
         except CompactionError as exc:
             raise ApiError(422, str(exc), "invalid_request_error", "method") from None
         # Paged memory holds the same number of slots for every head: non-uniform budgets are padded to
@@ -117,13 +121,28 @@ class KvcatService:
             raise ApiError(422, f"a budget of {t} slots does not compact a {n}-token document; use a larger "
                            "ratio or fewer target_tokens", "invalid_request_error",
                            "ratio" if req.ratio is not None else "target_tokens")
-        method = self._method(req)
+        method = self._method(req.method, req.params, req.query_mode)
+        return self._compaction_job(source, ids, method, req.ratio, req.target_tokens)
+
+    def _compaction_job(self, source: dict, ids: list[int], method, ratio: float | None,
+                        target_tokens: int | None, *, context_id: str | None = None, origin: str = "compact",
+                        base: ContextRecord | None = None):
+        """The work of one compaction, as a callable for the compaction thread: compact `ids` (or, with `base`,
+        join the compacted block of `ids` to that stored context), store the result, observe metrics."""
 
         def run(progress) -> ContextRecord:
             start = time.perf_counter()
             try:
-                cache = method.compact(self.lm, ids, ratio=req.ratio, target_tokens=req.target_tokens,
-                                       progress=progress)
+                if base is None:
+                    cache = method.compact(self.lm, ids, ratio=ratio, target_tokens=target_tokens,
+                                           progress=progress)
+                else:
+                    from kvcat.cache import CompactCache
+                    from kvcat.compaction.incremental import extend
+
+                    old = CompactCache.load(self.store.path(base.id), expect_fingerprint=self.lm.spec.fingerprint)
+                    cache = extend(self.lm, old, ids, method, ratio=ratio, target_tokens=target_tokens,
+                                   progress=progress)
             except CompactionError as exc:
                 raise ApiError(422, str(exc), "invalid_request_error") from None
             if not self.beta:
@@ -137,7 +156,8 @@ class KvcatService:
                     b.zero_()
             seconds = time.perf_counter() - start
             rec = self.store.add(cache, model=self.model_name, compaction_seconds=seconds, source=source,
-                                 kv_bytes_per_token=self.engine.kv_bytes_per_token())
+                                 kv_bytes_per_token=self.engine.kv_bytes_per_token(), context_id=context_id,
+                                 origin=origin)
             labels = (self.model_name, rec.method)
             metrics.COMPACTION_RATIO.labels(*labels).observe(rec.ratio)
             metrics.COMPACTION_SECONDS.labels(*labels).observe(seconds)
@@ -146,17 +166,18 @@ class KvcatService:
 
         return run
 
-    async def compact(self, req: CompactRequest) -> dict:
-        run = self.prepare_compaction(req)
+    async def _run_compaction(self, run) -> ContextRecord:
         loop = asyncio.get_running_loop()
         try:
-            rec = await loop.run_in_executor(self._pool, run, None)
+            return await loop.run_in_executor(self._pool, run, None)
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001  (a failed compaction never takes the server down)
             log.exception("compaction failed")
             raise ApiError(500, f"compaction failed: {exc}", "server_error", code="compaction_failed") from None
-        return rec.public()
+
+    async def compact(self, req: CompactRequest) -> dict:
+        return (await self._run_compaction(self.prepare_compaction(req))).public()
 
     def submit_job(self, req: CompactRequest) -> Job:
         run = self.prepare_compaction(req)
@@ -240,17 +261,15 @@ class KvcatService:
             metrics.KV_BYTES_SAVED.labels(model, method).set(values[3] - values[4])
 
     # ---- chat --------------------------------------------------------------------------------------
-    def _build(self, req: ChatCompletionRequest):
+    def _build(self, req: ChatCompletionRequest, messages: list[dict], rec: ContextRecord | None):
+        """Prompt ids, generation parameters and the context handle of a chat request (over `rec` when given)."""
         from kvcat.server.vllm_adapter.engine import ContextHandle, GenParams
 
-        self.check_model(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        handle, rec = None, None
+        handle = None
         try:
-            if req.kv_context is not None:
-                rec = self.get_context(req.kv_context)
+            if rec is not None:
                 ids = prompting.question_ids(self.tokenizer, rec.source, messages)
-                salt = f"kvcat:{rec.id}:{'beta' if self.beta else 'nobeta'}"
+                salt = f"kvcat:{rec.id}:{rec.version}:{'beta' if self.beta else 'nobeta'}"
                 handle = ContextHandle(rec.id, str(self.store.path(rec.id)), rec.num_slots, rec.num_tokens, salt)
                 # positions as the reference path counts them (N + question), and the engine's own limit
                 # (t slots + question)
@@ -280,8 +299,86 @@ class KvcatService:
         params = GenParams(max_tokens=max_tokens, min_tokens=req.min_tokens,
                            temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop or [],
-                           logprobs=k)
-        return ids, params, handle, rec
+                           logprobs=k, cache_salt=req.cache_salt if handle is None else None)
+        return ids, params, handle
+
+    # ---- on-the-fly compaction ----------------------------------------------------------------------
+    def auto_policy_check(self) -> None:
+        """Refuse a bad server-wide on-the-fly policy at start-up (raises AutoCompactionError)."""
+        from kvcat.compaction import method_names
+
+        self.auto.validate(self.engine.block_size, method_names())
+
+    def auto_policy(self, req: ChatCompletionRequest) -> AutoCompaction:
+        from kvcat.compaction import method_names
+
+        if req.kv_compaction is None or req.kv_compaction == "off":
+            override = req.kv_compaction
+        else:
+            override = req.kv_compaction.model_dump(exclude_none=True)
+        policy = self.auto.merged(override)
+        try:
+            policy.validate(self.engine.block_size, method_names())
+        except AutoCompactionError as exc:
+            raise ApiError(422, str(exc), "invalid_request_error", "kv_compaction") from None
+        return policy
+
+    async def _auto_context(self, req: ChatCompletionRequest, messages: list[dict]
+                            ) -> tuple[ContextRecord, list[dict], dict] | None:
+        """On-the-fly compaction of a long plain chat: (context record, the messages that follow it uncompressed,
+        what happened), or None to serve the prompt as it is."""
+        policy = self.auto_policy(req)
+        if not policy.enabled:
+            return None
+        if len(prompting.plain_ids(self.tokenizer, messages)) <= policy.threshold_tokens:
+            return None
+        cut = onthefly.split(messages, policy.keep_turns)
+        if cut is None:
+            return None
+        key = onthefly.context_key(self.lm.spec.fingerprint, cut.source, policy, self.beta)
+        lock = self._auto_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # concurrent requests for one prefix compact it once
+                return await self._auto_resolve(cut, key, policy)
+        finally:
+            if not lock.locked():
+                self._auto_locks.pop(key, None)
+
+    async def _auto_resolve(self, cut: onthefly.Split, key: str, policy: AutoCompaction):
+        fp = self.lm.spec.fingerprint
+        method = self._method(policy.method, {})
+        rec = self.store.get(key)
+        if rec is not None:
+            return rec, cut.rest, self._auto_info(rec, "hit")
+        for src, rest in cut.prefixes:  # the longest stored prefix of this conversation
+            base = self.store.get(onthefly.context_key(fp, src, policy, self.beta))
+            if base is None:
+                continue
+            tail = prompting.question_ids(self.tokenizer, src, rest)
+            if len(tail) <= policy.threshold_tokens:  # the turns since then still fit uncompressed
+                return base, rest, self._auto_info(base, "prefix-hit")
+            new = onthefly.new_tokens(self.tokenizer, src, cut.source)
+            if new is not None and len(new) >= 2:
+                run = self._compaction_job(cut.source, new, method, policy.ratio, None, context_id=key,
+                                           origin="auto", base=base)
+                rec = await self._run_compaction(run)
+                metrics.ONTHEFLY_COMPACTIONS.labels(self.model_name, rec.method, "incremental").inc()
+                return rec, cut.rest, self._auto_info(rec, "incremental")
+            break
+        ids = prompting.context_ids(self.tokenizer, cut.source)
+        if len(ids) / policy.ratio < self.engine.block_size:  # too little before the kept turns to compact
+            return None
+        run = self._compaction_job(cut.source, ids, method, policy.ratio, None, context_id=key, origin="auto")
+        rec = await self._run_compaction(run)
+        metrics.ONTHEFLY_COMPACTIONS.labels(self.model_name, rec.method, "scratch").inc()
+        return rec, cut.rest, self._auto_info(rec, "compacted")
+
+    @staticmethod
+    def _auto_info(rec: ContextRecord, outcome: str) -> dict:
+        return {"outcome": outcome, "cache_hit": outcome in ("hit", "prefix-hit"), "context": rec.id,
+                "original_tokens": rec.num_tokens, "compacted_tokens": rec.num_slots,
+                "compaction_seconds": round(rec.compaction_seconds, 4) if outcome in ("compacted", "incremental")
+                else 0.0}
 
     def _logprob_entries(self, chunk, top: int) -> list[dict]:
         out = []
@@ -294,16 +391,35 @@ class KvcatService:
             out.append({**entry(tid, step.get(tid, -math.inf)), "top_logprobs": [entry(t, lp) for t, lp in best]})
         return out
 
-    async def chat(self, req: ChatCompletionRequest):
-        ids, params, handle, rec = self._build(req)
+    async def chat(self, req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
+        """A chat completion: (the response body, or an SSE stream of it; extra response headers)."""
+        start = time.perf_counter()
+        self.check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        rec, auto = None, None
+        if req.kv_context is not None:
+            rec = self.get_context(req.kv_context)
+        else:
+            found = await self._auto_context(req, messages)
+            if found is not None:
+                rec, messages, auto = found
+        ids, params, handle = self._build(req, messages, rec)
         mode = "compacted" if handle else "full"
         method = rec.method if rec else "none"
         labels = (self.model_name, method, mode)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        headers = {}
+        extra = {"kv_context": handle.context_id} if handle else {}
+        if auto is not None:
+            auto["uncompressed_tokens"] = len(ids)
+            extra["kv_compaction"] = auto
+            headers = {"X-Kvcat-Compaction": auto["outcome"], "X-Kvcat-Context": rec.id}
+            metrics.ONTHEFLY_REQUESTS.labels(self.model_name, rec.method, auto["outcome"]).inc()
+            metrics.ONTHEFLY_BYTES_SAVED.labels(self.model_name, rec.method).inc(
+                rec.kv_bytes_full - rec.kv_bytes_compacted)
         if handle:
             self._inflight[handle.context_id] = self._inflight.get(handle.context_id, 0) + 1
-        start = time.perf_counter()
         state = {"first": None, "done": False}
 
         async def stream_chunks():
@@ -325,7 +441,6 @@ class KvcatService:
                 if handle:
                     self._release(handle.context_id)
 
-        extra = {"kv_context": handle.context_id} if handle else {}
         if not req.stream:
             text, toks, finish, last, lps = "", [], None, None, []
             async for chunk in stream_chunks():
@@ -340,7 +455,7 @@ class KvcatService:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": {"content": lps} if req.logprobs else None,
                                  "finish_reason": finish or "stop"}],
-                    "usage": usage, "system_fingerprint": self.lm.spec.fingerprint, **extra}
+                    "usage": usage, "system_fingerprint": self.lm.spec.fingerprint, **extra}, headers
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -348,7 +463,7 @@ class KvcatService:
             base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                     "model": self.model_name, "system_fingerprint": self.lm.spec.fingerprint}
             yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+                                             "logprobs": None, "finish_reason": None}], **extra})
             last, n = None, 0
             try:
                 async for chunk in stream_chunks():
@@ -369,7 +484,7 @@ class KvcatService:
                 yield _sse({**base, "choices": [], "usage": self._usage(last, len(ids), n, handle)})
             yield "data: [DONE]\n\n"
 
-        return sse()
+        return sse(), headers
 
     def _usage(self, last, prompt_tokens: int, completion: int, handle) -> dict:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,

@@ -36,6 +36,8 @@ class ContextRecord:
     created: int
     source: dict = field(default_factory=dict)  # how the context was rendered: {"text": ...} or {"messages": [...]}
     beta_nonzero: bool = False
+    origin: str = "compact"  # "compact" (POST /v1/compact) or "auto" (on-the-fly compaction in chat)
+    version: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new for every write under an id
 
     def public(self) -> dict:
         return {"id": self.id, "object": "kv_context", "model": self.model, "method": self.method,
@@ -43,7 +45,8 @@ class ContextRecord:
                 "ratio": round(self.ratio, 3), "kv_bytes_full": self.kv_bytes_full,
                 "kv_bytes_compacted": self.kv_bytes_compacted,
                 "kv_bytes_saved": self.kv_bytes_full - self.kv_bytes_compacted,
-                "compaction_seconds": round(self.compaction_seconds, 4), "created": self.created}
+                "compaction_seconds": round(self.compaction_seconds, 4), "created": self.created,
+                "origin": self.origin}
 
 
 class ContextStore:
@@ -72,7 +75,7 @@ class ContextStore:
         return self.root / f"{context_id}.kvc"
 
     def add(self, cache: CompactCache, *, model: str, compaction_seconds: float, source: dict,
-            kv_bytes_per_token: int, context_id: str | None = None) -> ContextRecord:
+            kv_bytes_per_token: int, context_id: str | None = None, origin: str = "compact") -> ContextRecord:
         cid = context_id or self.new_id()
         cache.save(self.path(cid))
         rec = ContextRecord(
@@ -80,7 +83,7 @@ class ContextStore:
             num_tokens=cache.num_tokens, num_slots=cache.num_slots, ratio=cache.num_tokens / cache.num_slots,
             kv_bytes_full=cache.num_tokens * kv_bytes_per_token,
             kv_bytes_compacted=cache.num_slots * kv_bytes_per_token, compaction_seconds=compaction_seconds,
-            created=int(time.time()), source=source,
+            created=int(time.time()), source=source, origin=origin,
             beta_nonzero=any(bool((b != 0).any()) for b in cache.beta))
         tmp = self.root / f".{cid}.json.tmp"
         tmp.write_text(json.dumps(asdict(rec)))

@@ -56,3 +56,15 @@ def kvcat_server(root: Path, model: str = "smollm2-135m", **kwargs):
         yield srv
     finally:
         srv.stop()
+
+
+AUTO_THRESHOLD, AUTO_RATIO = 1024, 4.0  # on-the-fly compaction of the shared server (tests/test_onthefly.py)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One `kvcat serve` for the tests of the served path, with on-the-fly compaction on for long prompts."""
+    root = tmp_path_factory.mktemp("server")
+    args = ["--auto-compact-threshold", str(AUTO_THRESHOLD), "--auto-compact-ratio", str(AUTO_RATIO)]
+    with kvcat_server(root, args=args) as srv:
+        yield {"base": srv.base, "store": root / "store", "proc": srv.proc, "client": srv.openai(timeout=600)}

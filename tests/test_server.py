@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from conftest import kvcat_server
 
 pytestmark = pytest.mark.vllm
 
@@ -26,13 +25,6 @@ DOC = ("Field notes, day twelve. The expedition reached the northern glacier at 
        "ice at 41 meters thick, and the cook, a man called Teodor, lost the last bag of lentils in a crevasse. "
        "We named the campsite Lentil Point in his honour. The radio code for the supply plane is BLUE HERON. ")
 QUESTION = "What is the radio code for the supply plane?"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    with kvcat_server(root, MODEL) as srv:
-        yield {"base": srv.base, "store": root / "store", "proc": srv.proc, "client": srv.openai(timeout=300)}
 
 
 def _compact(server, **body):

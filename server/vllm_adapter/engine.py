@@ -59,6 +59,7 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
+    cache_salt: str | None = None  # plain requests: a separate prefix-cache namespace
 
 
 @dataclass
@@ -119,10 +120,12 @@ class Engine:
         return cls(config, llm, vllm_config)
 
     # ---- requests ------------------------------------------------------------------------------------
-    def prompt_for(self, token_ids: list[int], context: ContextHandle | None):
+    def prompt_for(self, token_ids: list[int], context: ContextHandle | None, salt: str | None = None):
         from vllm.inputs import TokensPrompt
 
         if context is None:
+            if salt is not None:
+                return TokensPrompt(prompt_token_ids=list(token_ids), cache_salt=f"user:{salt}")
             return TokensPrompt(prompt_token_ids=list(token_ids))
         return TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN] * context.num_slots + list(token_ids),
                             cache_salt=context.salt)
@@ -144,7 +147,7 @@ class Engine:
                             seed=params.seed, stop=params.stop or None,
                             stop_token_ids=params.stop_token_ids or None, logprobs=params.logprobs,
                             output_kind=RequestOutputKind.DELTA, extra_args=extra)
-        prompt = self.prompt_for(token_ids, context)
+        prompt = self.prompt_for(token_ids, context, params.cache_salt)
         request_id = request_id or uuid.uuid4().hex
         n_prompt = len(prompt["prompt_token_ids"])
         completion = 0

@@ -1,0 +1,269 @@
+"""On-the-fly compaction benchmark: a multi-turn chat session, and incremental vs from-scratch quality.
+
+    kvcat bench onthefly                                  # 20 turns over an 8k-token held-out document
+    kvcat bench onthefly --turns 4 --doc-tokens 2000 --windows 2
+
+1. Quality (transformers reference path, held-out data): a prefix compacted from scratch at the ratio, against
+   the same prefix compacted incrementally (its first half, then the second half joined to it, as a growing
+   conversation is): continuation PPL gap over the full prefix, and needle accuracy (needles in either half).
+2. Session (one `kvcat serve`, bf16): turn k sends the document, the previous questions and answers, and
+   question k, as an ordinary chat. Modes, the same engine and the same history (the full-context answers):
+   - full-warm: plain chat, vLLM's prefix cache on (what a plain vLLM deployment does);
+   - full-cold: plain chat with a fresh cache_salt each turn (the whole prompt prefilled every turn);
+   - onthefly: plain chat with the server's on-the-fly compaction (no client-side change);
+   - compact: the document POSTed to /v1/compact once, then kv_context with the history uncompressed.
+   Per turn: TTFT (client side, streaming) and the answer; per mode: total time, KV bytes held at the end
+   (whole blocks), and how often the answer agrees with the full-context answer (exact, and token F1).
+Writes benchmarks/results/onthefly.json and onthefly.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTIONS = (
+    "Who is speaking, and to whom?", "What is the main topic of the text?", "Name one country mentioned.",
+    "What does the speaker ask Congress to do?", "Name one number mentioned in the text.",
+    "What problem does the speaker describe first?", "Is the tone hopeful or worried?",
+    "Name one law or program mentioned.", "What does the speaker say about the economy?",
+    "What does the speaker say about the army or navy?", "Name one group of people the speaker thanks.",
+    "What does the speaker promise?", "What year might this be?", "Name a place mentioned in the text.",
+    "What does the speaker say about taxes?", "What is said about trade?", "What is said about peace?",
+    "Summarize the text in one sentence.", "What is the last point the speaker makes?",
+    "What would you ask the speaker?",
+)
+
+
+def log(msg: str) -> None:
+    print(f"[bench onthefly {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. incremental vs from-scratch quality
+
+
+def quality(model: str, ratio: float, method: str, prefix_tokens: int, windows: int, needles: int) -> list[dict]:
+    from kvcat import data
+    from kvcat.compaction import get_method
+    from kvcat.compaction.incremental import extend
+    from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
+    from kvcat.eval.metrics import retrieved
+    from kvcat.inference import CacheSession, continuation_nll
+    from kvcat.models import load_model
+    from kvcat.prompts import context_and_question
+
+    lm = load_model(model, dtype="float32")
+    meth = get_method(method, budgets="uniform")  # as the server compacts
+
+    def both(ids: list[int]):
+        half = len(ids) // 2
+        scratch = meth.compact(lm, ids, ratio=ratio)
+        joined = extend(lm, meth.compact(lm, ids[:half], ratio=ratio), ids[half:], meth, ratio=ratio)
+        return {"scratch": scratch, "incremental": joined}
+
+    gaps: dict[str, list[float]] = {"scratch": [], "incremental": []}
+    for i, w in enumerate(data.token_windows(lm.tokenizer, prefix_tokens, 256, windows, split="heldout")):
+        full = math.exp(full_prefix_nll(lm, w).mean().item())
+        for mode, cache in both(list(w.prefix_ids)).items():
+            gaps[mode].append(math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item()) - full)
+        log(f"quality window {i + 1}/{windows}: gaps {({k: round(v[-1], 3) for k, v in gaps.items()})}")
+    hits: dict[str, list[float]] = {"scratch": [], "incremental": []}
+    examples = data.needle(lm.tokenizer, n=needles, length=prefix_tokens, depths=(0.25, 0.75), split="heldout")
+    for ex in examples:
+        prompt = context_and_question(lm.tokenizer, ex.document, ex.question)
+        for mode, cache in both(prompt.context_ids).items():
+            out = CacheSession(lm, cache).generate(prompt.question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])
+            hits[mode].append(retrieved(lm.tokenizer.decode(out, skip_special_tokens=True), ex.answers))
+    mean = lambda xs: round(statistics.mean(xs), 4) if xs else None  # noqa: E731
+    return [{"mode": mode, "ratio": ratio, "method": method, "segments": 1 if mode == "scratch" else 2,
+             "prefix_tokens": prefix_tokens, "ppl_gap": mean(gaps[mode]), "needle_acc": mean(hits[mode]),
+             "windows": windows, "needles": len(examples)} for mode in gaps]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. the multi-turn session
+
+
+def _turn(client, served: str, messages: list[dict], tokens: int, **extra) -> dict:
+    start = time.perf_counter()
+    first, parts = None, []
+    for chunk in client.chat.completions.create(model=served, messages=messages, max_tokens=tokens,
+                                                temperature=0.0, stream=True, extra_body=extra or None):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.perf_counter() - start
+            parts.append(chunk.choices[0].delta.content)
+    return {"ttft_s": first if first is not None else float("nan"), "total_s": time.perf_counter() - start,
+            "answer": "".join(parts).strip()}
+
+
+def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, threshold: int,
+            answer_tokens: int, dtype: str) -> dict:
+    import httpx
+    from transformers import AutoTokenizer
+
+    from kvcat import data
+    from kvcat.eval.metrics import f1
+    from kvcat.models import resolve
+    from kvcat.server.launch import ServerProcess
+
+    _, path = resolve(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    (w,) = data.token_windows(tok, doc_tokens, 2, 1, split="heldout", corpora=("sotu",))
+    document = " ".join(tok.decode(w.prefix_ids).split())  # one paragraph: "document\n\nquestion" splits once
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
+    modes = ("full-warm", "full-cold", "onthefly", "compact")
+    rows: list[dict] = []
+    args = ["--auto-compact-threshold", str(threshold), "--auto-compact-ratio", str(ratio),
+            "--auto-compact-method", method]
+    with ServerProcess(model, dtype=dtype, max_model_len=8192, args=args) as srv:
+        client = srv.openai()
+        served = client.models.list().data[0].id
+        info = client.models.list().data[0].model_extra
+        block, per_token = int(info["kv_block_size"]), int(info["kv_bytes_per_token"])
+        _turn(client, served, [{"role": "user", "content": "Hello!"}], 4)
+        start = time.perf_counter()
+        ctx = httpx.post(srv.url("/v1/compact"), timeout=3600,
+                         json={"text": document, "ratio": ratio, "method": method}).raise_for_status().json()
+        compact_s = time.perf_counter() - start
+        log(f"/v1/compact: {ctx['original_tokens']} -> {ctx['compacted_tokens']} slots in {compact_s:.1f} s")
+        first = {"role": "user", "content": f"{document}\n\n{questions[0]}"}
+        history: list[dict] = []  # the turns after the first message, with the full-context answers
+        for k, q in enumerate(questions):
+            ask = [{"role": "user", "content": q}] if k else []
+            messages = [first, *history, *ask]
+            tail = [{"role": "user", "content": questions[0]}, *history, *ask]  # after the /v1/compact context
+            results = {
+                "full-warm": _turn(client, served, messages, answer_tokens, kv_compaction="off"),
+                "full-cold": _turn(client, served, messages, answer_tokens, kv_compaction="off",
+                                   cache_salt=uuid.uuid4().hex),
+                "onthefly": _turn(client, served, messages, answer_tokens),
+                "compact": _turn(client, served, tail, answer_tokens, kv_context=ctx["id"], kv_compaction="off"),
+            }
+            reference = results["full-warm"]["answer"]
+            for mode, r in results.items():
+                rows.append({"turn": k + 1, "mode": mode, **{key: round(v, 4) if isinstance(v, float) else v
+                                                              for key, v in r.items()},
+                             "agrees": r["answer"] == reference, "f1_vs_full": round(f1(r["answer"], [reference]), 4)})
+            history += [*ask, {"role": "assistant", "content": reference}]
+            log(f"turn {k + 1}/{turns}: TTFT " + ", ".join(f"{m} {results[m]['ttft_s']:.3f}s" for m in modes))
+        prompt_tokens = len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        metrics_text = httpx.get(srv.url("/metrics"), timeout=30).text
+        auto = [c for c in httpx.get(srv.url("/v1/contexts"), timeout=30).json()["data"] if c["origin"] == "auto"]
+    blocks = lambda n: math.ceil(n / block) * block * per_token  # noqa: E731
+    last_auto = max(auto, key=lambda c: c["original_tokens"]) if auto else None
+    tail_tokens = prompt_tokens - (last_auto["original_tokens"] if last_auto else 0)
+    held = {"full-warm": blocks(prompt_tokens), "full-cold": blocks(prompt_tokens),
+            "onthefly": blocks(last_auto["compacted_tokens"]) + blocks(tail_tokens) if last_auto else None,
+            "compact": blocks(ctx["compacted_tokens"]) + blocks(prompt_tokens - ctx["original_tokens"])}
+    summary = []
+    for mode in modes:
+        rs = [r for r in rows if r["mode"] == mode]
+        later = [r["ttft_s"] for r in rs if r["turn"] >= 2]
+        summary.append({"mode": mode, "total_s": round(sum(r["total_s"] for r in rs), 2),
+                        "ttft_turn1_s": rs[0]["ttft_s"], "ttft_later_mean_s": round(statistics.mean(later), 4)
+                        if later else None, "ttft_later_max_s": round(max(later), 4) if later else None,
+                        "kv_bytes_held": held[mode], "agreement_exact": round(statistics.mean(r["agrees"] for r in rs), 3),
+                        "agreement_f1": round(statistics.mean(r["f1_vs_full"] for r in rs), 3)})
+    cold = next(s for s in summary if s["mode"] == "full-cold")
+    for s in summary:
+        if s["ttft_later_max_s"] and cold["ttft_later_mean_s"]:
+            s["ttft_speedup_vs_full_cold"] = round(cold["ttft_later_mean_s"] / s["ttft_later_mean_s"], 2)
+    outcomes = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("kvcat_onthefly_requests_total{"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            outcomes[outcome] = outcomes.get(outcome, 0) + float(line.rsplit(" ", 1)[1])
+    total = sum(outcomes.values())
+    return {"turns": rows, "summary": summary, "onthefly_outcomes": outcomes,
+            "onthefly_hit_rate": round((outcomes.get("hit", 0) + outcomes.get("prefix-hit", 0)) / total, 3)
+            if total else None, "compact_s": round(compact_s, 2), "document_tokens": ctx["original_tokens"],
+            "final_prompt_tokens": prompt_tokens, "kv_block_size": block, "kv_bytes_per_token": per_token}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak", doc_tokens: int = 8000,
+        turns: int = 20, threshold: int = 1024, answer_tokens: int = 24, dtype: str = "bfloat16",
+        quality_tokens: int = 4096, windows: int = 4, needles: int = 4,
+        out: Path | str = RESULTS / "onthefly.json") -> dict:
+    from kvcat.bench import provenance, write_result
+
+    result = {"model": model, **provenance(),
+              "config": {"ratio": ratio, "method": method, "doc_tokens": doc_tokens, "turns": turns,
+                         "threshold": threshold, "answer_tokens": answer_tokens, "dtype": dtype,
+                         "quality_tokens": quality_tokens, "windows": windows, "needles": needles}}
+    result["quality"] = quality(model, ratio, method, quality_tokens, windows, needles)
+    result["session"] = session(model, ratio, method, doc_tokens, turns, threshold, answer_tokens, dtype)
+    out = write_result(result, out)
+    png = plot(result, out.with_suffix(".png"))
+    log(f"wrote {out} and {png}")
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    s = result["session"]
+    lines = ["| mode | total s | TTFT turn 1 s | mean TTFT turns 2+ s | speed-up vs full cold | KV bytes held | "
+             "agrees with full (exact / F1) |", "|---|---|---|---|---|---|---|"]
+    for r in s["summary"]:
+        held = f"{r['kv_bytes_held']:,}" if r["kv_bytes_held"] else "-"
+        lines.append(f"| {r['mode']} | {r['total_s']:.1f} | {r['ttft_turn1_s']:.3f} | {r['ttft_later_mean_s']:.3f} | "
+                     f"{r.get('ttft_speedup_vs_full_cold', 0):.1f}x | {held} | "
+                     f"{r['agreement_exact']:.2f} / {r['agreement_f1']:.2f} |")
+    lines += ["", "| compaction | ratio | PPL gap | needle acc |", "|---|---|---|---|"]
+    lines += [f"| {q['mode']} ({q['segments']} segment{'s' if q['segments'] > 1 else ''}) | {q['ratio']:g} | "
+              f"{q['ppl_gap']:.3f} | {q['needle_acc']:.2f} |" for q in result["quality"]]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    rows = result["session"]["turns"]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        rs = [r for r in rows if r["mode"] == mode]
+        ax1.plot([r["turn"] for r in rs], [r["ttft_s"] for r in rs], marker="o", label=mode)
+    ax1.set(yscale="log", xlabel="turn", ylabel="time to first token (s)", title="TTFT per turn")
+    ax1.legend(fontsize=8)
+    summary = result["session"]["summary"]
+    ax2.bar([s["mode"] for s in summary], [s["kv_bytes_held"] or 0 for s in summary], color="tab:blue")
+    ax2.set(yscale="log", ylabel="KV bytes held at the last turn", title="KV memory of the session")
+    fig.suptitle(f"on-the-fly compaction, {result['model']}, {result['config']['doc_tokens']}-token document, "
+                 f"ratio {result['config']['ratio']:g} ({result['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratio", type=float, default=10.0)
+    ap.add_argument("--method", default="am-hak")
+    ap.add_argument("--doc-tokens", type=int, default=8000)
+    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--threshold", type=int, default=1024)
+    ap.add_argument("--quality-tokens", type=int, default=4096)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--needles", type=int, default=4)
+    ap.add_argument("--out", default=str(RESULTS / "onthefly.json"))
+    a = ap.parse_args(argv)
+    run(model=a.model, ratio=a.ratio, method=a.method, doc_tokens=a.doc_tokens, turns=a.turns,
+        threshold=a.threshold, quality_tokens=a.quality_tokens, windows=a.windows, needles=a.needles, out=a.out)
+
+
+if __name__ == "__main__":
+    main()
