@@ -1,20 +1,22 @@
-"""Compaction benchmark: quality and speed of every compaction method at several ratios.
+"""Compaction benchmark: quality and speed of the compaction methods at several ratios, side by side.
 
-    kvcat bench compaction                                   # the issue's setting (hours on a 2-core CPU)
-    kvcat bench compaction --docs 3 --doc-tokens 2048 --ratios 4,8,16 \\
-        --methods am-hak,am-omp-fast,snapkv,h2o,recent,streaming-llm,kvzip --needles 3 --qa 3
-    python benchmarks/compaction.py --help                   # the same, without the CLI
+    kvcat bench compaction                     # 20 held-out 4k-token documents, ratios 2-50 (hours on 2 cores)
+    kvcat bench compaction --docs 2 --doc-tokens 2048 --ratios 8,32 --needles 2 --qa 2     # minutes
+    kvcat bench compaction --methods am-omp,optimize,am-hak --docs 3 --ratios 16,32,50 --needles 0 --qa 0 \
+        --out benchmarks/results/compaction-slow.json          # the slow methods on their own
 
 Per method and ratio, over HELD-OUT data (kvcat.data):
-- ppl_gap: continuation perplexity over the compacted prefix minus over the full prefix (mean over documents
-  of per-document gaps; lower is better);
+- ppl_gap: continuation perplexity (256 tokens) over the compacted prefix minus over the full prefix;
 - needle_acc: needle-in-a-haystack answers found after compacting the haystack (chat prompt, greedy);
 - qa_f1: SQuAD-article questions, token F1 of the first answer line;
 - compact_s: seconds from token ids to CompactCache (prefill + reference queries + solve; the document's
   prefill is shared across methods and ratios in memory, but its time is charged to every row);
 - prefill_s: plain prefill seconds of the same documents, measured in the same run;
-- peak_rss_mb: peak resident memory of the process while compacting (sampled).
-Writes benchmarks/results/compaction.json and compaction.png (quality vs ratio, quality vs seconds).
+- peak_rss_mb / peak_extra_mb: peak resident memory of the process while compacting, and its rise over the
+  memory held before the document's first compaction (model excluded).
+"main" methods are every registered one except am-omp and optimize; OMP-fast and optimize run only where
+t <= --slow-max-slots (am-omp: half of it), the rest is recorded as skipped.
+Writes benchmarks/results/compaction.json, .png (quality vs ratio, vs seconds, retrieval) and .md (tables).
 """
 
 from __future__ import annotations
@@ -29,34 +31,37 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MAIN_METHODS = ("am-hak", "am-omp-fast", "snapkv", "h2o", "recent", "streaming-llm", "kvzip")
 
 
 def log(msg: str) -> None:
     print(f"[bench compaction {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _answer(lm, cache, question_ids, max_new_tokens=24) -> str:
-    from kvcat.inference import CacheSession
-
-    out = CacheSession(lm, cache).generate(question_ids, max_new_tokens=max_new_tokens)
-    return lm.tokenizer.decode(out, skip_special_tokens=True)
+# cost grows with t^2..t^4: these run only where t <= their limit (see --slow-max-slots)
+SLOW = {"am-omp": 0.5, "am-omp-fast": 1.0, "optimize": 1.0}  # fraction of slow_max_slots
 
 
-def run(docs: int = 20, doc_tokens: int = 6144, continuation: int = 256,
-        ratios=(2, 4, 8, 16, 32, 50), methods: str | list[str] = "all", needles: int = 10, qa: int = 10,
-        model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0) -> dict:
+MAIN = ("am-hak", "am-omp-fast", "snapkv", "h2o", "kvzip", "recent", "streaming-llm", "random", "key-norm")
+
+
+def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
+        ratios=(2, 4, 8, 16, 32, 50), methods: str | list[str] = "main", needles: int = 5, qa: int = 5,
+        model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0,
+        slow_max_slots: int = 256, question_tokens: int = 2048) -> dict:
     from kvcat import data
     from kvcat.bench import PeakRSS, provenance, write_result
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
+    from kvcat.eval.harness import MAX_NEW_TOKENS
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import continuation_nll, full_cache, prefill
     from kvcat.models import load_model
     from kvcat.prompts import context_and_question
 
-    names = method_names() if methods in ("all", ["all"]) else (
-        methods.split(",") if isinstance(methods, str) else list(methods))
+    if methods in ("all", "main"):
+        names = method_names() if methods == "all" else list(MAIN)
+    else:
+        names = methods.split(",") if isinstance(methods, str) else list(methods)
     ratios = [float(r) for r in ratios]
     out = Path(out)
     lm = load_model(model, dtype="float32")
@@ -65,10 +70,23 @@ def run(docs: int = 20, doc_tokens: int = 6144, continuation: int = 256,
         f"methods {names}")
 
     windows = data.token_windows(tok, doc_tokens, continuation, docs, split="heldout", seed=seed)
-    needle_ex = data.needle(tok, n=needles, length=doc_tokens, split="heldout", seed=seed) if needles else []
+    needle_ex = data.needle(tok, n=needles, length=question_tokens, split="heldout", seed=seed) if needles else []
     qa_ex = data.squad(split="heldout", n=qa, seed=seed, context="article",
-                       max_context_chars=doc_tokens * 4) if qa else []
+                       max_context_chars=question_tokens * 4) if qa else []
     prompts = [(context_and_question(tok, ex.document, ex.question), ex) for ex in needle_ex + qa_ex]
+
+    def answer(cache, question_ids) -> str:
+        out_ids = CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])
+        return tok.decode(out_ids, skip_special_tokens=True)
+
+    def score(text: str, ex) -> float:
+        return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
+
+    def combos(n: int):
+        """(method, ratio) pairs to run on an n-token context; slow methods only up to slow_max_slots."""
+        return [(m, r) for m in names for r in ratios if round(n / r) <= SLOW.get(m, math.inf) * slow_max_slots]
+
+    from kvcat.inference import CacheSession
 
     # the warm-up and the full-cache reference of every document, timing the plain prefill
     prefill(lm, list(windows[0].prefix_ids[:64]))
@@ -81,70 +99,105 @@ def run(docs: int = 20, doc_tokens: int = 6144, continuation: int = 256,
                                                   list(w.continuation_ids)).mean().item()))
     full_scores = {"needle": [], "squad": []}
     for p, ex in prompts:
-        text = _answer(lm, full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p.question_ids)
-        full_scores[ex.task].append(retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers))
+        full_scores[ex.task].append(score(answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint),
+                                                 p.question_ids), ex))
     mean = lambda xs: round(statistics.mean(xs), 4) if xs else None  # noqa: E731
     log(f"full: ppl {mean(full_ppl)}, prefill {mean(prefill_s)} s, needle {mean(full_scores['needle'])}, "
         f"qa f1 {mean(full_scores['squad'])}")
 
     acc: dict[tuple[str, float], dict[str, list]] = {
-        (m, r): {"gap": [], "needle": [], "squad": [], "compact_s": [], "rss": []} for m in names for r in ratios}
+        (m, r): {"gap": [], "needle": [], "squad": [], "compact_s": [], "rss": [], "extra": []}
+        for m in names for r in ratios}
     methods_obj = {m: get_method(m) for m in names}
+
+    def compact_all(ids: list[int], use) -> None:
+        """Every (method, ratio) on one context; its memoized prefill and queries serve them all."""
+        clear_memo()
+        base = PeakRSS.rss()
+        for m, r in combos(len(ids)):
+            with PeakRSS() as mem:
+                cache = methods_obj[m].compact(lm, ids, ratio=r)
+            a = acc[(m, r)]
+            a["rss"].append(mem.peak)
+            a["extra"].append(mem.peak - base)
+            use(a, cache)
+
     # document-major order: the memoized prefill and reference queries of a document serve every method
     for i, w in enumerate(windows):
-        clear_memo()
-        for m in names:
-            for r in ratios:
-                with PeakRSS() as mem:
-                    cache = methods_obj[m].compact(lm, list(w.prefix_ids), ratio=r)
-                ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
-                a = acc[(m, r)]
-                a["gap"].append(ppl - full_ppl[i])
-                a["compact_s"].append(cache.info["compact_s"])
-                a["rss"].append(mem.peak)
+        def ppl_gap(a, cache, i=i, w=w):
+            ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
+            a["gap"].append(ppl - full_ppl[i])
+            a["compact_s"].append(cache.info["compact_s"])
+
+        compact_all(list(w.prefix_ids), ppl_gap)
         log(f"document {i + 1}/{len(windows)} done")
     for j, (p, ex) in enumerate(prompts):
-        clear_memo()
-        for m in names:
-            for r in ratios:
-                with PeakRSS() as mem:
-                    cache = methods_obj[m].compact(lm, p.context_ids, ratio=r)
-                text = _answer(lm, cache, p.question_ids)
-                score = retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
-                acc[(m, r)][ex.task].append(score)
-                acc[(m, r)]["rss"].append(mem.peak)
+        compact_all(p.context_ids, lambda a, cache, p=p, ex=ex: a[ex.task].append(score(answer(cache, p.question_ids),
+                                                                                        ex)))
         log(f"question {j + 1}/{len(prompts)} done")
 
     kv_full_mb = lm.spec.kv_bytes_per_token(torch.float32) * doc_tokens / 2**20
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     rows = [{"method": "full", "ratio": 1.0, "ppl": mean(full_ppl), "ppl_gap": 0.0,
              "needle_acc": mean(full_scores["needle"]), "qa_f1": mean(full_scores["squad"]),
-             "compact_s": None, "prefill_s": mean(prefill_s), "peak_rss_mb": None}]
+             "compact_s": None, "prefill_s": mean(prefill_s), "peak_rss_mb": None, "peak_extra_mb": None}]
     for (m, r), a in acc.items():
+        if not a["gap"]:
+            limit = int(SLOW.get(m, 0) * slow_max_slots)
+            rows.append({"method": m, "ratio": r, "skipped": f"t > {limit} slots: too slow on this machine"})
+            continue
         rows.append({"method": m, "ratio": r, "ppl_gap": mean(a["gap"]), "needle_acc": mean(a["needle"]),
                      "qa_f1": mean(a["squad"]), "compact_s": mean(a["compact_s"]), "prefill_s": mean(prefill_s),
-                     "peak_rss_mb": round(max(a["rss"]), 1) if a["rss"] else None})
+                     "peak_rss_mb": round(max(a["rss"]), 1), "peak_extra_mb": round(max(a["extra"]), 1)})
     result = {"model": model, **provenance(),
               "config": {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": ratios,
-                         "methods": names, "needles": needles, "qa": qa, "seed": seed, "split": "heldout",
-                         "model_mb": round(model_mb, 1), "full_kv_mb_fp32": round(kv_full_mb, 1)},
+                         "methods": names, "needles": needles, "qa": qa, "question_tokens": question_tokens,
+                         "seed": seed, "split": "heldout",
+                         "slow_max_slots": slow_max_slots, "model_mb": round(model_mb, 1),
+                         "full_kv_mb_fp32": round(kv_full_mb, 1)},
               "rows": rows}
-    write_result(result, out)
+    write_result(result, out, table(result))
     png = plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {png}")
     print(table(result))
     return result
 
 
+AM = ("am-hak", "am-omp", "am-omp-fast")
+
+
 def table(result: dict) -> str:
-    head = "| method | ratio | PPL gap | needle acc | QA F1 | compact s | prefill s | peak RSS MB |\n" \
-           "|---|---|---|---|---|---|---|---|"
-    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [head]
-    for r in sorted(result["rows"], key=lambda r: (r["ratio"], r["method"])):
-        lines.append(f"| {r['method']} | {r['ratio']:g} | {fmt(r['ppl_gap'])} | {fmt(r['needle_acc'])} | "
-                     f"{fmt(r['qa_f1'])} | {fmt(r['compact_s'])} | {fmt(r['prefill_s'])} | {fmt(r['peak_rss_mb'])} |")
-    return "\n".join(lines)
+    """Pivot tables (methods x ratios) of PPL gap, needle accuracy, QA F1 and compaction time / prefill time;
+    the PPL table ends with the best AM method's gap against the best other method's, side by side."""
+    rows = [r for r in result["rows"] if r["method"] != "full" and "skipped" not in r]
+    ratios = sorted({r["ratio"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["ratio"]): r for r in rows}
+    full = next(r for r in result["rows"] if r["method"] == "full")
+    head = "| method | " + " | ".join(f"{x:g}x" for x in ratios) + " |\n|---|" + "---|" * len(ratios)
+
+    def pivot(title: str, value) -> str:
+        lines = [f"**{title}**", "", head]
+        for m in methods:
+            vals = [value(cell[(m, x)]) if (m, x) in cell else None for x in ratios]
+            lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+        return "\n".join(lines)
+
+    gap = pivot(f"Continuation PPL gap (lower is better; full-context PPL {full['ppl']:.2f})", lambda r: r["ppl_gap"])
+    vs = []
+    for x in ratios:
+        am = [cell[(m, x)]["ppl_gap"] for m in AM if (m, x) in cell]
+        other = [cell[(m, x)]["ppl_gap"] for m in methods if m not in AM and (m, x) in cell]
+        vs.append(f"{min(other) / min(am):.2f}x" if am and other and min(am) > 0 else "-")
+    gap += "\n| best other / best AM | " + " | ".join(vs) + " |"
+    parts = [gap]
+    if full.get("needle_acc") is not None:
+        parts.append(pivot(f"Needle accuracy (full context {full['needle_acc']:.2f})", lambda r: r["needle_acc"]))
+    if full.get("qa_f1") is not None:
+        parts.append(pivot(f"SQuAD F1 (full context {full['qa_f1']:.2f})", lambda r: r["qa_f1"]))
+    parts.append(pivot(f"Compaction seconds / prefill seconds (prefill {full['prefill_s']:.1f} s)",
+                       lambda r: r["compact_s"] / r["prefill_s"]))
+    return "\n\n".join(parts)
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -153,12 +206,16 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["method"] != "full"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = [r for r in result["rows"] if r["method"] != "full" and "skipped" not in r]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
-        ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], marker="o", label=m)
+        style = dict(marker="o", lw=2.5 if m in AM else 1.2, label=m)
+        ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], **style)
         ax2.scatter([r["compact_s"] for r in rs], [r["ppl_gap"] for r in rs], label=m)
+        if rs[0]["needle_acc"] is not None:
+            ax3.plot([r["ratio"] for r in rs], [r["needle_acc"] for r in rs], **style)
+    ax3.set(xscale="log", xlabel="compaction ratio", ylabel="needle accuracy", title="retrieval vs ratio")
     prefill_s = next((r["prefill_s"] for r in result["rows"] if r["method"] == "full"), None)
     if prefill_s:
         ax2.axvline(prefill_s, color="grey", ls=":", label="prefill")
@@ -168,7 +225,6 @@ def plot(result: dict, path: Path) -> Path:
     ax2.set(xscale="log", yscale="symlog", xlabel="compaction seconds (prefill + queries + solve)",
             ylabel="PPL gap", title="quality vs seconds")
     ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
     fig.suptitle(f"{result['model']} on {result['machine']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -179,18 +235,20 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=20)
-    ap.add_argument("--doc-tokens", type=int, default=6144)
+    ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--ratios", default="2,4,8,16,32,50")
-    ap.add_argument("--methods", default="all")
-    ap.add_argument("--needles", type=int, default=10)
-    ap.add_argument("--qa", type=int, default=10)
+    ap.add_argument("--methods", default="main", help="comma-separated, 'main' (MAIN) or 'all'")
+    ap.add_argument("--needles", type=int, default=5)
+    ap.add_argument("--qa", type=int, default=5)
+    ap.add_argument("--question-tokens", type=int, default=2048)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--slow-max-slots", type=int, default=256)
     ap.add_argument("--out", default=str(RESULTS / "compaction.json"))
     a = ap.parse_args(argv)
     run(docs=a.docs, doc_tokens=a.doc_tokens, continuation=a.continuation,
         ratios=[float(r) for r in a.ratios.split(",")], methods=a.methods, needles=a.needles, qa=a.qa,
-        model=a.model, out=a.out)
+        model=a.model, out=a.out, slow_max_slots=a.slow_max_slots, question_tokens=a.question_tokens)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak"
                          "quality_tokens": quality_tokens, "windows": windows, "needles": needles}}
     result["quality"] = quality(model, ratio, method, quality_tokens, windows, needles)
     result["session"] = session(model, ratio, method, doc_tokens, turns, threshold, answer_tokens, dtype)
-    out = write_result(result, out)
+    out = write_result(result, out, table(result))
     png = plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {png}")
     print(table(result))

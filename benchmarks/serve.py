@@ -118,7 +118,7 @@ def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0)
                          "dtype": dtype, "decode_tokens": decode_tokens, "budget_gib": budget_gib,
                          "kv_block_size": block, "kv_bytes_per_token": per_token, "split": "heldout"},
               "rows": rows}
-    write_result(result, out)
+    write_result(result, out, table(result))
     png = plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {png}")
     print(table(result))

@@ -100,13 +100,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @bench.command("compaction")
     def bench_compaction(
         docs: int = typer.Option(20, help="held-out documents"),
-        doc_tokens: int = typer.Option(6144, help="tokens of each document prefix"),
+        doc_tokens: int = typer.Option(4096, help="tokens of each document prefix"),
         continuation: int = typer.Option(256, help="continuation tokens for the PPL gap"),
         ratios: str = typer.Option("2,4,8,16,32,50", help="comma-separated ratios"),
-        methods: str = typer.Option("all", help="comma-separated methods, or 'all'"),
-        needles: int = typer.Option(10, help="needle examples (0 to skip)"),
-        qa: int = typer.Option(10, help="QA examples (0 to skip)"),
+        methods: str = typer.Option("main", help="comma-separated methods, 'main' (every method but the slow "
+                                                 "am-omp and optimize) or 'all'"),
+        needles: int = typer.Option(5, help="needle examples (0 to skip)"),
+        qa: int = typer.Option(5, help="QA examples (0 to skip)"),
+        question_tokens: int = typer.Option(2048, help="length of the needle haystacks and QA articles"),
         model: str = typer.Option("smollm2-135m", help="model"),
+        slow_max_slots: int = typer.Option(256, help="run OMP-fast and gradient compaction only up to this many "
+                                                     "slots per head (am-omp: half), too slow above on a CPU"),
         out: Path = typer.Option(Path("benchmarks/results/compaction.json"), help="JSON output"),
     ) -> None:
         """Compaction quality/speed benchmark -> benchmarks/results/compaction.json + Pareto PNG."""
@@ -114,4 +118,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         load_script("compaction").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
                 ratios=[float(r) for r in ratios.split(",")], methods=methods, needles=needles, qa=qa,
-                model=model, out=out)
+                model=model, out=out, slow_max_slots=slow_max_slots, question_tokens=question_tokens)

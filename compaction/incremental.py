@@ -7,9 +7,9 @@ CompactCache (t slots standing for N tokens):
 
 1. the new tokens run over that cache (beta honoured, positions N, N+1, ...): their post-RoPE K/V and
    (a sample of) their own queries are captured;
-2. reference queries look back at the new block from after it (the method's query mode: "repeat" copies
-   the new tokens after a repeat instruction, continuing over the same cache; "context" uses the new
-   tokens' own queries);
+2. reference queries look back at the new block from after it (the method's query mode: "repeat" asks for
+   a copy of the new tokens and copies them, continuing over the same cache; "context" uses the new tokens'
+   own queries);
 3. the method compacts the new block alone (mass and output matched for that block), and its slots are
    appended to the cache: keys at positions N.., one CompactCache of N + n tokens.
 Nothing of the older block is recomputed or read from the original text.
@@ -26,7 +26,7 @@ from kvcat.inference import CacheSession, ContextTooLongError, Prefill
 from kvcat.models import LoadedModel
 
 from .base import CompactionError, Method, Progress, resolve_budget
-from .queries import REPEAT_PROMPT, DocumentState, context_query_positions, repeat_segments
+from .queries import DocumentState, context_query_positions, repeat_input
 
 SUPPORTED_QUERIES = (None, "context", "repeat")
 
@@ -56,12 +56,11 @@ def segment_state(lm: LoadedModel, cache: CompactCache, ids: torch.Tensor, query
     state = DocumentState(ids=ids.cpu(), prefill=pre, prefill_s=time.perf_counter() - start, query_pos=pos)
     if query_mode == "repeat":
         start = time.perf_counter()
-        prompt = lm.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
-        copy = (prompt + repeat_segments(ids.tolist()))[: max(lm.spec.max_positions - session.position, 0)]
-        if len(copy) > len(prompt):
+        copy = repeat_input(lm, ids.tolist(), lm.spec.max_positions - session.position)
+        if len(copy) >= 2:
             got = {}
             session.forward(copy, queries=got)
-            state.queries["repeat"] = [torch.cat(got[i], dim=1)[:, len(prompt):] for i in range(len(keys))]
+            state.queries["repeat"] = [torch.cat(got[i], dim=1) for i in range(len(keys))]
         else:  # no room left after the conversation: the new tokens' own queries
             state.queries["repeat"] = list(pre.queries)
         state.query_s["repeat"] = time.perf_counter() - start

@@ -20,7 +20,7 @@ from kvcat.cache import CompactCache
 from kvcat.models import LoadedModel
 
 from .base import Method, Progress, attention_scale, get_method, group_queries, register
-from .queries import REPEAT_PROMPT, DocumentState, get_queries
+from .queries import DocumentState, get_queries, repeat_input
 from .solvers import Solution
 
 
@@ -113,9 +113,8 @@ class Optimized(Method):
 
         use_kvcat_attention(lm.model)
         n0 = state.num_tokens
-        prompt = lm.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
-        text = (prompt + state.ids.tolist())[: int(self.params["logit_tokens"])]
-        text = text[: max(lm.spec.max_positions - n0, 2)]
+        text = repeat_input(lm, state.ids.tolist(), min(int(self.params["logit_tokens"]),
+                                                        max(lm.spec.max_positions - n0, 2)))
         ids = torch.tensor([text], device=lm.device)
         pos = torch.arange(n0, n0 + len(text), device=lm.device)[None]
 

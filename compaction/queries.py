@@ -2,12 +2,12 @@
 
 Modes (each returns, per layer, queries [num_heads, n, head_dim]):
 - "context": the context's own queries from its prefill (free: captured during the prefill).
-- "repeat": prefill "Repeat the previous context verbatim." and the context again *after* the cached context
-  (continuing from its K/V, so the context is not run twice) and keep the queries of the copy: these are
-  queries of tokens that look back at the whole context, like later questions do.
+- "repeat": prefill "Repeat the previous context verbatim." as the next chat question and the context again
+  *after* the cached context (continuing from its K/V, so the context is not run twice), and keep the queries
+  of the instruction and the copy: tokens that look back at the whole context, like later questions do.
 - "self-study": the model writes a few short texts about the context (summary, questions, key facts) over
   its K/V; the queries of those generated tokens.
-- "repeat+self-study": both, concatenated.
+- "repeat+self-study", "repeat+context": both, concatenated.
 
 The document's prefill and its queries are the expensive part of compaction; `document_state` memoizes
 them (small LRU keyed by model fingerprint, token-ids hash and query mode) so several methods and ratios
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcat import prompts
 from kvcat.inference import Prefill, as_ids, prefill
 from kvcat.models import LoadedModel
 
-REPEAT_PROMPT = "\n\nRepeat the previous context verbatim.\n\n"
+REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
 SELF_STUDY_PROMPTS = (
     "\n\nSummarize the text above in a few sentences.\n",
     "\n\nWrite three questions about the text above, with their answers.\n",
@@ -69,18 +70,22 @@ def repeat_segments(ids: list[int], max_tokens: int = REPEAT_MAX_TOKENS, segment
     return [tok for s in starts for tok in ids[s:s + segment]]
 
 
+def repeat_input(lm: LoadedModel, ids: list[int], room: int | None = None) -> list[int]:
+    """What follows a context to make "repeat" queries: the instruction in the question slot of the chat
+    (where real questions will go: user turn end, assistant header included), then the copy (all of the
+    context, or evenly spaced segments of REPEAT_MAX_TOKENS). Cut to `room` tokens when given."""
+    out = prompts.question_ids(lm.tokenizer, REPEAT_INSTRUCTION) + repeat_segments(list(ids))
+    return out[: max(room, 0)] if room is not None else out
+
+
 def repeat_queries(lm: LoadedModel, state: DocumentState) -> list[torch.Tensor]:
-    """Queries of a verbatim copy of the context, continuing from the context's K/V (no re-prefill).
-    Long contexts copy evenly spaced segments (REPEAT_MAX_TOKENS in all): the solvers subsample the
-    queries anyway, and this keeps the pass at a fraction of the prefill's cost."""
-    ids = _tokens(lm, REPEAT_PROMPT) + repeat_segments(state.ids.tolist())
-    limit = lm.spec.max_positions - state.num_tokens
-    ids = ids[:limit] if limit > 0 else ids[:0]
+    """Queries of the repeat instruction and of a verbatim copy of the context, continuing from the context's
+    K/V (no re-prefill): tokens that look back at the whole context, like later questions do. Long contexts
+    copy evenly spaced segments: the solvers subsample the queries anyway."""
+    ids = repeat_input(lm, state.ids.tolist(), lm.spec.max_positions - state.num_tokens)
     if len(ids) < 2:  # no room after the context: fall back to the context's own queries
         return list(state.prefill.queries)
-    out = prefill(lm, ids, capture_queries=True, past=state.prefill)
-    skip = len(_tokens(lm, REPEAT_PROMPT))
-    return [q[:, skip:] if q.shape[1] > skip else q for q in out.queries]
+    return prefill(lm, ids, capture_queries=True, past=state.prefill).queries
 
 
 @torch.no_grad()
@@ -129,9 +134,13 @@ QUERY_MODES: dict[str, Callable[[LoadedModel, DocumentState], list[torch.Tensor]
     "context": lambda lm, st: list(st.prefill.queries),
     "repeat": repeat_queries,
     "self-study": self_study_queries,
-    "repeat+self-study": lambda lm, st: [torch.cat([a, b], dim=1) for a, b in
-                                         zip(get_queries(lm, st, "repeat"), get_queries(lm, st, "self-study"))],
+    "repeat+self-study": lambda lm, st: _joined(lm, st, "repeat", "self-study"),
+    "repeat+context": lambda lm, st: _joined(lm, st, "repeat", "context"),
 }
+
+
+def _joined(lm: LoadedModel, state: DocumentState, *modes: str) -> list[torch.Tensor]:
+    return [torch.cat(qs, dim=1) for qs in zip(*(get_queries(lm, state, m) for m in modes))]
 
 
 def get_queries(lm: LoadedModel, state: DocumentState, mode: str) -> list[torch.Tensor]:

@@ -63,13 +63,22 @@ def provenance() -> dict:
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git_commit": commit}
 
 
-def write_result(result: dict, out: str | os.PathLike) -> Path:
-    """Write a result JSON atomically (a killed benchmark never leaves half a file)."""
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_result(result: dict, out: str | os.PathLike, table: str | None = None) -> Path:
+    """Write a result JSON atomically (a killed benchmark never leaves half a file), and with `table` its
+    Markdown table beside it (.md, headed by the provenance), which the README quotes."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    _atomic_write(out, json.dumps(result, indent=2))
+    if table is not None:
+        head = (f"<!-- written by `{result.get('command')}` on {result.get('date')}, {result.get('machine')}, "
+                f"commit {result.get('git_commit')} -->\n\n")
+        _atomic_write(out.with_suffix(".md"), head + table + "\n")
     return out
 
 

@@ -97,10 +97,6 @@ class KvcatService:
             method = get_method(name, **params)
         except CompactionError as exc:
             raise ApiError(422, str(exc), "invalid_request_error", "method") from None
-        # Paged memory holds the same number of slots for every head: non-uniform budgets are padded to
-        # the widest head and save no memory, so the server asks for uniform ones unless told otherwise.
-        if "budgets" in method.defaults and "budgets" not in params:
-            method.params["budgets"] = "uniform"
         if not self.beta and "fit_beta" in method.defaults and "fit_beta" not in params:
             method.params["fit_beta"] = False  # stock kernels: no per-slot bias
         return method

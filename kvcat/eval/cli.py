@@ -31,7 +31,7 @@ def eval_command(
     base_ppl_tokens: int = typer.Option(512, help="base_ppl: window length in tokens"),
     max_new_tokens: int | None = typer.Option(None, help="answer length (default per task)"),
     baselines: bool = typer.Option(True, help="also evaluate the full and none baselines"),
-    out: Path = typer.Option(Path("benchmarks/results/eval.json"), help="JSON report path"),
+    out: Path = typer.Option(Path("kvcat-eval.json"), help="JSON report path"),
     plot: Path | None = typer.Option(None, help="PNG plot path (default: the JSON path with .png)"),
     dtype: str = typer.Option("float32"),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when present)"),
