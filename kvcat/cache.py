@@ -124,58 +124,85 @@ class CompactCache:
         meta = {k: v for k, v in asdict(self).items() if k not in ("keys", "values", "beta")}
         return {"format": FORMAT_VERSION, **meta, "num_slots": self.num_slots}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a crash mid-write never leaves a partial file under `path`."""
+    def to_bytes(self) -> bytes:
+        """The file's content: safetensors with the metadata (and a sha256 of the tensors) in its header."""
         from safetensors.torch import save
 
-        path = Path(path)
         tensors = self._tensors()
         meta = self.metadata()
         meta["sha256"] = _digest(tensors)
-        blob = save(tensors, metadata={"kvcat": json.dumps(meta)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return save(tensors, metadata={"kvcat": json.dumps(meta)})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically and durably: a crash mid-write never leaves a partial file under `path`."""
+        path = Path(path)
+        atomic_write(path, self.to_bytes())
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect_fingerprint: str | None = None,
-             device: str | torch.device = "cpu") -> "CompactCache":
+    def from_bytes(cls, data: bytes, expect_fingerprint: str | None = None, device: str | torch.device = "cpu",
+                   where: str = "cache") -> "CompactCache":
+        """Parse and verify (format, checksum, shapes; model with `expect_fingerprint`) a cache file's content."""
         from safetensors import SafetensorError
         from safetensors.torch import load
 
-        path = Path(path)
         try:
-            data = path.read_bytes()
             tensors = load(data)
             header_len = int.from_bytes(data[:8], "little")
             header = json.loads(data[8:8 + header_len])
             meta = json.loads(header["__metadata__"]["kvcat"])
-        except FileNotFoundError:
-            raise CacheError(f"{path}: no such cache file") from None
         except (SafetensorError, KeyError, ValueError, TypeError) as exc:
-            raise CacheError(f"{path}: not a kvcat cache file, or truncated ({exc})") from None
+            raise CacheError(f"{where}: not a kvcat cache file, or truncated ({exc})") from None
         if meta.get("format") != FORMAT_VERSION:
-            raise CacheError(f"{path}: format {meta.get('format')} is not supported (want {FORMAT_VERSION})")
+            raise CacheError(f"{where}: format {meta.get('format')} is not supported (want {FORMAT_VERSION})")
         if meta.get("sha256") != _digest(tensors):
-            raise CacheError(f"{path}: checksum mismatch, the file is corrupt")
+            raise CacheError(f"{where}: checksum mismatch, the file is corrupt")
         n = sum(1 for name in tensors if name.startswith("k."))
-        cache = cls(keys=[tensors[f"k.{i}"].to(device) for i in range(n)],
-                    values=[tensors[f"v.{i}"].to(device) for i in range(n)],
-                    beta=[tensors[f"beta.{i}"].to(device) for i in range(n)],
-                    num_tokens=meta["num_tokens"], model_fingerprint=meta["model_fingerprint"],
-                    method=meta["method"], params=meta.get("params", {}), info=meta.get("info", {}))
+        try:
+            cache = cls(keys=[tensors[f"k.{i}"].to(device) for i in range(n)],
+                        values=[tensors[f"v.{i}"].to(device) for i in range(n)],
+                        beta=[tensors[f"beta.{i}"].to(device) for i in range(n)],
+                        num_tokens=meta["num_tokens"], model_fingerprint=meta["model_fingerprint"],
+                        method=meta["method"], params=meta.get("params", {}), info=meta.get("info", {}))
+        except KeyError as exc:
+            raise CacheError(f"{where}: missing {exc}") from None
         if expect_fingerprint is not None:
             cache.check_model(expect_fingerprint)
         return cache
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect_fingerprint: str | None = None,
+             device: str | torch.device = "cpu") -> "CompactCache":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"{path}: no such cache file") from None
+        return cls.from_bytes(data, expect_fingerprint, device, where=str(path))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, fsync it, rename it over `path`, fsync the folder: readers see the
+    old file or the whole new one, and the new one survives a power cut once this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -7,22 +7,25 @@ starts the vLLM engine with the kvcat connector, runs the start-up self-test, an
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-import tempfile
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from kvcat.server import metrics
+from kvcat.server.auth import Auth
 from kvcat.server.onthefly import AutoCompaction
 from kvcat.server.protocol import ChatCompletionRequest, CompactRequest, error_body
-from kvcat.server.service import ApiError, KvcatService
+from kvcat.server.service import ApiError, KvcatService, Limits
 
 log = logging.getLogger("kvcat.server")
 
@@ -36,19 +39,99 @@ class ServerConfig:
     tensor_parallel_size: int = 1
     beta: bool = True
     kv_cache_gib: float | None = None
-    store_dir: str | None = None  # default: a fresh temporary folder
+    store: str | None = None  # a folder or an fsspec URL; default $KVCAT_HOME/contexts
     self_test: bool = True
     served_name: str | None = None
     auto: AutoCompaction = field(default_factory=AutoCompaction)  # on-the-fly compaction (off by default)
+    auth: Auth = field(default_factory=Auth)  # no keys: one tenant, loopback only (see `kvcat serve`)
+    limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int = 32 * 2**20
+    max_contexts_per_tenant: int | None = None
+    max_bytes_per_tenant: int | None = None
     engine_extra: dict = field(default_factory=dict)
 
 
-def _error(status: int, body: dict) -> JSONResponse:
-    return JSONResponse(body, status_code=status)
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error format: every 4xx and 5xx of this server."""
+
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    401: "missing or wrong API key", 404: "unknown model, context or job (or another tenant's)",
+    413: "document, prompt or body too large", 422: "invalid request", 429: "queue full or quota exceeded",
+    499: "the client went away", 500: "internal error", 503: "starting or shutting down", 504: "timed out",
+}.items()}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes (by Content-Length, or while they stream in)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length and (not length.isdigit() or int(length) > self.limit):
+            body = json.dumps(error_body(f"the request body is over {self.limit} bytes", "invalid_request_error",
+                                         "body_too_large")).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return None
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(f"the request body is over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def _error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@asynccontextmanager
+async def _watch_disconnect(request: Request):
+    """An Event set when the client disconnects while the block runs (the work then stops early)."""
+    cancel = threading.Event()
+
+    async def watch():
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield cancel
+    finally:
+        task.cancel()
 
 
 def create_app(config: ServerConfig, service: KvcatService | None = None) -> FastAPI:
     state: dict = {"service": service, "error": None, "started": time.time()}
+    auth = config.auth
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,7 +152,7 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
             if engine is not None:
                 engine.shutdown()
 
-    app = FastAPI(title="kvcat", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="kvcat", version="0.1.0", lifespan=lifespan, responses=ERRORS)
     app.state.kvcat = state
 
     def svc() -> KvcatService:
@@ -81,10 +164,27 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
             raise ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
         return s
 
+    def tenant(authorization: str | None = Header(None, include_in_schema=False)) -> str:
+        found = auth.tenant_of(authorization)
+        if found is None:
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    open_or_tenant = {"metrics": [Depends(tenant)] if auth.protect_metrics else [],
+                      "health": [Depends(tenant)] if auth.protect_health else []}
+
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        metrics.ERRORS.labels("body_too_large").inc()
+        return _error(413, error_body(str(exc), "invalid_request_error", "body_too_large"))
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         metrics.ERRORS.labels(str(exc.code)).inc()
-        return _error(exc.status, error_body(exc.message, exc.type, exc.code, exc.param))
+        return _error(exc.status, error_body(exc.message, exc.type, exc.code, exc.param), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -100,28 +200,28 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error")
         metrics.ERRORS.labels("internal").inc()
-        return _error(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", 500))
+        return _error(500, error_body(f"internal error: {type(exc).__name__}", "server_error", 500))
 
     # ---- probes and metrics --------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", dependencies=open_or_tenant["health"])
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", dependencies=open_or_tenant["health"])
     async def ready():
         s = state["service"]
         if s is not None and s.ready and not s.closing:
             return {"status": "ready", "model": s.model_name, "beta": s.beta}
         return _error(503, {"status": "failed" if state["error"] else "starting", "error": state["error"]})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=open_or_tenant["metrics"])
     async def prometheus():
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
     # ---- API ------------------------------------------------------------------------------------------
     @app.get("/v1/models")
-    async def models():
+    async def models(who: str = Depends(tenant)):
         s = svc()
         return {"object": "list", "data": [{"id": m, "object": "model", "created": int(state["started"]),
                                             "owned_by": "kvcat", "max_model_len": s.max_positions,
@@ -130,33 +230,35 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
                                            for m in s.model_ids()]}
 
     @app.post("/v1/compact")
-    async def compact(req: CompactRequest):
+    async def compact(req: CompactRequest, request: Request, who: str = Depends(tenant)):
         s = svc()
         if req.run_async:
-            job = s.submit_job(req)
+            job = s.submit_job(req, who)
             return JSONResponse(job.public(), status_code=202,
                                 headers={"Location": f"/v1/compact/jobs/{job.id}"})
-        return await s.compact(req)
+        async with _watch_disconnect(request) as cancel:
+            return await s.compact(req, who, cancel)
 
     @app.get("/v1/compact/jobs/{job_id}")
-    async def job(job_id: str):
-        return svc().get_job(job_id).public()
+    async def job(job_id: str, who: str = Depends(tenant)):
+        return svc().get_job(job_id, who).public()
 
     @app.get("/v1/contexts")
-    async def contexts():
-        return {"object": "list", "data": [r.public() for r in svc().store.list()]}
+    async def contexts(who: str = Depends(tenant)):
+        return {"object": "list", "data": [r.public() for r in svc().list_contexts(who)]}
 
     @app.get("/v1/contexts/{context_id}")
-    async def context(context_id: str):
-        return svc().get_context(context_id).public()
+    async def context(context_id: str, who: str = Depends(tenant)):
+        return svc().get_context(context_id, who).public()
 
     @app.delete("/v1/contexts/{context_id}")
-    async def delete_context(context_id: str):
-        return svc().delete_context(context_id)
+    async def delete_context(context_id: str, who: str = Depends(tenant)):
+        return svc().delete_context(context_id, who)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
-        result, headers = await svc().chat(req)
+    async def chat(req: ChatCompletionRequest, request: Request, who: str = Depends(tenant)):
+        async with _watch_disconnect(request) as cancel:
+            result, headers = await svc().chat(req, who, cancel)
         if isinstance(result, dict):
             return JSONResponse(result, headers=headers)
         return StreamingResponse(result, media_type="text/event-stream", headers=headers)
@@ -166,8 +268,9 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
 
 async def _start(config: ServerConfig, state: dict):
     """Load the compaction model, start the engine, run the end-to-end self-test; sets state['service']."""
+    from kvcat.config import kvcat_home
     from kvcat.models import load_model
-    from kvcat.server.store import ContextStore
+    from kvcat.server.store import ContextStore, open_blobs
     from kvcat.server.vllm_adapter.engine import Engine, EngineConfig
 
     lm = await asyncio.to_thread(load_model, config.model, config.compaction_dtype)
@@ -175,16 +278,21 @@ async def _start(config: ServerConfig, state: dict):
     ecfg = EngineConfig(model=str(lm.spec.path), dtype=config.dtype, max_model_len=config.max_model_len,
                         tensor_parallel_size=config.tensor_parallel_size, beta=config.beta,
                         kv_cache_gib=config.kv_cache_gib, served_name=name, extra=config.engine_extra)
+    location = config.store or str(kvcat_home() / "contexts")
+    store = await asyncio.to_thread(ContextStore, open_blobs(location, kvcat_home() / "store-mirror"),
+                                    lm.spec.fingerprint, config.max_contexts_per_tenant, config.max_bytes_per_tenant)
+    if store.quarantined:
+        metrics.QUARANTINED.inc(len(store.quarantined))
     engine = await asyncio.to_thread(Engine.start, ecfg)
-    store_dir = config.store_dir or tempfile.mkdtemp(prefix="kvcat-contexts-")
-    store = ContextStore(store_dir, fingerprint=lm.spec.fingerprint)
-    service = KvcatService(engine, lm, store, name, beta=config.beta, auto=config.auto)
+    service = KvcatService(engine, lm, store, name, beta=config.beta, auto=config.auto, limits=config.limits)
     service.auto_policy_check()
     state["service"] = service
     if config.self_test:
         await self_test(service)
     service.ready = True
-    log.info("kvcat server ready: model %s, beta %s, store %s", name, config.beta, store_dir)
+    log.info("kvcat server ready: model %s, beta %s, store %s (%d contexts, %d quarantined), API keys %s",
+             name, config.beta, location, len(store.list()), len(store.quarantined),
+             f"for {len(config.auth.tenants)} tenants" if config.auth.enabled else "off")
     return engine
 
 

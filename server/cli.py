@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
 
 
 def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF folder (KV-CAT checkpoints too)"),
-          host: str = typer.Option("127.0.0.1", help="bind address"),
+          host: str = typer.Option("127.0.0.1", help="bind address (loopback only unless API keys are configured)"),
           port: int = typer.Option(8000, help="port"),
           beta: bool = typer.Option(True, "--beta/--no-beta",
                                     help="honour beta in attention (kvcat backend) or use stock kernels"),
@@ -17,31 +18,67 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp",
                                                    help="vLLM tensor parallelism (GPUs)"),
           kv_cache_gib: float = typer.Option(None, help="CPU: GiB of paged KV memory (VLLM_CPU_KVCACHE_SPACE)"),
-          store_dir: str = typer.Option(None, help="where compacted contexts are kept (default: a temp folder)"),
+          store: str = typer.Option(None, "--store", "--store-dir",
+                                    help="context store: a folder, or an fsspec URL shared by replicas "
+                                         "(default $KVCAT_HOME/contexts)"),
           served_name: str = typer.Option(None, help="model id reported by /v1/models"),
           self_test: bool = typer.Option(True, "--self-test/--no-self-test", help="end-to-end check at start"),
+          api_keys_file: Path = typer.Option(None, help="JSON/YAML file of API keys per tenant (also "
+                                                        "KVCAT_API_KEYS='tenant:key,...')"),
+          protect_metrics: bool = typer.Option(None, "--protect-metrics/--open-metrics",
+                                               help="/metrics needs an API key (default: the key file's choice, open)"),
+          protect_health: bool = typer.Option(None, "--protect-health/--open-health",
+                                              help="/health and /ready need an API key (default open)"),
           auto_compact_threshold: int = typer.Option(
               None, help="on-the-fly compaction: compact chat prompts longer than this many tokens (default off)"),
           auto_compact_ratio: float = typer.Option(10.0, help="on-the-fly compaction ratio"),
           auto_compact_method: str = typer.Option("am-hak", help="on-the-fly compaction method"),
           auto_compact_keep_turns: int = typer.Option(1, help="recent user turns kept uncompressed"),
+          max_document_tokens: int = typer.Option(None, help="longest document /v1/compact accepts (default: the "
+                                                             "model's context)"),
+          max_completion_tokens: int = typer.Option(None, help="largest max_tokens a chat may ask for"),
+          max_queued_compactions: int = typer.Option(8, help="compactions waiting or running; more get 429"),
+          request_timeout: float = typer.Option(600.0, help="seconds a chat completion may take"),
+          compaction_timeout: float = typer.Option(1800.0, help="seconds a synchronous compaction may take"),
+          max_body_bytes: int = typer.Option(32 * 2**20, help="largest request body"),
+          max_contexts_per_tenant: int = typer.Option(None, help="quota: stored contexts per tenant"),
+          max_bytes_per_tenant: int = typer.Option(None, help="quota: compacted KV bytes per tenant"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
     """Serve MODEL: POST /v1/compact, /v1/contexts, OpenAI /v1/chat/completions with kv_context, /metrics."""
     import uvicorn
 
     from kvcat.models import ModelError, resolve
     from kvcat.server.app import ServerConfig, create_app
+    from kvcat.server.auth import LOOPBACK, Auth, AuthConfigError
     from kvcat.server.onthefly import AutoCompaction
+    from kvcat.server.service import Limits
+
+    def fail(message: str) -> None:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
 
     try:
         resolve(model)
-    except ModelError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        auth = Auth.load(api_keys_file, protect_metrics=protect_metrics, protect_health=protect_health)
+    except (ModelError, AuthConfigError) as exc:
+        fail(str(exc))
+    if not auth.enabled and host not in LOOPBACK:
+        typer.echo(f"kvcat: no API keys configured, so listening on 127.0.0.1 only instead of {host} "
+                   "(give --api-keys-file or KVCAT_API_KEYS to serve other hosts)", err=True)
+        host = "127.0.0.1"
+    for name, value in (("max-queued-compactions", max_queued_compactions), ("request-timeout", request_timeout),
+                        ("compaction-timeout", compaction_timeout), ("max-body-bytes", max_body_bytes)):
+        if value <= 0:
+            fail(f"--{name} must be positive, got {value}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    limits = Limits(max_document_tokens=max_document_tokens, max_completion_tokens=max_completion_tokens,
+                    max_queued_compactions=max_queued_compactions, request_timeout_s=request_timeout,
+                    compaction_timeout_s=compaction_timeout)
     config = ServerConfig(model=model, dtype=dtype, max_model_len=max_model_len,
                           tensor_parallel_size=tensor_parallel_size, beta=beta, kv_cache_gib=kv_cache_gib,
-                          store_dir=store_dir, self_test=self_test, served_name=served_name,
+                          store=store, self_test=self_test, served_name=served_name, auth=auth, limits=limits,
+                          max_body_bytes=max_body_bytes, max_contexts_per_tenant=max_contexts_per_tenant,
+                          max_bytes_per_tenant=max_bytes_per_tenant,
                           auto=AutoCompaction(auto_compact_threshold, auto_compact_ratio, auto_compact_method,
                                               auto_compact_keep_turns))
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)

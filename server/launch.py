@@ -42,8 +42,9 @@ class ServerProcess:
                                                                               suffix=".log")[1])
         self.cmd = [sys.executable, "-m", "kvcat.cli", "serve", "--model", model, "--dtype", dtype,
                     "--host", "127.0.0.1", "--port", str(self.port), "--beta" if beta else "--no-beta"]
-        if store_dir is not None:
-            self.cmd += ["--store-dir", str(store_dir)]
+        # a fresh store unless told: the demo and benchmarks must not find an earlier run's contexts
+        self.store_dir = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="kvcat-store-"))
+        self.cmd += ["--store", str(self.store_dir)]
         if max_model_len is not None:
             self.cmd += ["--max-model-len", str(max_model_len)]
         if kv_cache_gib is not None:

@@ -38,6 +38,8 @@ ONTHEFLY_BYTES_SAVED = Counter("kvcat_onthefly_kv_bytes_saved", "KV bytes not he
                                "on-the-fly compacted prefixes (full minus compacted, summed over requests)",
                                ["model", "method"])
 REQUESTS = Counter("kvcat_chat_requests", "Chat completions served", ["model", "method", "mode"])
+QUARANTINED = Counter("kvcat_store_quarantined", "Context files found corrupt or orphaned at start and moved "
+                      "to the store's quarantine folder")
 ERRORS = Counter("kvcat_errors", "Errors returned, by type", ["type"])
 for _type in ("compaction_failed", "engine_error", "internal"):  # exported at 0, so rates and alerts have data
     ERRORS.labels(_type)

@@ -105,10 +105,11 @@ def split(messages: list[dict], keep_turns: int) -> Split | None:
     return None
 
 
-def context_key(fingerprint: str, source: dict, policy: AutoCompaction, beta: bool) -> str:
-    """The store id of the compacted form of `source` under `policy`: a content hash."""
+def context_key(fingerprint: str, source: dict, policy: AutoCompaction, beta: bool, tenant: str) -> str:
+    """The store id of the compacted form of `source` under `policy` for `tenant`: a content hash (one tenant's
+    prompts never hit another's contexts)."""
     blob = json.dumps({"fingerprint": fingerprint, "source": source, "method": policy.method,
-                       "ratio": policy.ratio, "beta": beta}, sort_keys=True, ensure_ascii=False)
+                       "ratio": policy.ratio, "beta": beta, "tenant": tenant}, sort_keys=True, ensure_ascii=False)
     return "ctx-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from kvcat.compaction import CompactionError
 from kvcat.server import metrics, onthefly, prompting
 from kvcat.server.onthefly import AutoCompaction, AutoCompactionError
 from kvcat.server.protocol import ChatCompletionRequest, CompactRequest
-from kvcat.server.store import ContextRecord, ContextStore
+from kvcat.server.store import ContextRecord, ContextStore, QuotaExceeded
 
 log = logging.getLogger("kvcat.server")
 
@@ -28,15 +29,33 @@ log = logging.getLogger("kvcat.server")
 class ApiError(Exception):
     """An error returned to the client in OpenAI's format."""
 
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code=None):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code=None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
         self.code = code if code is not None else status
+        self.headers = headers or {}
+
+
+class Cancelled(Exception):
+    """Work stopped because its client went away or its time ran out."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; past these the server answers 413, 422, 429 or 504, never queues forever."""
+
+    max_document_tokens: int | None = None  # default: the model's context
+    max_completion_tokens: int | None = None  # default: what fits the context
+    max_queued_compactions: int = 8  # waiting + running; more get 429 with Retry-After
+    request_timeout_s: float | None = 600.0  # a chat completion, generation included
+    compaction_timeout_s: float | None = 1800.0  # one synchronous /v1/compact or on-the-fly compaction
 
 
 @dataclass
 class Job:
     id: str
+    tenant: str = "default"
     status: str = "queued"  # queued | running | succeeded | failed
     progress: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
@@ -52,10 +71,12 @@ class Job:
 
 class KvcatService:
     def __init__(self, engine, lm, store: ContextStore, model_name: str, *, beta: bool = True,
-                 default_method: str = "am-hak", max_jobs: int = 64, auto: AutoCompaction | None = None):
+                 max_jobs: int = 64, auto: AutoCompaction | None = None, limits: Limits | None = None):
         self.engine, self.lm, self.store = engine, lm, store
         self.model_name, self.beta = model_name, beta
-        self.default_method = default_method
+        self.limits = limits or Limits()
+        self._queued = 0  # compactions submitted and not finished
+        self._mean_compaction_s = 10.0  # running mean, for Retry-After
         self.tokenizer = lm.tokenizer
         self.jobs: dict[str, Job] = {}
         self.max_jobs = max_jobs
@@ -101,15 +122,21 @@ class KvcatService:
             method.params["fit_beta"] = False  # stock kernels: no per-slot bias
         return method
 
-    def prepare_compaction(self, req: CompactRequest):
+    @property
+    def max_document_tokens(self) -> int:
+        return min(self.max_positions, self.limits.max_document_tokens or self.max_positions)
+
+    def prepare_compaction(self, req: CompactRequest, tenant: str = "default"):
         """Validate a compaction request (cheap checks only) and return a callable doing the work."""
         self.check_model(req.model)
         source = self._source(req)
         ids = prompting.context_ids(self.tokenizer, source)
         n = len(ids)
-        if n > self.max_positions:
-            raise ApiError(413, f"the document has {n} tokens but the model's context holds "
-                           f"{self.max_positions}", "invalid_request_error", "text", "context_length_exceeded")
+        if n > self.max_document_tokens:
+            what = "the model's context holds" if self.max_document_tokens == self.max_positions else \
+                "this server accepts documents of at most"
+            raise ApiError(413, f"the document has {n} tokens but {what} {self.max_document_tokens}",
+                           "invalid_request_error", "text", "context_length_exceeded")
         if n < 2:
             raise ApiError(422, "the document is too short to compact", "invalid_request_error", "text")
         t = req.target_tokens if req.target_tokens is not None else max(1, round(n / req.ratio))
@@ -118,11 +145,18 @@ class KvcatService:
                            "ratio or fewer target_tokens", "invalid_request_error",
                            "ratio" if req.ratio is not None else "target_tokens")
         method = self._method(req.method, req.params, req.query_mode)
-        return self._compaction_job(source, ids, method, req.ratio, req.target_tokens)
+        self._check_quota(tenant, t)
+        return self._compaction_job(source, ids, method, req.ratio, req.target_tokens, tenant=tenant)
+
+    def _check_quota(self, tenant: str, slots: int, replacing: str | None = None) -> None:
+        try:
+            self.store.check_quota(tenant, slots * self.engine.kv_bytes_per_token(), replacing)
+        except QuotaExceeded as exc:
+            raise ApiError(429, str(exc), "insufficient_quota", code="quota_exceeded") from None
 
     def _compaction_job(self, source: dict, ids: list[int], method, ratio: float | None,
                         target_tokens: int | None, *, context_id: str | None = None, origin: str = "compact",
-                        base: ContextRecord | None = None):
+                        base: ContextRecord | None = None, tenant: str = "default"):
         """The work of one compaction, as a callable for the compaction thread: compact `ids` (or, with `base`,
         join the compacted block of `ids` to that stored context), store the result, observe metrics."""
 
@@ -151,9 +185,13 @@ class KvcatService:
                 for b in cache.beta:
                     b.zero_()
             seconds = time.perf_counter() - start
-            rec = self.store.add(cache, model=self.model_name, compaction_seconds=seconds, source=source,
-                                 kv_bytes_per_token=self.engine.kv_bytes_per_token(), context_id=context_id,
-                                 origin=origin)
+            try:
+                rec = self.store.add(cache, model=self.model_name, compaction_seconds=seconds, source=source,
+                                     kv_bytes_per_token=self.engine.kv_bytes_per_token(), context_id=context_id,
+                                     origin=origin, tenant=tenant)
+            except QuotaExceeded as exc:
+                raise ApiError(429, str(exc), "insufficient_quota", code="quota_exceeded") from None
+            self._mean_compaction_s = 0.8 * self._mean_compaction_s + 0.2 * seconds
             labels = (self.model_name, rec.method)
             metrics.COMPACTION_RATIO.labels(*labels).observe(rec.ratio)
             metrics.COMPACTION_SECONDS.labels(*labels).observe(seconds)
@@ -162,25 +200,62 @@ class KvcatService:
 
         return run
 
-    async def _run_compaction(self, run) -> ContextRecord:
-        loop = asyncio.get_running_loop()
+    def _admit(self) -> None:
+        """Reserve a place in the bounded compaction queue, or answer 429 with a Retry-After estimate."""
+        if self.closing:
+            raise ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+        if self._queued >= self.limits.max_queued_compactions:
+            wait = max(1, round(self._queued * self._mean_compaction_s))
+            raise ApiError(429, f"{self._queued} compactions are queued or running (the limit); retry in about "
+                           f"{wait} s", "rate_limit_error", code="compaction_queue_full",
+                           headers={"Retry-After": str(wait)})
+        self._queued += 1
+
+    def _submit(self, run, progress=None) -> asyncio.Future:
+        """Run a compaction on the compaction thread (after `_admit`); the queue place is freed when it ends."""
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, run, progress)
+
+        def done(_):
+            self._queued -= 1
+
+        fut.add_done_callback(done)
+        return fut
+
+    async def _run_compaction(self, run, cancel: threading.Event | None = None) -> ContextRecord:
+        """Run a compaction and wait for it; `cancel` (a client that went away) or the time limit stop it at
+        the next layer boundary, before anything is stored."""
+        cancel = cancel or threading.Event()
+        start, limit = time.monotonic(), self.limits.compaction_timeout_s
+
+        def progress(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise Cancelled("the client went away")
+            if limit is not None and time.monotonic() - start > limit:
+                raise Cancelled(f"the compaction took longer than {limit:g} s")
+
+        self._admit()
         try:
-            return await loop.run_in_executor(self._pool, run, None)
+            return await self._submit(run, progress)
         except ApiError:
             raise
+        except Cancelled as exc:
+            metrics.ERRORS.labels("compaction_cancelled").inc()
+            raise ApiError(504 if not cancel.is_set() else 499, f"compaction stopped: {exc}", "timeout_error",
+                           code="compaction_cancelled") from None
         except Exception as exc:  # noqa: BLE001  (a failed compaction never takes the server down)
             log.exception("compaction failed")
             raise ApiError(500, f"compaction failed: {exc}", "server_error", code="compaction_failed") from None
 
-    async def compact(self, req: CompactRequest) -> dict:
-        return (await self._run_compaction(self.prepare_compaction(req))).public()
+    async def compact(self, req: CompactRequest, tenant: str = "default",
+                      cancel: threading.Event | None = None) -> dict:
+        return (await self._run_compaction(self.prepare_compaction(req, tenant), cancel)).public()
 
-    def submit_job(self, req: CompactRequest) -> Job:
-        run = self.prepare_compaction(req)
+    def submit_job(self, req: CompactRequest, tenant: str = "default") -> Job:
+        run = self.prepare_compaction(req, tenant)
+        self._admit()
         self._trim_jobs()
-        job = Job(id=f"job-{uuid.uuid4().hex[:24]}")
+        job = Job(id=f"job-{uuid.uuid4().hex[:24]}", tenant=tenant)
         self.jobs[job.id] = job
-        loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:
             job.progress = min(0.99, done / max(total, 1))
@@ -189,7 +264,7 @@ class KvcatService:
             job.status = "running"
             return run(progress)
 
-        fut = loop.run_in_executor(self._pool, work)
+        fut = self._submit(lambda _progress: work())
 
         def finished(f: asyncio.Future) -> None:
             exc = f.exception()
@@ -214,23 +289,26 @@ class KvcatService:
         for job in sorted(done, key=lambda j: j.created)[: max(0, len(self.jobs) - self.max_jobs + 1)]:
             self.jobs.pop(job.id, None)
 
-    def get_job(self, job_id: str) -> Job:
+    def get_job(self, job_id: str, tenant: str = "default") -> Job:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or job.tenant != tenant:
             raise ApiError(404, f"no compaction job {job_id!r}", "invalid_request_error", "job_id", "job_not_found")
         return job
 
     # ---- contexts ----------------------------------------------------------------------------------
-    def get_context(self, context_id: str) -> ContextRecord:
-        rec = self.store.get(context_id)
+    def list_contexts(self, tenant: str = "default") -> list[ContextRecord]:
+        return self.store.list(tenant)
+
+    def get_context(self, context_id: str, tenant: str = "default") -> ContextRecord:
+        rec = self.store.get(context_id, tenant)
         if rec is None:
             raise ApiError(404, f"no kv_context {context_id!r} (unknown or deleted; compact the document "
                            "again with POST /v1/compact)", "invalid_request_error", "kv_context",
                            "context_not_found")
         return rec
 
-    def delete_context(self, context_id: str) -> dict:
-        self.get_context(context_id)
+    def delete_context(self, context_id: str, tenant: str = "default") -> dict:
+        self.get_context(context_id, tenant)
         busy = self._inflight.get(context_id, 0) > 0
         self.store.delete(context_id, keep_file=busy)
         if busy:
@@ -281,7 +359,11 @@ class KvcatService:
             raise ApiError(413, f"the prompt needs {used} positions but the model's context holds {limit}",
                            "invalid_request_error", "messages", "context_length_exceeded")
         room = limit - used
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(room, 512)
+        cap = self.limits.max_completion_tokens
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(room, cap or 512)
+        if cap is not None and max_tokens > cap:
+            raise ApiError(422, f"max_tokens {max_tokens} is above this server's limit of {cap}",
+                           "invalid_request_error", "max_tokens")
         if max_tokens > room:
             raise ApiError(413, f"the prompt needs {used} positions and max_tokens {max_tokens} more, but the "
                            f"model's context holds {limit}", "invalid_request_error", "max_tokens",
@@ -319,8 +401,8 @@ class KvcatService:
             raise ApiError(422, str(exc), "invalid_request_error", "kv_compaction") from None
         return policy
 
-    async def _auto_context(self, req: ChatCompletionRequest, messages: list[dict]
-                            ) -> tuple[ContextRecord, list[dict], dict] | None:
+    async def _auto_context(self, req: ChatCompletionRequest, messages: list[dict], tenant: str,
+                            cancel: threading.Event) -> tuple[ContextRecord, list[dict], dict] | None:
         """On-the-fly compaction of a long plain chat: (context record, the messages that follow it uncompressed,
         what happened), or None to serve the prompt as it is."""
         policy = self.auto_policy(req)
@@ -331,23 +413,24 @@ class KvcatService:
         cut = onthefly.split(messages, policy.keep_turns)
         if cut is None:
             return None
-        key = onthefly.context_key(self.lm.spec.fingerprint, cut.source, policy, self.beta)
+        key = onthefly.context_key(self.lm.spec.fingerprint, cut.source, policy, self.beta, tenant)
         lock = self._auto_locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:  # concurrent requests for one prefix compact it once
-                return await self._auto_resolve(cut, key, policy)
+                return await self._auto_resolve(cut, key, policy, tenant, cancel)
         finally:
             if not lock.locked():
                 self._auto_locks.pop(key, None)
 
-    async def _auto_resolve(self, cut: onthefly.Split, key: str, policy: AutoCompaction):
+    async def _auto_resolve(self, cut: onthefly.Split, key: str, policy: AutoCompaction, tenant: str,
+                            cancel: threading.Event):
         fp = self.lm.spec.fingerprint
         method = self._method(policy.method, {})
-        rec = self.store.get(key)
+        rec = self.store.get(key, tenant)
         if rec is not None:
             return rec, cut.rest, self._auto_info(rec, "hit")
         for src, rest in cut.prefixes:  # the longest stored prefix of this conversation
-            base = self.store.get(onthefly.context_key(fp, src, policy, self.beta))
+            base = self.store.get(onthefly.context_key(fp, src, policy, self.beta, tenant), tenant)
             if base is None:
                 continue
             tail = prompting.question_ids(self.tokenizer, src, rest)
@@ -355,17 +438,24 @@ class KvcatService:
                 return base, rest, self._auto_info(base, "prefix-hit")
             new = onthefly.new_tokens(self.tokenizer, src, cut.source)
             if new is not None and len(new) >= 2:
+                self._check_quota(tenant, base.num_slots + round(len(new) / policy.ratio), replacing=key)
                 run = self._compaction_job(cut.source, new, method, policy.ratio, None, context_id=key,
-                                           origin="auto", base=base)
-                rec = await self._run_compaction(run)
+                                           origin="auto", base=base, tenant=tenant)
+                rec = await self._run_compaction(run, cancel)
                 metrics.ONTHEFLY_COMPACTIONS.labels(self.model_name, rec.method, "incremental").inc()
                 return rec, cut.rest, self._auto_info(rec, "incremental")
             break
         ids = prompting.context_ids(self.tokenizer, cut.source)
         if len(ids) / policy.ratio < self.engine.block_size:  # too little before the kept turns to compact
             return None
-        run = self._compaction_job(cut.source, ids, method, policy.ratio, None, context_id=key, origin="auto")
-        rec = await self._run_compaction(run)
+        if len(ids) > self.max_document_tokens:
+            raise ApiError(413, f"the prompt's leading part has {len(ids)} tokens but this server compacts at most "
+                           f"{self.max_document_tokens}", "invalid_request_error", "messages",
+                           "context_length_exceeded")
+        self._check_quota(tenant, round(len(ids) / policy.ratio), replacing=key)
+        run = self._compaction_job(cut.source, ids, method, policy.ratio, None, context_id=key, origin="auto",
+                                   tenant=tenant)
+        rec = await self._run_compaction(run, cancel)
         metrics.ONTHEFLY_COMPACTIONS.labels(self.model_name, rec.method, "scratch").inc()
         return rec, cut.rest, self._auto_info(rec, "compacted")
 
@@ -387,16 +477,20 @@ class KvcatService:
             out.append({**entry(tid, step.get(tid, -math.inf)), "top_logprobs": [entry(t, lp) for t, lp in best]})
         return out
 
-    async def chat(self, req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
-        """A chat completion: (the response body, or an SSE stream of it; extra response headers)."""
+    async def chat(self, req: ChatCompletionRequest, tenant: str = "default", cancel: threading.Event | None = None
+                   ) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
+        """A chat completion: (the response body, or an SSE stream of it; extra response headers). `cancel` (the
+        client went away) and the request timeout stop the generation and free its engine slot."""
         start = time.perf_counter()
+        cancel = cancel or threading.Event()
+        deadline = None if self.limits.request_timeout_s is None else time.monotonic() + self.limits.request_timeout_s
         self.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         rec, auto = None, None
         if req.kv_context is not None:
-            rec = self.get_context(req.kv_context)
+            rec = self.get_context(req.kv_context, tenant)
         else:
-            found = await self._auto_context(req, messages)
+            found = await self._auto_context(req, messages, tenant, cancel)
             if found is not None:
                 rec, messages, auto = found
         ids, params, handle = self._build(req, messages, rec)
@@ -421,6 +515,10 @@ class KvcatService:
         async def stream_chunks():
             try:
                 async for chunk in self.engine.generate(ids, params, handle, request_id):
+                    if cancel.is_set():
+                        raise Cancelled("the client went away")
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise Cancelled(f"the request took longer than {self.limits.request_timeout_s:g} s")
                     if state["first"] is None and chunk.token_ids:
                         state["first"] = time.perf_counter() - start
                         metrics.TTFT_SECONDS.labels(*labels).observe(state["first"])
@@ -439,13 +537,18 @@ class KvcatService:
 
         if not req.stream:
             text, toks, finish, last, lps = "", [], None, None, []
-            async for chunk in stream_chunks():
-                text += chunk.text
-                toks += chunk.token_ids
-                finish = chunk.finish_reason or finish
-                last = chunk
-                if req.logprobs:
-                    lps += self._logprob_entries(chunk, req.top_logprobs or 0)
+            try:
+                async for chunk in stream_chunks():
+                    text += chunk.text
+                    toks += chunk.token_ids
+                    finish = chunk.finish_reason or finish
+                    last = chunk
+                    if req.logprobs:
+                        lps += self._logprob_entries(chunk, req.top_logprobs or 0)
+            except Cancelled as exc:
+                metrics.ERRORS.labels("request_cancelled").inc()
+                raise ApiError(499 if cancel.is_set() else 504, f"generation stopped: {exc}", "timeout_error",
+                               code="request_cancelled") from None
             usage = self._usage(last, len(ids), len(toks), handle)
             return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -471,6 +574,10 @@ class KvcatService:
                                                          "logprobs": lp, "finish_reason": chunk.finish_reason}]})
             except ApiError as exc:
                 yield _sse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+            except Cancelled as exc:
+                metrics.ERRORS.labels("request_cancelled").inc()
+                yield _sse({"error": {"message": f"generation stopped: {exc}", "type": "timeout_error",
+                                      "code": "request_cancelled"}})
             except Exception as exc:  # noqa: BLE001
                 log.exception("streaming failed")
                 metrics.ERRORS.labels("engine_error").inc()
