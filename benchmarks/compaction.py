@@ -11,7 +11,8 @@ Per method and ratio, over HELD-OUT data (kvcat.data):
 - qa_f1: SQuAD-article questions, token F1 of the first answer line;
 - compact_s: seconds from token ids to CompactCache (prefill + reference queries + solve; the document's
   prefill is shared across methods and ratios in memory, but its time is charged to every row);
-- prefill_s: plain prefill seconds of the same documents, measured in the same run;
+- prefill_s: plain prefill seconds of the same documents, measured in the same run; compact_over_prefill:
+  compact_s over the prefill of the same document timed just before it (the fair ratio on a busy machine);
 - peak_rss_mb / peak_extra_mb: peak resident memory of the process while compacting, and its rise over the
   memory held before the document's first compaction (model excluded).
 "main" methods are every registered one except am-omp and optimize; OMP-fast and optimize run only where
@@ -106,7 +107,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         f"qa f1 {mean(full_scores['squad'])}")
 
     acc: dict[tuple[str, float], dict[str, list]] = {
-        (m, r): {"gap": [], "needle": [], "squad": [], "compact_s": [], "rss": [], "extra": []}
+        (m, r): {"gap": [], "needle": [], "squad": [], "compact_s": [], "vs_prefill": [], "rss": [], "extra": []}
         for m in names for r in ratios}
     methods_obj = {m: get_method(m) for m in names}
 
@@ -128,6 +129,8 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
             ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
             a["gap"].append(ppl - full_ppl[i])
             a["compact_s"].append(cache.info["compact_s"])
+            # against the prefill of the same document a moment earlier (robust to a busy machine)
+            a["vs_prefill"].append(cache.info["compact_s"] / cache.info["prefill_s"])
 
         compact_all(list(w.prefix_ids), ppl_gap)
         log(f"document {i + 1}/{len(windows)} done")
@@ -148,6 +151,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
             continue
         rows.append({"method": m, "ratio": r, "ppl_gap": mean(a["gap"]), "needle_acc": mean(a["needle"]),
                      "qa_f1": mean(a["squad"]), "compact_s": mean(a["compact_s"]), "prefill_s": mean(prefill_s),
+                     "compact_over_prefill": mean(a["vs_prefill"]),
                      "peak_rss_mb": round(max(a["rss"]), 1), "peak_extra_mb": round(max(a["extra"]), 1)})
     result = {"model": model, **provenance(),
               "config": {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": ratios,
@@ -195,8 +199,8 @@ def table(result: dict) -> str:
         parts.append(pivot(f"Needle accuracy (full context {full['needle_acc']:.2f})", lambda r: r["needle_acc"]))
     if full.get("qa_f1") is not None:
         parts.append(pivot(f"SQuAD F1 (full context {full['qa_f1']:.2f})", lambda r: r["qa_f1"]))
-    parts.append(pivot(f"Compaction seconds / prefill seconds (prefill {full['prefill_s']:.1f} s)",
-                       lambda r: r["compact_s"] / r["prefill_s"]))
+    parts.append(pivot(f"Compaction seconds / prefill seconds of the same document (prefill {full['prefill_s']:.1f} s)",
+                       lambda r: r["compact_over_prefill"]))
     return "\n\n".join(parts)
 
 

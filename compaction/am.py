@@ -16,7 +16,7 @@ from kvcat.models import LoadedModel
 
 from . import budgets as budgets_mod
 from .base import Method, Progress, attention_scale, group_queries, register
-from .queries import DocumentState, get_queries, repeat_input
+from .queries import QUERY_MODES, DocumentState, get_queries, repeat_input
 from .solvers import SOLVERS, Solution
 
 # Measured on SmolLM2-135M (held-out 2k-token windows, 8-32x): more reference queries help the fits most
@@ -28,6 +28,7 @@ COMMON = {"queries": "repeat", "budgets": "uniform", "max_queries": 4096, "sink"
 
 class AMMethod(Method):
     solver: str = ""
+    choices = {"queries": tuple(QUERY_MODES), "budgets": ("uniform", "nonuniform"), "score": ("rms", "mean", "max")}
 
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
         return budgets_mod.head_budgets(lm, state.num_tokens, t, self.params["budgets"])

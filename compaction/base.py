@@ -168,12 +168,28 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}  # parameters that take one of a few values
+    # numeric parameters with a non-negative default must stay >= 0; these ones >= 1
+    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "k_choice", "refit_every", "window", "kernel", "chunk",
+                                                "logit_tokens")
 
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise CompactionError(f"method {self.name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
                                   f"it takes: {', '.join(sorted(self.defaults)) or 'none'}")
+        for key, value in params.items():
+            if not _same_kind(self.defaults[key], value):
+                raise CompactionError(f"parameter {key!r} of {self.name!r} should be like "
+                                      f"{self.defaults[key]!r}, got {value!r}")
+            default, low = self.defaults[key], 1 if key in self.at_least_one else 0
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 and (
+                    not value >= low or value == float("inf")):
+                raise CompactionError(f"parameter {key!r} of {self.name!r} must be a finite number >= {low}, "
+                                      f"got {value!r}")
+            if key in self.choices and value not in self.choices[key]:
+                raise CompactionError(f"parameter {key!r} of {self.name!r} is one of "
+                                      f"{', '.join(map(str, self.choices[key]))}; got {value!r}")
         self.params: dict[str, Any] = {**self.defaults, **params}
 
     def __repr__(self) -> str:
@@ -234,6 +250,20 @@ class Method(ABC):
                      target_tokens: int | None = None) -> list[CompactCache]:
         """A batch of documents, one after another (each shares nothing but the model)."""
         return [self.compact(lm, ids, ratio=ratio, target_tokens=target_tokens) for ids in documents]
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    """A parameter value of the type its default has (ints pass for floats; None defaults take anything)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(default) and all(
+            _same_kind(d, v) for d, v in zip(default, value))
+    return isinstance(value, type(default))
 
 
 def _jsonable(v: Any) -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from kvcat.models import LoadedModel
 
 from .base import Method, Progress, attention_scale, group_queries, register
-from .queries import DocumentState, get_queries
+from .queries import QUERY_MODES, DocumentState, get_queries
 from .solvers import Solution
 
 
@@ -189,6 +189,7 @@ class KVzip(Eviction):
 
     name = "kvzip"
     defaults = {"queries": "repeat", "max_queries": 4096}
+    choices = {"queries": tuple(QUERY_MODES)}
     global_budget = True
 
     def scores(self, lm, state, layer):

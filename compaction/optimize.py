@@ -19,8 +19,8 @@ import torch
 from kvcat.cache import CompactCache
 from kvcat.models import LoadedModel
 
-from .base import Method, Progress, attention_scale, get_method, group_queries, register
-from .queries import DocumentState, get_queries, repeat_input
+from .base import CompactionError, Method, Progress, attention_scale, get_method, group_queries, register
+from .queries import QUERY_MODES, DocumentState, get_queries, repeat_input
 from .solvers import Solution
 
 
@@ -31,11 +31,12 @@ class Optimized(Method):
     name = "optimize"
     defaults = {"init": "am-hak", "objective": "attention", "steps": 100, "lr": 1e-2, "target_loss": None,
                 "queries": "repeat", "max_queries": 1024, "logit_tokens": 256}
+    choices = {"objective": ("attention", "logits"), "queries": tuple(QUERY_MODES)}
 
     def __init__(self, **params):
         super().__init__(**params)
-        if self.params["objective"] not in ("attention", "logits"):
-            raise ValueError("objective must be 'attention' or 'logits'")
+        if self.params["init"] in ("optimize", "cartridges"):
+            raise CompactionError("optimize starts from another method's result: give init=am-hak (or another)")
         self.init_method = get_method(self.params["init"])
         self.report: dict = {}
 

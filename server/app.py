@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvcat.server import metrics
 from kvcat.server.auth import Auth
@@ -185,6 +186,12 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
     async def _api_error(request: Request, exc: ApiError):
         metrics.ERRORS.labels(str(exc.code)).inc()
         return _error(exc.status, error_body(exc.message, exc.type, exc.code, exc.param), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        metrics.ERRORS.labels(str(exc.status_code)).inc()
+        return _error(exc.status_code, error_body(str(exc.detail), "invalid_request_error", exc.status_code),
+                      getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -80,6 +80,14 @@ class Auth:
         return found
 
 
+def bind_host(host: str, auth: Auth) -> tuple[str, str | None]:
+    """The address to listen on, and why it differs from `host`: without keys, loopback only."""
+    if auth.enabled or host in LOOPBACK:
+        return host, None
+    return "127.0.0.1", (f"no API keys configured, so listening on 127.0.0.1 only instead of {host} (give "
+                         f"--api-keys-file or {ENV_KEYS} to serve other hosts)")
+
+
 def _from_file(path: Path, opts: dict) -> list[tuple[str, str]]:
     try:
         text = path.read_text()

@@ -49,7 +49,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
 
     from kvcat.models import ModelError, resolve
     from kvcat.server.app import ServerConfig, create_app
-    from kvcat.server.auth import LOOPBACK, Auth, AuthConfigError
+    from kvcat.server.auth import Auth, AuthConfigError, bind_host
     from kvcat.server.onthefly import AutoCompaction
     from kvcat.server.service import Limits
 
@@ -62,10 +62,9 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
         auth = Auth.load(api_keys_file, protect_metrics=protect_metrics, protect_health=protect_health)
     except (ModelError, AuthConfigError) as exc:
         fail(str(exc))
-    if not auth.enabled and host not in LOOPBACK:
-        typer.echo(f"kvcat: no API keys configured, so listening on 127.0.0.1 only instead of {host} "
-                   "(give --api-keys-file or KVCAT_API_KEYS to serve other hosts)", err=True)
-        host = "127.0.0.1"
+    host, why = bind_host(host, auth)
+    if why:
+        typer.echo(f"kvcat: {why}", err=True)
     for name, value in (("max-queued-compactions", max_queued_compactions), ("request-timeout", request_timeout),
                         ("compaction-timeout", compaction_timeout), ("max-body-bytes", max_body_bytes)):
         if value <= 0:

@@ -18,7 +18,10 @@ class PromptError(ValueError):
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001  (the template's own checks raise assorted errors)
+        raise PromptError(f"the model's chat template cannot render these messages: {exc}") from None
 
 
 def encode(tokenizer, text: str) -> list[int]:

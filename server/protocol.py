@@ -7,10 +7,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+def _utf8(value: str | None) -> str | None:
+    """Strings must be encodable (JSON allows lone surrogates like \\ud800; tokenizers do not)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        for text in ([v] if isinstance(v, str) else [str(p.get("text", "")) for p in v or []]):
+            _utf8(text)
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -29,6 +46,8 @@ class CompactRequest(BaseModel):
     query_mode: str | None = Field(None, description="reference queries of the method (e.g. repeat)")
     params: dict[str, Any] = Field(default_factory=dict, description="extra method parameters")
     run_async: bool = Field(False, alias="async")
+
+    _text = field_validator("text")(classmethod(lambda cls, v: _utf8(v)))
 
     @model_validator(mode="after")
     def _one_of(self) -> "CompactRequest":
@@ -66,7 +85,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -110,9 +110,13 @@ class KvcatService:
 
     def _method(self, name: str, params: dict, query_mode: str | None = None):
         from kvcat.compaction import get_method
+        from kvcat.compaction.queries import QUERY_MODES
 
         params = dict(params)
         if query_mode is not None:
+            if query_mode not in QUERY_MODES:
+                raise ApiError(422, f"unknown query_mode {query_mode!r}; choose one of {', '.join(QUERY_MODES)}",
+                               "invalid_request_error", "query_mode")
             params["queries"] = query_mode
         try:
             method = get_method(name, **params)
@@ -130,7 +134,10 @@ class KvcatService:
         """Validate a compaction request (cheap checks only) and return a callable doing the work."""
         self.check_model(req.model)
         source = self._source(req)
-        ids = prompting.context_ids(self.tokenizer, source)
+        try:
+            ids = prompting.context_ids(self.tokenizer, source)
+        except prompting.PromptError as exc:
+            raise ApiError(422, str(exc), "invalid_request_error", "messages") from None
         n = len(ids)
         if n > self.max_document_tokens:
             what = "the model's context holds" if self.max_document_tokens == self.max_positions else \
@@ -408,8 +415,11 @@ class KvcatService:
         policy = self.auto_policy(req)
         if not policy.enabled:
             return None
-        if len(prompting.plain_ids(self.tokenizer, messages)) <= policy.threshold_tokens:
-            return None
+        try:
+            if len(prompting.plain_ids(self.tokenizer, messages)) <= policy.threshold_tokens:
+                return None
+        except prompting.PromptError as exc:
+            raise ApiError(422, str(exc), "invalid_request_error", "messages") from None
         cut = onthefly.split(messages, policy.keep_turns)
         if cut is None:
             return None

@@ -37,9 +37,8 @@ def smollm2():
     return _load("smollm2-135m")
 
 
-@contextmanager
-def kvcat_server(root: Path, model: str = "smollm2-135m", **kwargs):
-    """`kvcat serve` on a free loopback port (fp32 engine, so logits compare), stopped on exit."""
+def kvcat_server_process(root: Path, model: str = "smollm2-135m", **kwargs):
+    """`kvcat serve` started on a free loopback port (fp32 engine, so logits compare); the caller stops it."""
     from kvcat.models import is_prepared
     from kvcat.server.launch import ServerProcess, ServerStartError
 
@@ -49,9 +48,15 @@ def kvcat_server(root: Path, model: str = "smollm2-135m", **kwargs):
               "log_path": root / "server.log", **kwargs}
     srv = ServerProcess(model, **kwargs)
     try:
-        srv.start()
+        return srv.start()
     except ServerStartError as exc:
         pytest.fail(str(exc))
+
+
+@contextmanager
+def kvcat_server(root: Path, model: str = "smollm2-135m", **kwargs):
+    """`kvcat_server_process`, stopped on exit."""
+    srv = kvcat_server_process(root, model, **kwargs)
     try:
         yield srv
     finally:
