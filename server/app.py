@@ -221,7 +221,7 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
             return {"status": "ready", "model": s.model_name, "beta": s.beta}
         return _error(503, {"status": "failed" if state["error"] else "starting", "error": state["error"]})
 
-    @app.get("/metrics", dependencies=open_or_tenant["metrics"])
+    @app.get("/metrics", dependencies=open_or_tenant["metrics"], include_in_schema=False)  # Prometheus text
     async def prometheus():
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
