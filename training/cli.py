@@ -72,7 +72,7 @@ def train_command(
 
 
 def bench_command(
-    steps: Optional[int] = typer.Option(None, help="training steps per policy (default 300; smoke 2)"),
+    steps: Optional[int] = typer.Option(None, help="training steps per policy (default 60; smoke 2)"),
     docs: Optional[int] = typer.Option(None, help="training documents (default: the whole TRAIN split)"),
     seq_len: Optional[int] = typer.Option(None, help="training sequence length (default 512)"),
     eval_windows: Optional[int] = typer.Option(None, help="held-out PPL windows (default 8)"),
