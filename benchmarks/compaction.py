@@ -205,13 +205,10 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kvcat.bench import save_figure, subplots
 
     rows = [r for r in result["rows"] if r["method"] != "full" and "skipped" not in r]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
+    _, fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(17, 4.5))
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
         style = dict(marker="o", lw=2.5 if m in AM else 1.2, label=m)
@@ -229,11 +226,7 @@ def plot(result: dict, path: Path) -> Path:
     ax2.set(xscale="log", yscale="symlog", xlabel="compaction seconds (prefill + queries + solve)",
             ylabel="PPL gap", title="quality vs seconds")
     ax1.legend(fontsize=7)
-    fig.suptitle(f"{result['model']} on {result['machine']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{result['model']} on {result['machine']}")
 
 
 def main(argv=None) -> None:

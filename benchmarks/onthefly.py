@@ -225,12 +225,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
+    from kvcat.bench import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    _, fig, (ax1, ax2) = subplots(1, 2, figsize=(13, 4.5))
     rows = result["session"]["turns"]
     for mode in dict.fromkeys(r["mode"] for r in rows):
         rs = [r for r in rows if r["mode"] == mode]
@@ -240,12 +237,8 @@ def plot(result: dict, path: Path) -> Path:
     summary = result["session"]["summary"]
     ax2.bar([s["mode"] for s in summary], [s["kv_bytes_held"] or 0 for s in summary], color="tab:blue")
     ax2.set(yscale="log", ylabel="KV bytes held at the last turn", title="KV memory of the session")
-    fig.suptitle(f"on-the-fly compaction, {result['model']}, {result['config']['doc_tokens']}-token document, "
-                 f"ratio {result['config']['ratio']:g} ({result['machine']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"on-the-fly compaction, {result['model']}, {result['config']['doc_tokens']}"
+                       f"-token document, ratio {result['config']['ratio']:g} ({result['machine']})")
 
 
 def main(argv=None) -> None:

@@ -136,14 +136,11 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kvcat.bench import save_figure, subplots
 
     rows = result["rows"]
     labels = [r["mode"] if r["ratio"] == 1 else f"{r['mode']}\n{r['ratio']:g}x" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    _, fig, axes = subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("ttft_s", "decode_tok_s", "contexts_in_budget"),
                               ("time to first token (s, lower is better)", "decode tokens/s",
                                f"contexts in a {result['config']['budget_gib']:g} GiB KV budget")):
@@ -153,12 +150,8 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_title(title, fontsize=9)
         if key != "decode_tok_s":
             ax.set_yscale("log")
-    fig.suptitle(f"kvcat serve: {result['model']}, {result['config']['doc_tokens']}-token documents "
-                 f"({result['machine']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"kvcat serve: {result['model']}, {result['config']['doc_tokens']}-token "
+                       f"documents ({result['machine']})")
 
 
 def main(argv=None) -> None:

@@ -82,6 +82,28 @@ def write_result(result: dict, out: str | os.PathLike, table: str | None = None)
     return out
 
 
+def subplots(*args, **kwargs):
+    """matplotlib's subplots on the headless Agg backend: (pyplot, figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return (plt, *plt.subplots(*args, **kwargs))
+
+
+def save_figure(fig, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Title, tight layout, PNG at 110 dpi, close."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 class PeakRSS:
     """Peak resident set size (MB) of this process while inside the block, sampled every 5 ms."""
 
