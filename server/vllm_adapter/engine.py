@@ -93,6 +93,12 @@ class Engine:
     def start(cls, config: EngineConfig) -> "Engine":
         """Build the engine (blocks for the engine start-up; call from a worker thread in async code)."""
         check_version()
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise RuntimeError("kvcat's KV connector and beta attention backend support vLLM's CPU paged layout "
+                               f"only so far; this platform is {current_platform.device_name!r}. Serve on a CPU "
+                               "machine (the GPU layout and kernels are not written yet)")
         if config.beta:
             if os.environ.get("KVCAT_BETA_BACKEND") == "0":
                 raise RuntimeError("beta requested but KVCAT_BETA_BACKEND=0 disables the beta backend")
