@@ -1,4 +1,4 @@
-"""`kvcat compact FILE --model M --ratio 10 --method am-hak --out doc.kvc` and `kvcat bench compaction`."""
+"""`kvcat compact FILE --model M --ratio 10 --method am-hak --out doc.kvc`, `kvcat bench compaction|peers`."""
 
 from __future__ import annotations
 
@@ -119,3 +119,41 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         load_script("compaction").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
                 ratios=[float(r) for r in ratios.split(",")], methods=methods, needles=needles, qa=qa,
                 model=model, out=out, slow_max_slots=slow_max_slots, question_tokens=question_tokens)
+
+    @bench.command("peers")
+    def bench_peers(
+        docs: int = typer.Option(20, help="held-out PPL windows"),
+        doc_tokens: int = typer.Option(4096, help="tokens of each window's prefix"),
+        continuation: int = typer.Option(256, help="continuation tokens for the PPL gap"),
+        ratios: str = typer.Option("2,4,8,16,32,50", help="comma-separated ratios (1, the full cache, always runs)"),
+        methods: str = typer.Option("am-hak,am-omp-fast,snapkv", help="kvcat methods, comma-separated"),
+        presses: str = typer.Option("snapkv,expected-attention,kvzip,streaming-llm,tova,knorm,pyramidkv,"
+                                    "adakv-expected-attention", help="kvpress presses, comma-separated "
+                                    "(adakv-X: press X inside AdaKVPress)"),
+        needles: int = typer.Option(5, help="needle examples (0 to skip)"),
+        qa: int = typer.Option(5, help="QA examples (0 to skip)"),
+        question_tokens: int = typer.Option(2048, help="length of the needle haystacks and QA articles"),
+        model: str = typer.Option("smollm2-135m", help="model"),
+        slow_max_slots: int = typer.Option(256, help="run OMP-fast only up to this many slots per head"),
+        out: Path = typer.Option(Path("benchmarks/results/peers.json"), help="JSON output"),
+    ) -> None:
+        """kvcat vs NVIDIA kvpress on the same held-out data -> benchmarks/results/peers.json + Pareto PNG.
+
+        kvpress runs in its own venv (.peers-venv/, made here by scripts/peers_venv.sh on first use)."""
+        import subprocess
+
+        from kvcat.bench import REPO, load_script
+        from kvcat.cli import fail
+
+        setup = REPO / "scripts" / "peers_venv.sh"
+        try:
+            proc = subprocess.run(["bash", str(setup)], cwd=REPO)
+        except OSError as exc:
+            fail(f"could not run {setup}: {exc}")
+        if proc.returncode != 0:
+            fail(f"{setup} failed (exit {proc.returncode}): the kvpress venv .peers-venv/ could not be made; "
+                 "it needs Python 3.11 and PyPI to install kvpress (see the output above)")
+        load_script("peers").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
+                                 ratios=[float(r) for r in ratios.split(",")], methods=methods, presses=presses,
+                                 needles=needles, qa=qa, question_tokens=question_tokens, model=model, out=out,
+                                 slow_max_slots=slow_max_slots)

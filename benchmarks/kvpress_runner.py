@@ -1,0 +1,256 @@
+"""The kvpress side of `kvcat bench peers`: run NVIDIA kvpress presses on token ids that kvcat prepared.
+
+    .peers-venv/bin/python benchmarks/kvpress_runner.py JOB.json RESULT.json
+
+Runs in the peers venv (scripts/peers_venv.sh: kvpress needs transformers < 5.3), so it must not import
+kvcat: kvcat tokenizes, prepares the held-out data and scores every output with its own metrics; this
+script only turns token ids into numbers and texts. The job (JSON):
+
+    {"model": "/path/to/hf/folder",
+     "windows": [{"context": [ids], "continuation": [ids]}, ...],     # PPL windows
+     "prompts": [{"context": [ids], "question": [ids], "max_new_tokens": 24}, ...],
+     "runs": [["none", 1], ["snapkv", 8], ...],   # (press, kvcat ratio); "none" = no press; ratio 1 = cr 0
+     "max_new_tokens": 24, "stop_ids": [2]}
+
+The result (JSON, rewritten after every run): {"versions": {...}, "runs": [{"press", "ratio",
+"compression_ratio", "windows": [{"nll_sum", "count"}], "prompts": [{"ids", "text"}], "compress_s": [...],
+"kept_per_head": [slots per KV head kept, per item], "peak_rss_mb", "seconds", "error"}]}.
+
+kvpress facts this relies on (kvpress 0.5.x):
+- a press compresses during prefill only: `with press(model): model.model(input_ids=ctx, past_key_values=
+  cache)` registers forward hooks on every attention layer, and each hook, on the pass that starts from an
+  empty cache, replaces that layer's cached K/V by the kept subset (ScorerPress: the top-scored entries);
+  AdaKV and KVzip instead keep every entry and mark pruned ones in `self_attn.masked_key_indices`, which
+  kvpress's patched attention functions neutralize with a "fake key" in later passes;
+- `compression_ratio` is the fraction of entries REMOVED: kvcat's ratio r (N / kept) is compression_ratio
+  1 - 1/r. Here the kept count is matched to kvcat's budget round(N / r) exactly (kvpress keeps
+  int(N * (1 - cr)) entries, so cr = 1 - (t + 0.01) / N, which is 1 - 1/r up to rounding);
+- positions after a compressed prefill: the cache may hold t < N entries per layer, but the new tokens are
+  the (N+1)-th, (N+2)-th, ... tokens of the text, so they get position_ids N, N+1, ... passed explicitly
+  (as kvpress's own pipeline does in `generate_answer`). Without them transformers would derive positions
+  from the cache length t and rotate the new queries and keys to the wrong RoPE angles. The attention mask
+  and cache_position still follow the cache's real length (t + new tokens), which is what the cache holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+
+def log(msg: str) -> None:
+    print(f"[kvpress runner {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class PeakRSS:
+    """Peak resident memory (MB) of this process inside the block, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    @staticmethod
+    def rss() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# press name -> (kvpress class name, constructor keywords besides compression_ratio); "adakv-<name>" wraps
+# <name> (a ScorerPress) in AdaKVPress, kvpress's head-wise budget allocation.
+PRESSES = {
+    "snapkv": ("SnapKVPress", {}),
+    "expected-attention": ("ExpectedAttentionPress", {}),
+    "kvzip": ("KVzipPress", {}),
+    "streaming-llm": ("StreamingLLMPress", {}),
+    "tova": ("TOVAPress", {}),
+    "knorm": ("KnormPress", {}),
+    "pyramidkv": ("PyramidKVPress", {}),
+}
+
+
+def make_press(name: str, compression_ratio: float):
+    import kvpress
+
+    if name.startswith("adakv-"):
+        return kvpress.AdaKVPress(press=make_press(name[len("adakv-"):], compression_ratio))
+    if name not in PRESSES:
+        raise ValueError(f"unknown press {name!r}; known: {', '.join(PRESSES)} and adakv-<press>")
+    cls, kwargs = PRESSES[name]
+    return getattr(kvpress, cls)(compression_ratio=compression_ratio, **kwargs)
+
+
+def compression_ratio_for(n: int, ratio: float) -> float:
+    """kvpress's fraction removed for kvcat's ratio r on an n-token context, keeping kvcat's round(n / r)."""
+    if ratio <= 1:
+        return 0.0
+    t = max(1, min(n - 1, round(n / ratio)))
+    return 1.0 - (t + 0.01) / n
+
+
+def kept_per_head(model, cache) -> float:
+    """Mean KV entries per layer and KV head that attention can still see (entries minus those a head-wise
+    press masked)."""
+    layers = model.model.layers
+    total = 0.0
+    for i, layer in enumerate(layers):
+        keys = cache.layers[i].keys
+        heads, n = keys.shape[1], keys.shape[2]
+        masked = getattr(layer.self_attn, "masked_key_indices", None)
+        total += n - (len(masked[0]) / heads if masked is not None else 0)
+    return total / len(layers)
+
+
+class Runner:
+    def __init__(self, job: dict):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import kvpress  # noqa: F401  (patches the attention functions for head-wise presses)
+
+        self.torch = torch
+        torch.manual_seed(0)
+        self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32,
+                                                          attn_implementation="sdpa").eval()
+        self.stop = set(job.get("stop_ids") or [])
+        self.max_new = int(job.get("max_new_tokens", 24))
+        with torch.no_grad():  # warm-up: the first forward pass of a process is slow, keep it out of the timings
+            self.model.model(input_ids=torch.arange(64)[None], use_cache=False)
+
+    def prefill(self, context: list[int], press):
+        """The context through the model under the press (kvpress's way: the base model without the LM head,
+        in one pass from an empty cache, so the hooks see the prefill). Returns (cache, seconds)."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        ids = torch.tensor([context], dtype=torch.long)
+        cache = DynamicCache()
+        start = time.perf_counter()
+        if press is None:
+            self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        else:
+            with press(self.model):
+                self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return cache, time.perf_counter() - start
+
+    def forward(self, cache, ids: list[int], position: int):
+        """New tokens after the (compressed) context, at their true positions position, position + 1, ..."""
+        torch = self.torch
+        x = torch.tensor([ids], dtype=torch.long)
+        pos = torch.arange(position, position + len(ids))[None]
+        return self.model(input_ids=x, past_key_values=cache, position_ids=pos, use_cache=True).logits[0].float()
+
+    def nll(self, cache, context: list[int], continuation: list[int]) -> tuple[float, int]:
+        """Sum and count of the NLL of continuation[1:] given the cache and continuation[:i] (kvcat's
+        continuation_nll: the first continuation token is input only)."""
+        torch = self.torch
+        logits = self.forward(cache, continuation, len(context))
+        target = torch.tensor(continuation[1:], dtype=torch.long)
+        loss = torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum")
+        return float(loss), len(continuation) - 1
+
+    def generate(self, cache, context: list[int], question: list[int], max_new: int) -> list[int]:
+        """Greedy answer, as kvcat's CacheSession.generate: stop ids end it and are not part of it."""
+        position = len(context)
+        logits = self.forward(cache, question, position)[-1]
+        position += len(question)
+        out: list[int] = []
+        for _ in range(max_new):
+            token = int(logits.argmax())
+            if token in self.stop:
+                break
+            out.append(token)
+            logits = self.forward(cache, [token], position)[-1]
+            position += 1
+        return out
+
+    def run(self, job: dict, name: str, ratio: float, tokenizer) -> dict:
+        torch = self.torch
+        rec = {"press": name, "ratio": ratio, "compression_ratio": [], "windows": [], "prompts": [],
+               "compress_s": [], "kept_per_head": [], "peak_rss_mb": None, "seconds": None, "error": None}
+        start = time.perf_counter()
+        peak = 0.0
+        try:
+            # one press object per run (KVzip warns on every construction); its ratio is set per context
+            press = None if name == "none" else make_press(name, 0.0)
+            with torch.no_grad():
+                for kind, items in (("windows", job.get("windows", [])), ("prompts", job.get("prompts", []))):
+                    for item in items:
+                        ctx = list(item["context"])
+                        cr = compression_ratio_for(len(ctx), ratio)
+                        if press is not None:
+                            press.compression_ratio = cr  # AdaKVPress forwards it to the press it wraps
+                        with PeakRSS() as mem:
+                            cache, sec = self.prefill(ctx, press)
+                        peak = max(peak, mem.peak)
+                        rec["kept_per_head"].append(round(kept_per_head(self.model, cache), 2))
+                        rec["compression_ratio"].append(cr)
+                        rec["compress_s"].append(round(sec, 4))
+                        if kind == "windows":
+                            s, c = self.nll(cache, ctx, list(item["continuation"]))
+                            rec["windows"].append({"nll_sum": s, "count": c})
+                        else:
+                            ids = self.generate(cache, ctx, list(item["question"]),
+                                                int(item.get("max_new_tokens", self.max_new)))
+                            rec["prompts"].append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
+                        del cache
+        except Exception as exc:  # a press that does not support this model (or these lengths): record it
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["traceback"] = traceback.format_exc(limit=6)
+        rec["peak_rss_mb"] = round(peak, 1) if peak else None
+        rec["seconds"] = round(time.perf_counter() - start, 2)
+        return rec
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("kvpress", "transformers", "torch")}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        sys.exit("usage: kvpress_runner.py JOB.json RESULT.json")
+    job = json.loads(Path(argv[0]).read_text())
+    out = Path(argv[1])
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    runner = Runner(job)
+    result = {"versions": versions(), "model": job["model"], "runs": []}
+    runs = [(str(p), float(r)) for p, r in job["runs"]]
+    log(f"kvpress {result['versions']['kvpress']}, transformers {result['versions']['transformers']}; "
+        f"{len(job.get('windows', []))} windows, {len(job.get('prompts', []))} prompts, {len(runs)} runs")
+    for i, (name, ratio) in enumerate(runs):
+        rec = runner.run(job, name, ratio, tokenizer)
+        result["runs"].append(rec)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+        kept = rec["kept_per_head"]
+        status = (f"FAILED ({rec['error']})" if rec["error"] else
+                  f"kept {sum(kept) / max(len(kept), 1):.1f} slots/head on average")
+        log(f"run {i + 1}/{len(runs)}: {name} at {ratio:g}x in {rec['seconds']} s: {status}")
+
+
+if __name__ == "__main__":
+    main()

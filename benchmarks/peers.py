@@ -1,0 +1,378 @@
+"""Peer benchmark: kvcat's compaction against NVIDIA kvpress's presses, on the same token ids, same metrics.
+
+    kvcat bench peers                                      # 20 held-out 4k-token windows, ratios 2-50 (hours)
+    kvcat bench peers --docs 1 --doc-tokens 512 --continuation 64 --ratios 8 --presses snapkv,knorm \\
+        --needles 1 --qa 0 --out /tmp/peers.json           # minutes
+
+kvpress needs transformers < 5.3, so it runs in its own venv (.peers-venv/, made by scripts/peers_venv.sh)
+as a subprocess: benchmarks/kvpress_runner.py. This script, in kvcat's venv, prepares the HELD-OUT data
+exactly as `kvcat bench compaction` does (kvcat.data windows, needles and SQuAD articles; chat prompts split
+by kvcat.prompts.context_and_question), hands kvpress the very token ids, runs kvcat's own methods in this
+process, and scores every system's outputs here with the same kvcat.eval.metrics functions:
+- ppl_gap: per window, exp(mean NLL of continuation[1:]) over the compressed prefix minus the full-prefix
+  PPL of the same window (kvcat.eval.harness.full_prefix_nll: one uncached pass, the shared reference);
+  the mean over windows;
+- needle_acc: metrics.retrieved of the greedy answer after compressing the haystack (chat prompt);
+- qa_f1: metrics.f1 of the first answer line on SQuAD-article questions;
+- compress_s: seconds from token ids to compressed cache, prefill included (kvcat: prefill + queries +
+  solve; kvpress: the prefill under the press, its scoring included), mean over the PPL windows;
+- peak_rss_mb: peak resident memory of the process (kvcat's, or the kvpress runner's) while compressing.
+Ratio r means round(N / r) KV slots per head kept on average, in both systems (kvpress: compression_ratio
+1 - 1/r). Ratio 1 is the full cache in both: the fairness check wants their full-cache PPLs on the same
+windows within 1% (both values and the relative difference are in the JSON).
+Writes benchmarks/results/peers.json, .md (table) and .png (PPL gap and needle accuracy vs ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = REPO / ".peers-venv" / "bin" / "python"
+RUNNER = Path(__file__).resolve().parent / "kvpress_runner.py"
+
+KVCAT_METHODS = ("am-hak", "am-omp-fast", "snapkv")
+AM = ("am-hak", "am-omp", "am-omp-fast")
+# kvpress presses (names of benchmarks/kvpress_runner.py); adakv-X wraps press X in AdaKVPress
+PRESSES = ("snapkv", "expected-attention", "kvzip", "streaming-llm", "tova", "knorm", "pyramidkv",
+           "adakv-expected-attention")
+SLOW = {"am-omp": 0.5, "am-omp-fast": 1.0, "optimize": 1.0}  # as benchmarks/compaction.py: t <= limit only
+FAIRNESS_TOLERANCE = 0.01
+
+
+def log(msg: str) -> None:
+    print(f"[bench peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(statistics.mean(xs), 4) if xs else None
+
+
+def _split(value, default) -> list[str]:
+    if value is None:
+        return list(default)
+    return [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+
+
+def run_kvpress(job: dict, python: Path | str = PEERS_PYTHON) -> dict:
+    """The kvpress runner in the peers venv on `job`; returns its result (raises when it cannot run)."""
+    python = Path(python)
+    if not python.is_file():
+        raise RuntimeError(f"{python} is missing: make the peers venv first (bash scripts/peers_venv.sh)")
+    with tempfile.TemporaryDirectory(prefix="kvcat-peers-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps(job))
+        proc = subprocess.run([str(python), str(RUNNER), str(job_file), str(result_file)], cwd=REPO)
+        if proc.returncode != 0 or not result_file.is_file():
+            raise RuntimeError(f"the kvpress runner failed (exit {proc.returncode}); see its output above")
+        return json.loads(result_file.read_text())
+
+
+def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=(2, 4, 8, 16, 32, 50),
+        methods: str | list[str] | None = None, presses: str | list[str] | None = None, needles: int = 5,
+        qa: int = 5, question_tokens: int = 2048, model: str = "smollm2-135m",
+        out: Path | str = RESULTS / "peers.json", seed: int = 0, slow_max_slots: int = 256,
+        peers_python: Path | str = PEERS_PYTHON) -> dict:
+    from kvcat import data
+    from kvcat.bench import PeakRSS, provenance, write_result
+    from kvcat.compaction import get_method
+    from kvcat.compaction.queries import clear_memo
+    from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
+    from kvcat.eval.metrics import f1, retrieved
+    from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
+    from kvcat.models import load_model
+    from kvcat.prompts import context_and_question
+
+    names = _split(methods, KVCAT_METHODS)
+    press_names = _split(presses, PRESSES)
+    all_ratios = sorted({float(r) for r in ratios})
+    ratios = [r for r in all_ratios if r > 1]  # ratio 1 is the full cache, run in both systems anyway
+    out = Path(out)
+    lm = load_model(model, dtype="float32")
+    tok = lm.tokenizer
+    log(f"model {model}; {docs} windows of {doc_tokens}+{continuation} tokens; ratios {ratios}; kvcat {names}; "
+        f"kvpress {press_names}; {needles} needles, {qa} QA")
+
+    windows = data.token_windows(tok, doc_tokens, continuation, docs, split="heldout", seed=seed)
+    needle_ex = data.needle(tok, n=needles, length=question_tokens, split="heldout", seed=seed) if needles else []
+    qa_ex = data.squad(split="heldout", n=qa, seed=seed, context="article",
+                       max_context_chars=question_tokens * 4) if qa else []
+    examples = needle_ex + qa_ex
+    prompts = [context_and_question(tok, ex.document, ex.question) for ex in examples]
+    max_new = [MAX_NEW_TOKENS.get(ex.task, 32) for ex in examples]
+
+    def score(text: str, ex) -> float:
+        return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
+
+    def tasks(scores: list[float]) -> dict[str, float | None]:
+        return {"needle_acc": _mean([s for s, ex in zip(scores, examples) if ex.task == "needle"]),
+                "qa_f1": _mean([s for s, ex in zip(scores, examples) if ex.task != "needle"])}
+
+    # ---- kvpress, in its own venv, on the same token ids ----
+    job = {"model": str(lm.spec.path),
+           "windows": [{"context": list(w.prefix_ids), "continuation": list(w.continuation_ids)} for w in windows],
+           "prompts": [{"context": p.context_ids, "question": p.question_ids, "max_new_tokens": m}
+                       for p, m in zip(prompts, max_new)],
+           "runs": [["none", 1.0]] + [[p, r] for p in press_names for r in ratios],
+           "max_new_tokens": max(max_new, default=32), "stop_ids": [tok.eos_token_id]}
+    start = time.perf_counter()
+    peer = run_kvpress(job, peers_python)
+    log(f"kvpress done in {time.perf_counter() - start:.0f} s")
+
+    # ---- kvcat, in this process ----
+    reference, kvcat_full, prefill_s, prefill_rss = [], [], [], []
+    prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
+    for w in windows:
+        reference.append(math.exp(full_prefix_nll(lm, w).mean().item()))
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            pre = prefill(lm, list(w.prefix_ids))
+        prefill_s.append(time.perf_counter() - t0)
+        prefill_rss.append(mem.peak)
+        kvcat_full.append(math.exp(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint),
+                                                    list(w.continuation_ids)).mean().item()))
+
+    def answer(cache, p, m) -> str:
+        return tok.decode(CacheSession(lm, cache).generate(p.question_ids, max_new_tokens=m), skip_special_tokens=True)
+
+    full_texts = [answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p, m)
+                  for p, m in zip(prompts, max_new)]
+    combos = [(m, r) for m in names for r in ratios]
+    acc = {c: {"gap": [], "ppl": [], "scores": [None] * len(examples), "compact_s": [], "rss": [], "ratio": [],
+               "skipped": False} for c in combos}
+    methods_obj = {m: get_method(m) for m in names}
+
+    def compact_all(ids: list[int], use) -> None:
+        """Every (method, ratio) on one context; the memoized prefill and queries serve them all."""
+        clear_memo()
+        for m, r in combos:
+            if round(len(ids) / r) > SLOW.get(m, math.inf) * slow_max_slots:
+                acc[(m, r)]["skipped"] = True
+                continue
+            with PeakRSS() as mem:
+                cache = methods_obj[m].compact(lm, ids, ratio=r)
+            a = acc[(m, r)]
+            a["rss"].append(mem.peak)
+            a["ratio"].append(cache.ratio)
+            use(a, cache)
+
+    for i, w in enumerate(windows):
+        def ppl_gap(a, cache, i=i, w=w):
+            ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
+            a["gap"].append(ppl - reference[i])
+            a["ppl"].append(ppl)
+            a["compact_s"].append(cache.info["compact_s"])
+
+        compact_all(list(w.prefix_ids), ppl_gap)
+        log(f"kvcat: window {i + 1}/{len(windows)} done")
+    for j, (p, ex, m) in enumerate(zip(prompts, examples, max_new)):
+        def ask(a, cache, j=j, p=p, ex=ex, m=m):
+            a["scores"][j] = score(answer(cache, p, m), ex)
+
+        compact_all(p.context_ids, ask)
+        log(f"kvcat: question {j + 1}/{len(prompts)} done")
+
+    # ---- rows, all scored here ----
+    rows = [{"system": "kvcat", "method": "full", "ratio": 1.0, "ppl": _mean(kvcat_full),
+             "ppl_gap": _mean([a - b for a, b in zip(kvcat_full, reference)]),
+             **tasks([score(t, ex) for t, ex in zip(full_texts, examples)]),
+             "compress_s": _mean(prefill_s), "peak_rss_mb": round(max(prefill_rss), 1)}]
+    for (m, r), a in acc.items():
+        if a["skipped"] and not a["gap"]:
+            rows.append({"system": "kvcat", "method": m, "ratio": r,
+                         "skipped": f"t > {int(SLOW.get(m, 0) * slow_max_slots)} slots: too slow on this machine"})
+            continue
+        rows.append({"system": "kvcat", "method": m, "ratio": r, "ppl": _mean(a["ppl"]), "ppl_gap": _mean(a["gap"]),
+                     **tasks(a["scores"]),
+                     "compress_s": _mean(a["compact_s"]), "peak_rss_mb": round(max(a["rss"]), 1),
+                     "achieved_ratio": _mean(a["ratio"])})
+    n_win = len(windows)
+    contexts = [len(w.prefix_ids) for w in windows] + [len(p.context_ids) for p in prompts]
+    peer_full, peer_texts = None, []
+    for rec in peer["runs"]:
+        method = "full" if rec["press"] == "none" else rec["press"]
+        row = {"system": "kvpress", "method": method, "ratio": float(rec["ratio"])}
+        if rec.get("error"):
+            rows.append({**row, "error": rec["error"]})
+            continue
+        ppls = [math.exp(x["nll_sum"] / x["count"]) for x in rec["windows"]]
+        texts = [x["text"] for x in rec["prompts"]]
+        if method == "full":
+            peer_full, peer_texts = ppls, texts
+        kept = rec["kept_per_head"]
+        rows.append({**row, "ppl": _mean(ppls),
+                     "ppl_gap": _mean([a - b for a, b in zip(ppls, reference)]),
+                     **tasks([score(t, ex) for t, ex in zip(texts, examples)]),
+                     "compress_s": _mean(rec["compress_s"][:n_win]), "peak_rss_mb": rec["peak_rss_mb"],
+                     "achieved_ratio": _mean([n / k for n, k in zip(contexts, kept) if k])})
+    if peer_full is None:
+        raise RuntimeError("kvpress's full-cache run failed: no fairness check possible")
+
+    kv_ppl, kp_ppl = statistics.mean(kvcat_full), statistics.mean(peer_full)
+    rel = abs(kp_ppl - kv_ppl) / kv_ppl
+    per_window = [abs(b - a) / a for a, b in zip(kvcat_full, peer_full)]
+    fairness = {"kvcat_full_ppl": round(kv_ppl, 5), "kvpress_full_ppl": round(kp_ppl, 5),
+                "relative_difference": float(f"{rel:.3g}"),
+                "max_window_relative_difference": float(f"{max(per_window):.3g}"),
+                "reference_ppl": round(statistics.mean(reference), 5), "tolerance": FAIRNESS_TOLERANCE,
+                "ok": rel <= FAIRNESS_TOLERANCE,
+                "full_cache_answers_equal": f"{sum(a == b for a, b in zip(full_texts, peer_texts))}/{len(prompts)}",
+                "reference": "full-prefix PPL: kvcat.eval.harness.full_prefix_nll, one uncached pass"}
+    if not fairness["ok"]:
+        log(f"FAIRNESS CHECK FAILED: full-cache PPL kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.2%})")
+    result = {"model": model, **provenance(),
+              "config": {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": all_ratios,
+                         "methods": names, "presses": press_names, "needles": needles, "qa": qa,
+                         "question_tokens": question_tokens, "seed": seed, "split": "heldout",
+                         "slow_max_slots": slow_max_slots, "kvpress": peer["versions"],
+                         "ratio_convention": "kvcat ratio r = N / kept slots per head; kvpress compression_ratio "
+                                             "= 1 - 1/r (fraction removed), kept count matched to round(N / r)"},
+              "rows": rows, "fairness": fairness, "serving": []}
+    write_result(result, out, table(result))
+    png = plot(result, out.with_suffix(".png"))
+    log(f"wrote {out} and {png}; fairness: kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.4%})")
+    print(table(result))
+    return result
+
+
+def _scored(result: dict) -> list[dict]:
+    return [r for r in result["rows"] if r["method"] != "full" and "ppl_gap" in r and r["ppl_gap"] is not None]
+
+
+def best_press(result: dict) -> str | None:
+    """The kvpress press with the lowest mean PPL gap over the ratios (among those run at every ratio)."""
+    rows = [r for r in _scored(result) if r["system"] == "kvpress"]
+    ratios = {r["ratio"] for r in rows}
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r["ppl_gap"])
+    full = {m: g for m, g in by.items() if len(g) == len(ratios)} or by
+    return min(full, key=lambda m: statistics.mean(full[m])) if full else None
+
+
+def table(result: dict) -> str:
+    """One pivot (system/method x ratio) of "PPL gap / needle accuracy", the best kvcat AM gap over the best
+    kvpress gap per ratio, then QA F1 when asked, the fairness check and the presses that failed."""
+    rows = _scored(result)
+    ratios = sorted({r["ratio"] for r in rows})
+    keys = list(dict.fromkeys((r["system"], r["method"]) for r in rows))
+    cell = {(r["system"], r["method"], r["ratio"]): r for r in rows}
+    needles = any(r.get("needle_acc") is not None for r in rows)
+    head = "| system | method | " + " | ".join(f"{x:g}x" for x in ratios) + " |\n|---|---|" + "---|" * len(ratios)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def line(system: str, method: str, value) -> str:
+        vals = [value(cell[(system, method, x)]) if (system, method, x) in cell else "-" for x in ratios]
+        return f"| {system} | {method} | " + " | ".join(vals) + " |"
+
+    fair = result.get("fairness", {})
+    full = {r["system"]: r for r in result["rows"] if r["method"] == "full"}
+    what = "PPL gap / needle accuracy" if needles else "PPL gap"
+    lines = [f"**kvcat vs kvpress: {what}** (lower gap is better; full-prefix PPL {fair.get('reference_ppl', 0):.3f}"
+             + (f"; full-context needle accuracy kvcat {fmt(full.get('kvcat', {}).get('needle_acc'))}, kvpress "
+                f"{fmt(full.get('kvpress', {}).get('needle_acc'))}" if needles else "") + ")", "", head]
+    for s, m in keys:
+        lines.append(line(s, m, lambda r: fmt(r["ppl_gap"]) + (f" / {fmt(r.get('needle_acc'))}" if needles else "")))
+    best = best_press(result)
+    vs, names = [], []
+    for x in ratios:
+        am = [cell[("kvcat", m, x)]["ppl_gap"] for m in AM if ("kvcat", m, x) in cell]
+        kp = {m: cell[(s, m, x)]["ppl_gap"] for s, m in keys if s == "kvpress" and (s, m, x) in cell}
+        top = min(kp, key=kp.get) if kp else None
+        names.append(top or "-")
+        vs.append(f"{min(am) / kp[top]:.2f}x" if am and top and kp[top] > 0 else "-")
+    lines.append("| | best kvpress press | " + " | ".join(names) + " |")
+    lines.append("| | best kvcat AM gap / best kvpress gap | " + " | ".join(vs) + " |")
+    parts = ["\n".join(lines)]
+    if any(r.get("qa_f1") is not None for r in rows):
+        qa = [f"**SQuAD F1** (full context kvcat {fmt(full.get('kvcat', {}).get('qa_f1'))}, kvpress "
+              f"{fmt(full.get('kvpress', {}).get('qa_f1'))})", "", head]
+        qa += [line(s, m, lambda r: fmt(r.get("qa_f1"))) for s, m in keys]
+        parts.append("\n".join(qa))
+    if fair:
+        parts.append(f"Fairness (ratio 1, same windows): full-cache PPL kvcat {fair['kvcat_full_ppl']:.4f}, kvpress "
+                     f"{fair['kvpress_full_ppl']:.4f}, relative difference {fair['relative_difference']:.2e} "
+                     f"({'within' if fair['ok'] else 'OUTSIDE'} {fair['tolerance']:.0%}). Best kvpress press overall: "
+                     f"{best or '-'}.")
+    failed = {r["method"]: r["error"] for r in result["rows"] if r.get("error")}
+    if failed:
+        parts.append("Failed on this model: " + "; ".join(f"{m} ({e})" for m, e in failed.items()))
+    return "\n\n".join(parts)
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _scored(result)
+    best = best_press(result)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for s, m in dict.fromkeys((r["system"], r["method"]) for r in rows):
+        rs = sorted((r for r in rows if r["system"] == s and r["method"] == m), key=lambda r: r["ratio"])
+        kvcat = s == "kvcat"
+        star = not kvcat and m == best
+        style = dict(marker="o" if kvcat else ("*" if star else "s"), ms=11 if star else 5,
+                     ls="-" if kvcat else "--", lw=2.5 if kvcat or star else 1.0, alpha=1.0 if kvcat or star else 0.7,
+                     label=f"{s}: {m}" + (" (best kvpress)" if star else ""))
+        ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], **style)
+        if any(r.get("needle_acc") is not None for r in rs):
+            ax2.plot([r["ratio"] for r in rs], [r.get("needle_acc") for r in rs], **style)
+    ax1.set(xscale="log", yscale="symlog", xlabel="compression ratio (N / kept slots per head)",
+            ylabel="continuation PPL gap (lower is better)", title="PPL gap: kvcat (solid) vs kvpress (dashed)")
+    ax2.set(xscale="log", xlabel="compression ratio", ylabel="needle accuracy", ylim=(-0.05, 1.05),
+            title="retrieval vs ratio")
+    full = {r["system"]: r.get("needle_acc") for r in result["rows"] if r["method"] == "full"}
+    if full.get("kvcat") is not None:
+        ref = ax2.axhline(full["kvcat"], color="grey", ls=":", label="full context")
+        ax2.legend(handles=[ref], fontsize=7, loc="upper right")
+    ratios = sorted({r["ratio"] for r in rows})
+    for ax in (ax1, ax2):
+        ax.set_xticks(ratios, [f"{x:g}x" for x in ratios])
+        ax.minorticks_off()
+    gaps = [r["ppl_gap"] for r in rows]
+    if gaps:
+        ax1.set_ylim(bottom=min(0.0, min(gaps)))
+    ax1.legend(fontsize=7)
+    fair = result.get("fairness", {})
+    fig.suptitle(f"{result['model']} on {result['machine']}; full-cache PPL kvcat {fair.get('kvcat_full_ppl')} / "
+                 f"kvpress {fair.get('kvpress_full_ppl')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=20, help="held-out PPL windows")
+    ap.add_argument("--doc-tokens", type=int, default=4096)
+    ap.add_argument("--continuation", type=int, default=256)
+    ap.add_argument("--ratios", default="2,4,8,16,32,50")
+    ap.add_argument("--methods", default=",".join(KVCAT_METHODS), help="kvcat methods, comma-separated")
+    ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses, comma-separated")
+    ap.add_argument("--needles", type=int, default=5)
+    ap.add_argument("--qa", type=int, default=5)
+    ap.add_argument("--question-tokens", type=int, default=2048)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--slow-max-slots", type=int, default=256)
+    ap.add_argument("--out", default=str(RESULTS / "peers.json"))
+    a = ap.parse_args(argv)
+    run(docs=a.docs, doc_tokens=a.doc_tokens, continuation=a.continuation,
+        ratios=[float(r) for r in a.ratios.split(",")], methods=a.methods, presses=a.presses, needles=a.needles,
+        qa=a.qa, question_tokens=a.question_tokens, model=a.model, out=a.out, slow_max_slots=a.slow_max_slots)
+
+
+if __name__ == "__main__":
+    main()
