@@ -36,12 +36,19 @@ class Eviction(Method):
     def scores(self, lm: LoadedModel, state: DocumentState, layer: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def adjust(self, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+        """Budget-dependent changes to a layer's (memoized) scores [H, N]; none by default."""
+        return scores
+
     def solve_layers(self, lm: LoadedModel, state: DocumentState, budgets: torch.Tensor,
                      progress: Progress | None) -> list[list[Solution]]:
         L, H, n = lm.spec.num_layers, lm.spec.num_kv_heads, state.num_tokens
         all_scores = []
+        key = (self.name, tuple(sorted(self.params.items())))
         for layer in range(L):
-            all_scores.append(self.scores(lm, state, layer).float().to(lm.device))
+            if (*key, layer) not in state.scores:  # scores do not depend on the budget: once per document
+                state.scores[(*key, layer)] = self.scores(lm, state, layer).float().to(lm.device)
+            all_scores.append(self.adjust(state.scores[(*key, layer)], budgets[layer]))
             if progress:
                 progress(layer + 1, L)
         if self.global_budget:
@@ -158,9 +165,13 @@ class H2O(Eviction):
     name = "h2o"
     defaults = {"recent_frac": 0.5, "chunk": 512}
 
-    def solve_layers(self, lm, state, budgets, progress):
-        self._t = int(budgets.float().mean().round())
-        return super().solve_layers(lm, state, budgets, progress)
+    def adjust(self, scores, budgets):
+        recent = int(round(float(budgets.float().mean()) * float(self.params["recent_frac"])))
+        if recent <= 0:
+            return scores
+        out = scores.clone()
+        out[:, scores.shape[1] - recent:] = float("inf")
+        return out
 
     def scores(self, lm, state, layer):
         n, H = state.num_tokens, lm.spec.num_kv_heads
@@ -176,9 +187,6 @@ class H2O(Eviction):
                 pos = state.query_pos[start:stop].to(K.device).repeat(g)
                 q = q_all[h * g:(h + 1) * g, start:stop].reshape(-1, q_all.shape[-1])
                 acc += _attention(q, K[h], attention_scale(lm), pos).sum(0)
-            recent = int(round(self._t * float(self.params["recent_frac"])))
-            if recent > 0:
-                acc[n - recent:] = float("inf")
             out.append(acc)
         return torch.stack(out)
 

@@ -46,6 +46,7 @@ class DocumentState:
     query_pos: torch.Tensor  # [n] positions of the context queries kept in prefill.queries (sorted)
     queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # mode -> per layer [H, n, d]
     query_s: dict[str, float] = field(default_factory=dict)  # mode -> extra seconds to get them
+    scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # eviction scores, shared across ratios
 
     @property
     def num_tokens(self) -> int:
