@@ -104,6 +104,27 @@ def save_figure(fig, path: str | os.PathLike, title: str | None = None) -> Path:
     return Path(path)
 
 
+README = REPO / "README.md"
+
+
+def update_readme(readme: Path = README, results: Path = RESULTS) -> list[str]:
+    """Copy each benchmark's latest Markdown table (results/NAME.md) into the README between the markers
+    `<!-- table:NAME -->` and `<!-- /table:NAME -->`; returns the names updated."""
+    import re
+
+    text = readme.read_text()
+    done = []
+    for name in re.findall(r"<!-- table:([\w-]+) -->", text):
+        md = results / f"{name}.md"
+        if not md.is_file():
+            continue
+        block = f"<!-- table:{name} -->\n{md.read_text().strip()}\n<!-- /table:{name} -->"
+        text = re.sub(rf"<!-- table:{name} -->.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
+        done.append(name)
+    readme.write_text(text)
+    return done
+
+
 class PeakRSS:
     """Peak resident set size (MB) of this process while inside the block, sampled every 5 ms."""
 

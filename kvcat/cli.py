@@ -50,6 +50,15 @@ def models_list() -> None:
     console.print(table)
 
 
+@bench_app.command("readme")
+def bench_readme() -> None:
+    """Copy the latest benchmark tables (benchmarks/results/*.md) into the README's marked sections."""
+    from kvcat.bench import update_readme
+
+    names = update_readme()
+    console.print(f"README tables updated: {', '.join(names) or 'none (no results yet)'}")
+
+
 def _register_packages() -> None:
     from kvcat.compaction import cli as compaction_cli
     from kvcat.eval import cli as eval_cli
