@@ -72,7 +72,7 @@ def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0)
     texts = [tok.decode(w.prefix_ids) for w in windows]
     samples: dict[tuple[str, float], list[dict]] = {}
     kv_bytes: dict[tuple[str, float], list[int]] = {}
-    with ServerProcess(model, dtype=dtype, kv_cache_gib=max(2.0, budget_gib)) as srv:  # the model's full context
+    with ServerProcess(model, dtype=dtype, kv_cache_gib=max(2, math.ceil(budget_gib))) as srv:  # the model's full context
         client = srv.openai()
         info = client.models.list().data[0].model_extra
         served = client.models.list().data[0].id

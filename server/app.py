@@ -39,7 +39,7 @@ class ServerConfig:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     beta: bool = True
-    kv_cache_gib: float | None = None
+    kv_cache_gib: int | None = None
     store: str | None = None  # a folder or an fsspec URL; default $KVCAT_HOME/contexts
     self_test: bool = True
     served_name: str | None = None

@@ -17,7 +17,8 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           max_model_len: int = typer.Option(None, help="the engine's max tokens per request (slots + prompt)"),
           tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp",
                                                    help="vLLM tensor parallelism (GPUs)"),
-          kv_cache_gib: float = typer.Option(None, help="CPU: GiB of paged KV memory (VLLM_CPU_KVCACHE_SPACE)"),
+          kv_cache_gib: int = typer.Option(None, min=1, help="CPU: whole GiB of paged KV memory "
+                                                             "(VLLM_CPU_KVCACHE_SPACE)"),
           store: str = typer.Option(None, "--store", "--store-dir",
                                     help="context store: a folder, or an fsspec URL shared by replicas "
                                          "(default $KVCAT_HOME/contexts)"),

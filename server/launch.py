@@ -33,7 +33,7 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, model: str, *, dtype: str = "bfloat16", port: int | None = None,
                  store_dir: str | os.PathLike | None = None, max_model_len: int | None = None,
-                 beta: bool = True, kv_cache_gib: float | None = None, args: list[str] | tuple[str, ...] = (),
+                 beta: bool = True, kv_cache_gib: int | None = None, args: list[str] | tuple[str, ...] = (),
                  log_path: str | os.PathLike | None = None, env: dict | None = None,
                  ready_timeout: float = 600.0):
         self.port = port or free_port()

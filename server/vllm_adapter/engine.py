@@ -27,7 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     beta: bool = True
-    kv_cache_gib: float | None = None  # CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: ignored (gpu_memory_utilization)
+    kv_cache_gib: int | None = None  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     enforce_eager: bool = True
     seed: int = 0
     served_name: str | None = None
@@ -109,7 +109,10 @@ class Engine:
         else:
             os.environ["KVCAT_BETA_BACKEND"] = "0"  # inherited by engine processes: stock kernels only
         if config.kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+            if int(config.kv_cache_gib) != config.kv_cache_gib or config.kv_cache_gib < 1:
+                raise ValueError(f"the CPU KV cache size is a whole number of GiB (VLLM_CPU_KVCACHE_SPACE), got "
+                                 f"{config.kv_cache_gib}")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(config.kv_cache_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
