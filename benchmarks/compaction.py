@@ -49,15 +49,13 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         ratios=(2, 4, 8, 16, 32, 50), methods: str | list[str] = "main", needles: int = 5, qa: int = 5,
         model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0,
         slow_max_slots: int = 256, question_tokens: int = 2048) -> dict:
-    from kvcat import data
-    from kvcat.bench import PeakRSS, provenance, write_result
+    from kvcat.bench import PeakRSS, heldout_suite, provenance, publish
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
     from kvcat.eval.harness import MAX_NEW_TOKENS
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import continuation_nll, full_cache, prefill
     from kvcat.models import load_model
-    from kvcat.prompts import context_and_question
 
     if methods in ("all", "main"):
         names = method_names() if methods == "all" else list(MAIN)
@@ -70,11 +68,8 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     log(f"model {model} on {lm.device}; {docs} docs of {doc_tokens}+{continuation} tokens; ratios {ratios}; "
         f"methods {names}")
 
-    windows = data.token_windows(tok, doc_tokens, continuation, docs, split="heldout", seed=seed)
-    needle_ex = data.needle(tok, n=needles, length=question_tokens, split="heldout", seed=seed) if needles else []
-    qa_ex = data.squad(split="heldout", n=qa, seed=seed, context="article",
-                       max_context_chars=question_tokens * 4) if qa else []
-    prompts = [(context_and_question(tok, ex.document, ex.question), ex) for ex in needle_ex + qa_ex]
+    windows, examples, chats = heldout_suite(tok, docs, doc_tokens, continuation, needles, qa, question_tokens, seed)
+    prompts = list(zip(chats, examples))
 
     def answer(cache, question_ids) -> str:
         out_ids = CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])
@@ -160,10 +155,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
                          "slow_max_slots": slow_max_slots, "model_mb": round(model_mb, 1),
                          "full_kv_mb_fp32": round(kv_full_mb, 1)},
               "rows": rows}
-    write_result(result, out, table(result))
-    png = plot(result, out.with_suffix(".png"))
-    log(f"wrote {out} and {png}")
-    print(table(result))
+    publish(result, out, table, plot, log)
     return result
 
 

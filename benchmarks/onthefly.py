@@ -194,7 +194,7 @@ def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak"
         turns: int = 20, threshold: int = 1024, answer_tokens: int = 24, dtype: str = "bfloat16",
         quality_tokens: int = 4096, windows: int = 4, needles: int = 4,
         out: Path | str = RESULTS / "onthefly.json") -> dict:
-    from kvcat.bench import provenance, write_result
+    from kvcat.bench import provenance, publish
 
     result = {"model": model, **provenance(),
               "config": {"ratio": ratio, "method": method, "doc_tokens": doc_tokens, "turns": turns,
@@ -202,10 +202,7 @@ def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak"
                          "quality_tokens": quality_tokens, "windows": windows, "needles": needles}}
     result["quality"] = quality(model, ratio, method, quality_tokens, windows, needles)
     result["session"] = session(model, ratio, method, doc_tokens, turns, threshold, answer_tokens, dtype)
-    out = write_result(result, out, table(result))
-    png = plot(result, out.with_suffix(".png"))
-    log(f"wrote {out} and {png}")
-    print(table(result))
+    publish(result, out, table, plot, log)
     return result
 
 

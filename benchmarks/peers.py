@@ -83,15 +83,13 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
         qa: int = 5, question_tokens: int = 2048, model: str = "smollm2-135m",
         out: Path | str = RESULTS / "peers.json", seed: int = 0, slow_max_slots: int = 256,
         peers_python: Path | str = PEERS_PYTHON) -> dict:
-    from kvcat import data
-    from kvcat.bench import PeakRSS, provenance, write_result
+    from kvcat.bench import PeakRSS, heldout_suite, provenance, publish
     from kvcat.compaction import get_method
     from kvcat.compaction.queries import clear_memo
     from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
     from kvcat.models import load_model
-    from kvcat.prompts import context_and_question
 
     names = _split(methods, KVCAT_METHODS)
     press_names = _split(presses, PRESSES)
@@ -103,12 +101,8 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
     log(f"model {model}; {docs} windows of {doc_tokens}+{continuation} tokens; ratios {ratios}; kvcat {names}; "
         f"kvpress {press_names}; {needles} needles, {qa} QA")
 
-    windows = data.token_windows(tok, doc_tokens, continuation, docs, split="heldout", seed=seed)
-    needle_ex = data.needle(tok, n=needles, length=question_tokens, split="heldout", seed=seed) if needles else []
-    qa_ex = data.squad(split="heldout", n=qa, seed=seed, context="article",
-                       max_context_chars=question_tokens * 4) if qa else []
-    examples = needle_ex + qa_ex
-    prompts = [context_and_question(tok, ex.document, ex.question) for ex in examples]
+    windows, examples, prompts = heldout_suite(tok, docs, doc_tokens, continuation, needles, qa, question_tokens,
+                                               seed)
     max_new = [MAX_NEW_TOKENS.get(ex.task, 32) for ex in examples]
 
     def score(text: str, ex) -> float:
@@ -238,10 +232,8 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
                          "ratio_convention": "kvcat ratio r = N / kept slots per head; kvpress compression_ratio "
                                              "= 1 - 1/r (fraction removed), kept count matched to round(N / r)"},
               "rows": rows, "fairness": fairness, "serving": []}
-    write_result(result, out, table(result))
-    png = plot(result, out.with_suffix(".png"))
-    log(f"wrote {out} and {png}; fairness: kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.4%})")
-    print(table(result))
+    log(f"fairness: kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.4%})")
+    publish(result, out, table, plot, log)
     return result
 
 

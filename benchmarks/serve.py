@@ -61,7 +61,7 @@ def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0)
     from transformers import AutoTokenizer
 
     from kvcat import data
-    from kvcat.bench import provenance, write_result
+    from kvcat.bench import provenance, publish
     from kvcat.models import resolve
     from kvcat.server.launch import ServerProcess
 
@@ -117,10 +117,7 @@ def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0)
                          "dtype": dtype, "decode_tokens": decode_tokens, "budget_gib": budget_gib,
                          "kv_block_size": block, "kv_bytes_per_token": per_token, "split": "heldout"},
               "rows": rows}
-    write_result(result, out, table(result))
-    png = plot(result, out.with_suffix(".png"))
-    log(f"wrote {out} and {png}")
-    print(table(result))
+    publish(result, out, table, plot, log)
     return result
 
 

@@ -104,6 +104,32 @@ def save_figure(fig, path: str | os.PathLike, title: str | None = None) -> Path:
     return Path(path)
 
 
+def publish(result: dict, out: str | os.PathLike, table, plot, log=print) -> Path:
+    """The end of every benchmark: JSON + Markdown table (`write_result`), the plot beside them, the table
+    printed."""
+    out = write_result(result, out, table(result))
+    png = plot(result, out.with_suffix(".png"))
+    log(f"wrote {out} and {png}")
+    print(table(result))
+    return out
+
+
+def heldout_suite(tokenizer, docs: int, doc_tokens: int, continuation: int, needles: int, qa: int,
+                  question_tokens: int, seed: int = 0):
+    """The held-out evaluation data the compaction and peer benchmarks share: PPL windows, and needle and
+    SQuAD-article examples with their chat prompts split into (context ids, question ids)."""
+    from kvcat import data
+    from kvcat.prompts import context_and_question
+
+    windows = data.token_windows(tokenizer, doc_tokens, continuation, docs, split="heldout", seed=seed)
+    examples = data.needle(tokenizer, n=needles, length=question_tokens, split="heldout", seed=seed) if needles \
+        else []
+    if qa:
+        examples += data.squad(split="heldout", n=qa, seed=seed, context="article",
+                               max_context_chars=question_tokens * 4)
+    return windows, examples, [context_and_question(tokenizer, ex.document, ex.question) for ex in examples]
+
+
 README = REPO / "README.md"
 
 
