@@ -191,7 +191,7 @@ def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, 
 
 
 def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak", doc_tokens: int = 8000,
-        turns: int = 20, threshold: int = 1024, answer_tokens: int = 24, dtype: str = "bfloat16",
+        turns: int = 20, threshold: int = 2048, answer_tokens: int = 24, dtype: str = "bfloat16",
         quality_tokens: int = 4096, windows: int = 4, needles: int = 4,
         out: Path | str = RESULTS / "onthefly.json") -> dict:
     from kvcat.bench import provenance, publish
@@ -200,8 +200,9 @@ def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak"
               "config": {"ratio": ratio, "method": method, "doc_tokens": doc_tokens, "turns": turns,
                          "threshold": threshold, "answer_tokens": answer_tokens, "dtype": dtype,
                          "quality_tokens": quality_tokens, "windows": windows, "needles": needles}}
-    result["quality"] = quality(model, ratio, method, quality_tokens, windows, needles)
+    # the session first: a server that refuses the configuration fails in a minute, not after the quality part
     result["session"] = session(model, ratio, method, doc_tokens, turns, threshold, answer_tokens, dtype)
+    result["quality"] = quality(model, ratio, method, quality_tokens, windows, needles)
     publish(result, out, table, plot, log)
     return result
 
@@ -245,7 +246,7 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="am-hak")
     ap.add_argument("--doc-tokens", type=int, default=8000)
     ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--threshold", type=int, default=1024)
+    ap.add_argument("--threshold", type=int, default=2048)
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--needles", type=int, default=4)

@@ -135,7 +135,7 @@ def plot(result: dict, path: Path) -> Path:
     from kvcat.bench import save_figure, subplots
 
     rows = result["rows"]
-    labels = [r["mode"] if r["ratio"] == 1 else f"{r['mode']}\n{r['ratio']:g}x" for r in rows]
+    labels = [r["mode"].replace("-", "\n") + ("" if r["ratio"] == 1 else f" {r['ratio']:g}x") for r in rows]
     _, fig, axes = subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("ttft_s", "decode_tok_s", "contexts_in_budget"),
                               ("time to first token (s, lower is better)", "decode tokens/s",

@@ -135,7 +135,8 @@ README = REPO / "README.md"
 
 def update_readme(readme: Path = README, results: Path = RESULTS) -> list[str]:
     """Copy each benchmark's latest Markdown table (results/NAME.md) into the README between the markers
-    `<!-- table:NAME -->` and `<!-- /table:NAME -->`; returns the names updated."""
+    `<!-- table:NAME -->` and `<!-- /table:NAME -->`, its provenance line made visible; returns the names
+    updated."""
     import re
 
     text = readme.read_text()
@@ -144,7 +145,8 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> list[str]:
         md = results / f"{name}.md"
         if not md.is_file():
             continue
-        block = f"<!-- table:{name} -->\n{md.read_text().strip()}\n<!-- /table:{name} -->"
+        body = re.sub(r"^<!-- (written by .*?) -->", lambda m: f"*W{m.group(1)[1:]}.*", md.read_text().strip())
+        block = f"<!-- table:{name} -->\n{body}\n<!-- /table:{name} -->"
         text = re.sub(rf"<!-- table:{name} -->.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
         done.append(name)
     readme.write_text(text)

@@ -104,7 +104,7 @@ def bench_onthefly(model: str = typer.Option("smollm2-135m", help="zoo name or H
                    method: str = typer.Option("am-hak", help="compaction method"),
                    doc_tokens: int = typer.Option(8000, help="document length of the session"),
                    turns: int = typer.Option(20, help="turns of the session"),
-                   threshold: int = typer.Option(1024, help="on-the-fly compaction threshold (tokens)"),
+                   threshold: int = typer.Option(2048, help="on-the-fly compaction threshold (tokens)"),
                    quality_tokens: int = typer.Option(4096, help="prefix length of the quality comparison"),
                    windows: int = typer.Option(4, help="held-out windows of the quality comparison"),
                    needles: int = typer.Option(4, help="needles of the quality comparison"),
