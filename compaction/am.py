@@ -69,7 +69,7 @@ class AMHAK(AMMethod):
     solver = "hak"
     # the fast variant: half the reference queries (its solve is O(queries x N) per head)
     defaults = {**COMMON, "max_queries": 2048, "score": "rms", "fit_beta": True, "beta_bounds": (-3.0, 3.0), "nnls_iters": 2,
-                "refit_values": True, "ridge": 1e-6}
+                "refit_values": True, "ridge": 1e-6, "holdout_every": 5}
 
 
 @register
@@ -79,7 +79,7 @@ class AMOMP(AMMethod):
     name = "am-omp"
     solver = "omp"
     defaults = {**COMMON, "k_choice": 1, "refit_every": 1, "upper": 7.0, "drop_below": -7.0,
-                "refit_values": True, "ridge": 1e-6}
+                "refit_values": True, "ridge": 1e-6, "holdout_every": 5}
 
 
 @register

@@ -9,7 +9,8 @@ with s = 1/sqrt(d) (or the model's scaling). Keys are a subset of the original k
   - OMP: greedily add the key that most reduces the mass residual, refitting the weights after each step.
 beta = log w with w >= 0 the (box-constrained) non-negative least-squares mass weights; C_v is a float32
 least-squares fit, regularized towards the original values of the kept keys (ridge) so that ill-conditioned
-heads fall back to plain eviction values instead of blowing up.
+heads fall back to plain eviction values instead of blowing up. With `holdout_every`, each head keeps the
+fit only where it beats the plain variants on held-out reference queries (see `finish`).
 
 Everything is float32 (float64 for the small normal-equation solves) and device-agnostic.
 Reference: Zweiger et al., "Fast KV Compaction via Attention Matching", arXiv 2602.16284.
@@ -98,25 +99,47 @@ def fit_values(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, ridge: flo
     return _spd_solve(G + lam * torch.eye(G.shape[0], device=X.device), X.T @ Y + lam * prior).float()
 
 
+def _fit_or_prior(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, refit: bool, ridge: float) -> torch.Tensor:
+    if not refit:
+        return prior
+    C_v = fit_values(X, Y, prior, ridge)
+    return C_v if torch.isfinite(C_v).all() else prior
+
+
 def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, idx: torch.Tensor,
-           w: torch.Tensor | None, scale: float, refit_values: bool, ridge: float) -> Solution:
-    """Given chosen indices (and mass weights w, or None for beta = 0): sort, fit C_v, package."""
+           w: torch.Tensor | None, scale: float, refit_values: bool, ridge: float,
+           holdout_every: int = 0) -> Solution:
+    """Given chosen indices (and mass weights w, or None for beta = 0): sort, fit C_v, package.
+
+    With `holdout_every` = k > 0, every k-th reference query is held out and the fitted head (beta, refit
+    C_v) competes with its simpler variants (beta = 0, and/or C_v = the kept values) on those queries; the
+    variant with the smallest held-out output error is refit on all queries. When t is close to the number
+    of queries (low ratios) the least-squares fits overfit the reference queries, and plain eviction values
+    generalize better; this picks per head instead of per method."""
     order = torch.argsort(idx)
     idx = idx[order]
     w = w[order] if w is not None else None
-    beta = torch.log(w).float() if w is not None else torch.zeros(len(idx), device=K.device)
+    zeros = torch.zeros(len(idx), device=K.device)
+    fitted_beta = torch.log(w).float() if w is not None else zeros
     C_k = K[idx]
     prior = V[idx].float()
-    if refit_values:
-        A = E / E.sum(dim=1, keepdim=True)  # attention of the full cache
-        Y = A @ V.float()  # [n, d] target outputs
-        logits = (Q.float() @ C_k.float().T) * scale + beta
-        X = torch.softmax(logits, dim=1)
-        C_v = fit_values(X, Y, prior, ridge)
-        if not torch.isfinite(C_v).all():
-            C_v = prior
-    else:
-        C_v = prior
+    betas = (fitted_beta, zeros) if w is not None else (zeros,)
+    candidates = [(b, r) for b in betas for r in dict.fromkeys((refit_values, False))]  # the fitted head first
+    select = holdout_every > 0 and len(candidates) > 1 and Q.shape[0] >= 2 * holdout_every
+    if not (select or refit_values):
+        return Solution(C_k.to(K.dtype), fitted_beta, prior.to(V.dtype), idx)
+    Y = (E / E.sum(dim=1, keepdim=True)) @ V.float()  # [n, d] outputs of the full cache
+    logits = (Q.float() @ C_k.float().T) * scale
+    if select:
+        held = torch.arange(Q.shape[0], device=K.device) % holdout_every == 0
+        errors = []
+        for beta, refit in candidates:
+            X = torch.softmax(logits + beta, dim=1)
+            C_v = _fit_or_prior(X[~held], Y[~held], prior, refit, ridge)
+            errors.append(float((X[held] @ C_v - Y[held]).square().sum()))
+        candidates = [candidates[min(range(len(errors)), key=errors.__getitem__)]]
+    beta, refit = candidates[0]
+    C_v = _fit_or_prior(torch.softmax(logits + beta, dim=1), Y, prior, refit, ridge)
     return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx)
 
 
@@ -141,7 +164,7 @@ def _check(K, V, Q, t):
 def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: float | None = None,
         score: str = "rms", sink: int = 4, recent: int = 16, fit_beta: bool = True,
         beta_bounds: tuple[float, float] = (-3.0, 3.0), nnls_iters: int = 2, refit_values: bool = True,
-        ridge: float = 1e-6) -> Solution:
+        ridge: float = 1e-6, holdout_every: int = 0) -> Solution:
     """Highest-attention keys (RMS / mean / max over queries), NNLS beta clamped to e^bounds, C_v refit."""
     _check(K, V, Q, t)
     N = K.shape[0]
@@ -164,12 +187,13 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     if fit_beta:
         w = fit_mass_weights(E[:, idx], E.sum(1), math.exp(beta_bounds[0]), math.exp(beta_bounds[1]),
                              nnls_iters)
-    return finish(K, V, Q, E, idx, w, scale, refit_values, ridge)
+    return finish(K, V, Q, E, idx, w, scale, refit_values, ridge, holdout_every)
 
 
 def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: float | None = None,
         sink: int = 4, recent: int = 16, k_choice: int = 1, refit_every: int = 1, upper: float = 7.0,
-        drop_below: float | None = -7.0, refit_values: bool = True, ridge: float = 1e-6) -> Solution:
+        drop_below: float | None = -7.0, refit_values: bool = True, ridge: float = 1e-6,
+        holdout_every: int = 0) -> Solution:
     """Orthogonal matching pursuit on the attention mass: greedily add the k_choice keys most correlated with
     the residual, refit the non-negative weights (incremental normal equations), optionally drop keys whose
     log-weight falls below `drop_below` and pick replacements."""
@@ -231,7 +255,7 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         gram.add(chosen)
         w = refit()
     idx = torch.tensor(chosen, device=K.device, dtype=torch.long)
-    return finish(K, V, Q, E, idx, w, scale, refit_values, ridge)
+    return finish(K, V, Q, E, idx, w, scale, refit_values, ridge, holdout_every)
 
 
 class _Gram:

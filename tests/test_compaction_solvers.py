@@ -84,3 +84,21 @@ def test_allocation_hits_the_total_and_favours_sensitive_heads():
     assert int(counts.sum()) == 400 and counts.min() >= 1 and counts.max() <= 1000
     assert counts[0, 0] > counts[1, 0] > counts[0, 1] or counts[0, 0] > counts[0, 1]
     assert math.isclose(counts.float().mean().item(), 100)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_holdout_keeps_the_fit_only_where_it_generalizes(seed):
+    """t close to the number of reference queries: the least-squares fit overfits them. With holdout_every the
+    head falls back to a plainer variant, and does better on fresh queries than the unchecked fit."""
+    K, V, Q = _head(n=120, q=40, seed=seed)
+    fresh = torch.randn(400, K.shape[1], generator=torch.Generator().manual_seed(100 + seed)) * 1.5
+    t = 36
+    unchecked = solvers.hak(K, V, Q, t)
+    checked = solvers.hak(K, V, Q, t, holdout_every=5)
+    assert torch.equal(checked.indices, unchecked.indices)
+    err = lambda s: solvers.matching_errors(K, V, fresh, s)["output_rel_err"]  # noqa: E731
+    assert err(checked) < err(unchecked)
+    # with plenty of queries the choice costs (almost) nothing against the unchecked fit
+    K, V, Q = _head(seed=seed)
+    err = lambda s: solvers.matching_errors(K, V, fresh, s)["output_rel_err"]  # noqa: E731
+    assert err(solvers.hak(K, V, Q, 30, holdout_every=5)) < 1.05 * err(solvers.hak(K, V, Q, 30))
