@@ -153,7 +153,8 @@ def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, 
                              "agrees": r["answer"] == reference, "f1_vs_full": round(f1(r["answer"], [reference]), 4)})
             history += [*ask, {"role": "assistant", "content": reference}]
             log(f"turn {k + 1}/{turns}: TTFT " + ", ".join(f"{m} {results[m]['ttft_s']:.3f}s" for m in modes))
-        prompt_tokens = len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        prompt_tokens = len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"])
         metrics_text = httpx.get(srv.url("/metrics"), timeout=30).text
         auto = [c for c in httpx.get(srv.url("/v1/contexts"), timeout=30).json()["data"] if c["origin"] == "auto"]
     blocks = lambda n: math.ceil(n / block) * block * per_token  # noqa: E731
