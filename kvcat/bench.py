@@ -145,7 +145,7 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> list[str]:
         md = results / f"{name}.md"
         if not md.is_file():
             continue
-        body = re.sub(r"^<!-- (written by .*?) -->", lambda m: f"*W{m.group(1)[1:]}.*", md.read_text().strip())
+        body = re.sub(r"^<!-- (written by .*?) -->", lambda m: f"*{m.group(1)[0].upper()}{m.group(1)[1:]}.*", md.read_text().strip())
         block = f"<!-- table:{name} -->\n{body}\n<!-- /table:{name} -->"
         text = re.sub(rf"<!-- table:{name} -->.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
         done.append(name)
