@@ -124,22 +124,26 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, i
     C_k = K[idx]
     prior = V[idx].float()
     betas = (fitted_beta, zeros) if w is not None else (zeros,)
-    candidates = [(b, r) for b in betas for r in dict.fromkeys((refit_values, False))]  # the fitted head first
-    select = holdout_every > 0 and len(candidates) > 1 and Q.shape[0] >= 2 * holdout_every
+    refits = tuple(dict.fromkeys((refit_values, False)))  # the fitted head first
+    select = holdout_every > 0 and len(betas) * len(refits) > 1 and Q.shape[0] >= 2 * holdout_every
     if not (select or refit_values):
         return Solution(C_k.to(K.dtype), fitted_beta, prior.to(V.dtype), idx)
     Y = (E / E.sum(dim=1, keepdim=True)) @ V.float()  # [n, d] outputs of the full cache
     logits = (Q.float() @ C_k.float().T) * scale
-    if select:
+    if not select:
+        beta, refit, X = fitted_beta, refit_values, torch.softmax(logits + fitted_beta, dim=1)
+    else:
         held = torch.arange(Q.shape[0], device=K.device) % holdout_every == 0
-        errors = []
-        for beta, refit in candidates:
-            X = torch.softmax(logits + beta, dim=1)
-            C_v = _fit_or_prior(X[~held], Y[~held], prior, refit, ridge)
-            errors.append(float((X[held] @ C_v - Y[held]).square().sum()))
-        candidates = [candidates[min(range(len(errors)), key=errors.__getitem__)]]
-    beta, refit = candidates[0]
-    C_v = _fit_or_prior(torch.softmax(logits + beta, dim=1), Y, prior, refit, ridge)
+        best = None
+        for b in betas:
+            Xb = torch.softmax(logits + b, dim=1)
+            for r in refits:
+                C_v = _fit_or_prior(Xb[~held], Y[~held], prior, r, ridge)
+                err = float((Xb[held] @ C_v - Y[held]).square().sum())
+                if best is None or err < best[0]:
+                    best = (err, b, r, Xb)
+        _, beta, refit, X = best
+    C_v = _fit_or_prior(X, Y, prior, refit, ridge)
     return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx)
 
 

@@ -107,10 +107,11 @@ def save_figure(fig, path: str | os.PathLike, title: str | None = None) -> Path:
 def publish(result: dict, out: str | os.PathLike, table, plot, log=print) -> Path:
     """The end of every benchmark: JSON + Markdown table (`write_result`), the plot beside them, the table
     printed."""
-    out = write_result(result, out, table(result))
+    text = table(result)
+    out = write_result(result, out, text)
     png = plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {png}")
-    print(table(result))
+    print(text)
     return out
 
 
@@ -145,7 +146,7 @@ def update_readme(readme: Path = README, results: Path = RESULTS) -> list[str]:
         md = results / f"{name}.md"
         if not md.is_file():
             continue
-        body = re.sub(r"^<!-- (written by .*?) -->", lambda m: f"*{m.group(1)[0].upper()}{m.group(1)[1:]}.*", md.read_text().strip())
+        body = re.sub(r"^<!-- written by (.*?) -->", r"*Written by \1.*", md.read_text().strip())
         block = f"<!-- table:{name} -->\n{body}\n<!-- /table:{name} -->"
         text = re.sub(rf"<!-- table:{name} -->.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
         done.append(name)
