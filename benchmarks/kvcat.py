@@ -2,7 +2,7 @@
 cache easier to compress afterwards, without hurting the uncompressed model?
 
     kvcat bench kvcat                       # the full experiment (about 2 h on a 2-core CPU machine)
-    kvcat bench kvcat --steps 20 --docs 40  # smaller
+    kvcat bench kvcat --steps 30 --eval-windows 4 --needles 4   # smaller (about 1.5 h)
     kvcat bench kvcat --smoke               # checks the pipeline in minutes (writes kvcat-smoke.json)
 
 1. Train one checkpoint per policy (rand, attn, am, router) from the same base, on the same TRAIN-split
@@ -170,25 +170,31 @@ def evaluate(bc: BenchConfig, label: str, path, policy: str, windows, needles, g
     rows = [{"checkpoint": label, "policy": policy, "method": "full", "ratio": 1, "ppl_gap": 0.0,
              "retrieval_acc": full_acc, "base_ppl": round(base_ppl, 4), "grad_steps_to_target": None}]
 
-    for method_label in bc.methods:
-        method = get_compaction(method_label)
-        for ratio in bc.ratios:
-            t0 = time.perf_counter()
-            c_nll, c_count = 0.0, 0
-            for w in windows:
-                cache = method.compact(lm, list(w.prefix_ids), ratio=ratio)
-                nll, n = continuation_ppl(lm, cache, w.continuation_ids)
-                c_nll, c_count = c_nll + nll, c_count + n
-            acc = statistics.mean(answer_ok(method.compact(lm, p.context_ids, ratio=ratio), p.question_ids,
-                                            ex.answers) for p, ex in zip(prompts, needles)) if needles else None
-            grad = None
-            if method_label == "am-hak" and ratio == bc.grad_ratio:
-                grad = grad_steps(bc, lm, windows[:bc.grad_windows], grad_targets, label)
-            rows.append({"checkpoint": label, "policy": policy, "method": method_label, "ratio": ratio,
-                         "ppl_gap": round(math.exp(c_nll / c_count) - base_ppl, 4), "retrieval_acc": acc,
-                         "base_ppl": round(base_ppl, 4), "grad_steps_to_target": grad})
-            log(f"{label} {method_label} {ratio}x: gap {rows[-1]['ppl_gap']:.3f} retrieval {acc} "
-                f"grad steps {grad} ({time.perf_counter() - t0:.0f} s)")
+    # Context-major: every (method, ratio) of one context in a row, so the memoized prefill and reference
+    # queries of that context (kvcat.compaction.queries) serve them all.
+    combos = [(m, r) for m in bc.methods for r in bc.ratios]
+    methods = {m: get_compaction(m) for m in bc.methods}
+    nll = {c: [0.0, 0] for c in combos}
+    hits: dict = {c: [] for c in combos}
+    t0 = time.perf_counter()
+    for w in windows:
+        for m, r in combos:
+            x, n = continuation_ppl(lm, methods[m].compact(lm, list(w.prefix_ids), ratio=r), w.continuation_ids)
+            nll[(m, r)][0] += x
+            nll[(m, r)][1] += n
+    for p, ex in zip(prompts, needles):
+        for m, r in combos:
+            hits[(m, r)].append(answer_ok(methods[m].compact(lm, p.context_ids, ratio=r), p.question_ids, ex.answers))
+    log(f"{label}: {len(combos)} method x ratio over {len(windows)} windows and {len(needles)} needles "
+        f"({time.perf_counter() - t0:.0f} s)")
+    for m, r in combos:
+        grad = grad_steps(bc, lm, windows[:bc.grad_windows], grad_targets, label) \
+            if m == "am-hak" and r == bc.grad_ratio else None
+        acc = statistics.mean(hits[(m, r)]) if needles else None
+        rows.append({"checkpoint": label, "policy": policy, "method": m, "ratio": r,
+                     "ppl_gap": round(math.exp(nll[(m, r)][0] / nll[(m, r)][1]) - base_ppl, 4),
+                     "retrieval_acc": acc, "base_ppl": round(base_ppl, 4), "grad_steps_to_target": grad})
+        log(f"{label} {m} {r}x: gap {rows[-1]['ppl_gap']:.3f} retrieval {acc} grad steps {grad}")
     return rows
 
 
@@ -264,6 +270,37 @@ def plot(result: dict, out: Path) -> list[str]:
     return files
 
 
+def table(result: dict) -> str:
+    """Checkpoint x method rows of "PPL gap / retrieval" per ratio, each checkpoint's uncompressed PPL and
+    gradient-compaction steps, then the gap shrink against the base and the step-time ratio."""
+    rows = [r for r in result["rows"] if r["method"] != "full"]
+    ratios = sorted({r["ratio"] for r in rows})
+    cell = {(r["checkpoint"], r["method"], r["ratio"]): r for r in rows}
+    full = {r["checkpoint"]: r for r in result["rows"] if r["method"] == "full"}
+    fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = ["| checkpoint | method | " + " | ".join(f"{x:g}x gap / retrieval" for x in ratios)
+             + " | base PPL | retrieval, full cache | grad steps to target |",
+             "|---|---|" + "---|" * (len(ratios) + 3)]
+    for ck, m in dict.fromkeys((r["checkpoint"], r["method"]) for r in rows):
+        vals = [f"{fmt(c['ppl_gap'])} / {fmt(c['retrieval_acc'], 2)}" if (c := cell.get((ck, m, x))) else "-"
+                for x in ratios]
+        grad = next((r["grad_steps_to_target"] for r in rows if r["checkpoint"] == ck and r["method"] == m
+                     and r["grad_steps_to_target"] is not None), None)
+        lines.append(f"| {ck} | {m} | " + " | ".join(vals) + f" | {fmt(full[ck]['base_ppl'])} | "
+                     f"{fmt(full[ck]['retrieval_acc'], 2)} | {fmt(grad, 1)} |")
+    notes = []
+    for ck, s in result.get("summary", {}).items():
+        best = s["best_gap_shrink"]
+        shrink = f"{best['shrink']:.2f}x ({best['method']} {best['ratio']}x)" if best else "-"
+        notes.append(f"| {ck} | {shrink} | {s['base_ppl_change_pct']:+.2f}% |")
+    st = result.get("step_time", {})
+    return "\n".join(lines + ["", "| checkpoint | best PPL-gap shrink vs base | uncompressed PPL vs base |",
+                               "|---|---|---|", *notes, "",
+                               f"Step time, KV-CAT (router) vs plain NTP, same batch ({st.get('batch')} x "
+                               f"{st.get('seq_len')} tokens): {st.get('kvcat_step_s')} s vs {st.get('ntp_step_s')} s, "
+                               f"ratio **{result.get('step_time_ratio')}**."])
+
+
 def summarise(result: dict) -> dict:
     """Best PPL-gap shrink of each policy against the base (same method and ratio), and base-PPL drift."""
     rows = result["rows"]
@@ -285,15 +322,15 @@ def summarise(result: dict) -> dict:
 
 
 def main(steps: int | None = None, docs: int | None = None, seq_len: int | None = None,
-         eval_windows: int | None = None, policies: list[str] | None = None, model: str | None = None,
-         smoke: bool = False, out: str | Path | None = None) -> dict:
+         eval_windows: int | None = None, needles: int | None = None, policies: list[str] | None = None,
+         model: str | None = None, smoke: bool = False, out: str | Path | None = None) -> dict:
     from kvcat.config import kvcat_home
     from kvcat.data import needle, token_windows
     from kvcat.models import load_model
 
     bc = BenchConfig(**SMOKE) if smoke else BenchConfig()
-    given = {"steps": steps, "docs": docs, "seq_len": seq_len, "eval_windows": eval_windows, "policies": policies,
-             "model": model}
+    given = {"steps": steps, "docs": docs, "seq_len": seq_len, "eval_windows": eval_windows,
+             "retrieval_examples": needles, "policies": policies, "model": model}
     bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
     if out is not None:
         bc = replace(bc, out=str(out))
@@ -331,7 +368,7 @@ def main(steps: int | None = None, docs: int | None = None, seq_len: int | None 
     out_path = Path(bc.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(result, out_path)
-    write_result(result, out_path)
+    write_result(result, out_path, table(result))
     log(f"wrote {out_path} and {', '.join(result['plots'])}; summary: {json.dumps(result['summary'])}")
     return result
 

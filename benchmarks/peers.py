@@ -16,7 +16,10 @@ process, and scores every system's outputs here with the same kvcat.eval.metrics
 - qa_f1: metrics.f1 of the first answer line on SQuAD-article questions;
 - compress_s: seconds from token ids to compressed cache, prefill included (kvcat: prefill + queries +
   solve; kvpress: the prefill under the press, its scoring included), mean over the PPL windows;
-- peak_rss_mb: peak resident memory of the process (kvcat's, or the kvpress runner's) while compressing.
+- peak_rss_mb: peak resident memory of the process (kvcat's, or the kvpress runner's) while compressing;
+- serving (the first --serving-docs windows, as text): vLLM's own OpenAI server (no kvcat code loaded)
+  answering over the full document, against the kvcat server over the compacted context (serve.py's
+  measure): TTFT, decode tokens/s, KV bytes per context, contexts per KV budget; ratios to plain vLLM.
 Ratio r means round(N / r) KV slots per head kept on average, in both systems (kvpress: compression_ratio
 1 - 1/r). Ratio 1 is the full cache in both: the fairness check wants their full-cache PPLs on the same
 windows within 1% (both values and the relative difference are in the JSON).
@@ -82,7 +85,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
         methods: str | list[str] | None = None, presses: str | list[str] | None = None, needles: int = 5,
         qa: int = 5, question_tokens: int = 2048, model: str = "smollm2-135m",
         out: Path | str = RESULTS / "peers.json", seed: int = 0, slow_max_slots: int = 256,
-        peers_python: Path | str = PEERS_PYTHON) -> dict:
+        peers_python: Path | str = PEERS_PYTHON, serving_docs: int = 1, serving_ratios=(10.0, 32.0)) -> dict:
     from kvcat.bench import PeakRSS, heldout_suite, provenance, publish
     from kvcat.compaction import get_method
     from kvcat.compaction.queries import clear_memo
@@ -212,6 +215,14 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
     if peer_full is None:
         raise RuntimeError("kvpress's full-cache run failed: no fairness check possible")
 
+    serving, serving_info = [], {}
+    if serving_docs:
+        from kvcat.bench import load_script
+
+        log(f"serving: plain vLLM (full document) vs kvcat server (compacted), {serving_docs} window(s)")
+        docs_ = [(tok.decode(w.prefix_ids), len(w.prefix_ids)) for w in windows[:serving_docs]]
+        serving, serving_info = load_script("serve").measure(model, docs_, ratios=serving_ratios, plain_vllm=True)
+
     kv_ppl, kp_ppl = statistics.mean(kvcat_full), statistics.mean(peer_full)
     rel = abs(kp_ppl - kv_ppl) / kv_ppl
     per_window = [abs(b - a) / a for a, b in zip(kvcat_full, peer_full)]
@@ -229,9 +240,11 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
                          "methods": names, "presses": press_names, "needles": needles, "qa": qa,
                          "question_tokens": question_tokens, "seed": seed, "split": "heldout",
                          "slow_max_slots": slow_max_slots, "kvpress": peer["versions"],
+                         "serving_docs": serving_docs, "serving_ratios": list(serving_ratios),
+                         "serving": serving_info,
                          "ratio_convention": "kvcat ratio r = N / kept slots per head; kvpress compression_ratio "
                                              "= 1 - 1/r (fraction removed), kept count matched to round(N / r)"},
-              "rows": rows, "fairness": fairness, "serving": []}
+              "rows": rows, "fairness": fairness, "serving": serving}
     log(f"fairness: kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.4%})")
     publish(result, out, table, plot, log)
     return result
@@ -291,11 +304,26 @@ def table(result: dict) -> str:
               f"{fmt(full.get('kvpress', {}).get('qa_f1'))})", "", head]
         qa += [line(s, m, lambda r: fmt(r.get("qa_f1"))) for s, m in keys]
         parts.append("\n".join(qa))
+    secs = [line(s, m, lambda r: f"{r['compress_s']:.1f}" if r.get("compress_s") is not None else "-")
+            for s, m in keys]
+    ratio_line = []
+    for x in ratios:
+        am = [cell[("kvcat", m, x)]["compress_s"] for m in AM if ("kvcat", m, x) in cell]
+        kp = [cell[(s, m, x)]["compress_s"] for s, m in keys if s == "kvpress" and (s, m, x) in cell]
+        ratio_line.append(f"{min(am) / min(kp):.2f}x" if am and kp else "-")
+    parts.append("\n".join(["**Compression seconds** (token ids to compressed cache, prefill included)", "", head,
+                             *secs, "| | fastest kvcat AM / fastest kvpress press | " + " | ".join(ratio_line) + " |"]))
     if fair:
         parts.append(f"Fairness (ratio 1, same windows): full-cache PPL kvcat {fair['kvcat_full_ppl']:.4f}, kvpress "
                      f"{fair['kvpress_full_ppl']:.4f}, relative difference {fair['relative_difference']:.2e} "
                      f"({'within' if fair['ok'] else 'OUTSIDE'} {fair['tolerance']:.0%}). Best kvpress press overall: "
                      f"{best or '-'}.")
+    if result.get("serving"):
+        from kvcat.bench import load_script
+
+        parts.append("**Serving: plain vLLM with the full document vs the kvcat server with the compacted context** "
+                     "(one engine each, same settings; ratios against plain vLLM's cold full-document request)\n\n"
+                     + load_script("serve").table({"rows": result["serving"]}))
     failed = {r["method"]: r["error"] for r in result["rows"] if r.get("error")}
     if failed:
         parts.append("Failed on this model: " + "; ".join(f"{m} ({e})" for m, e in failed.items()))
@@ -310,7 +338,9 @@ def plot(result: dict, path: Path) -> Path:
 
     rows = _scored(result)
     best = best_press(result)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    serving = result.get("serving") or []
+    fig, axes = plt.subplots(1, 3 if serving else 2, figsize=(19 if serving else 13, 4.8))
+    ax1, ax2 = axes[:2]
     for s, m in dict.fromkeys((r["system"], r["method"]) for r in rows):
         rs = sorted((r for r in rows if r["system"] == s and r["method"] == m), key=lambda r: r["ratio"])
         kvcat = s == "kvcat"
@@ -337,6 +367,15 @@ def plot(result: dict, path: Path) -> Path:
     if gaps:
         ax1.set_ylim(bottom=min(0.0, min(gaps)))
     ax1.legend(fontsize=7)
+    if serving:
+        ax3 = axes[2]
+        labels = [f"{r['system']}\n{r['mode']}" + ("" if r["ratio"] == 1 else f"\n{r['ratio']:g}x") for r in serving]
+        bars = ax3.bar(range(len(serving)), [r["ttft_s"] for r in serving],
+                       color=["tab:grey" if r["system"] == "vllm" else "tab:blue" for r in serving])
+        ax3.bar_label(bars, [f"{r['contexts_in_budget']} ctx" for r in serving], fontsize=7)
+        ax3.set_xticks(range(len(serving)), labels, fontsize=6)
+        ax3.set(yscale="log", ylabel="time to first token, s (log)",
+                title="serving: TTFT; bar labels = contexts in the KV budget")
     fair = result.get("fairness", {})
     fig.suptitle(f"{result['model']} on {result['machine']}; full-cache PPL kvcat {fair.get('kvcat_full_ppl')} / "
                  f"kvpress {fair.get('kvpress_full_ppl')}", fontsize=9)
@@ -359,11 +398,14 @@ def main(argv=None) -> None:
     ap.add_argument("--question-tokens", type=int, default=2048)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--slow-max-slots", type=int, default=256)
+    ap.add_argument("--serving-docs", type=int, default=1, help="windows served by plain vLLM and kvcat (0: skip)")
+    ap.add_argument("--serving-ratios", default="10,32")
     ap.add_argument("--out", default=str(RESULTS / "peers.json"))
     a = ap.parse_args(argv)
     run(docs=a.docs, doc_tokens=a.doc_tokens, continuation=a.continuation,
         ratios=[float(r) for r in a.ratios.split(",")], methods=a.methods, presses=a.presses, needles=a.needles,
-        qa=a.qa, question_tokens=a.question_tokens, model=a.model, out=a.out, slow_max_slots=a.slow_max_slots)
+        qa=a.qa, question_tokens=a.question_tokens, model=a.model, out=a.out, slow_max_slots=a.slow_max_slots,
+        serving_docs=a.serving_docs, serving_ratios=[float(r) for r in a.serving_ratios.split(",")])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Measured from the client (official openai client, streaming): ttft_s (request to
 decode_tok_s (tokens after the first / time after the first; min_tokens fixes the count). kv_bytes: the
 paged KV a context holds (whole blocks of the engine's block size; for full chat the document's blocks),
 and contexts_in_budget: how many such contexts fit the fixed KV budget (--budget-gib).
-Writes benchmarks/results/serve.json and serve.png.
+Writes benchmarks/results/serve.json and serve.png. `kvcat bench peers` calls `measure(plain_vllm=True)`
+to put vLLM's own OpenAI server, serving the full document, beside these rows.
 """
 
 from __future__ import annotations
@@ -54,78 +55,129 @@ def _stream(client, model: str, content: str, context: str | None, tokens: int) 
     return {"ttft_s": first - start, "decode_tok_s": decode}
 
 
-def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0), method: str = "am-hak",
-        dtype: str = "bfloat16", docs: int = 3, decode_tokens: int = 32, budget_gib: float = 1.0,
-        out: Path | str = RESULTS / "serve.json") -> dict:
+def _cache_block_size(srv) -> int | None:
+    """vLLM's block size from its `vllm:cache_config_info` metric (plain vLLM does not list it elsewhere)."""
+    import re
+
     import httpx
-    from transformers import AutoTokenizer
 
-    from kvcat import data
-    from kvcat.bench import provenance, publish
-    from kvcat.models import resolve
-    from kvcat.server.launch import ServerProcess
+    text = httpx.get(srv.url("/metrics"), timeout=30).text
+    found = re.search(r'vllm:cache_config_info\{[^}]*block_size="(\d+)"', text)
+    return int(found.group(1)) if found else None
 
-    out = Path(out)
-    _, path = resolve(model)
-    tok = AutoTokenizer.from_pretrained(path)
-    windows = data.token_windows(tok, doc_tokens, 2, docs, split="heldout", corpora=("sotu",))
-    texts = [tok.decode(w.prefix_ids) for w in windows]
-    samples: dict[tuple[str, float], list[dict]] = {}
-    kv_bytes: dict[tuple[str, float], list[int]] = {}
-    with ServerProcess(model, dtype=dtype, kv_cache_gib=max(2, math.ceil(budget_gib))) as srv:  # the model's full context
+
+def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method: str = "am-hak",
+            dtype: str = "bfloat16", decode_tokens: int = 32, budget_gib: float = 1.0,
+            plain_vllm: bool = False) -> tuple[list[dict], dict]:
+    """The rows of one serving comparison over `docs` ((text, token count) pairs). With `plain_vllm`, vLLM's
+    own OpenAI server (no kvcat connector or plugin, same engine settings) first answers the full documents
+    as the "vllm" system; it is then the reference of the ratio columns."""
+    import httpx
+
+    from kvcat.server.launch import ServerProcess, StockVLLMProcess
+
+    samples: dict[tuple[str, str, float], list[dict]] = {}
+    slots: dict[tuple[str, float], list[int]] = {("full", 1.0): [n for _, n in docs]}
+    kv_gib = max(2, math.ceil(budget_gib))  # room for the model's full context
+    info: dict = {}
+
+    def full_chat(system: str, client, served: str, text: str) -> None:
+        for mode in ("full-cold", "full-warm"):
+            samples.setdefault((system, mode, 1.0), []).append(
+                _stream(client, served, f"{text}\n\n{QUESTIONS[0]}", None, decode_tokens))
+
+    if plain_vllm:
+        with StockVLLMProcess(model, dtype=dtype, kv_cache_gib=kv_gib) as srv:
+            info["vllm_block_size"] = _cache_block_size(srv)
+            log(f"plain vLLM up in {srv.startup_s:.0f} s (block size {info['vllm_block_size']})")
+            client = srv.openai()
+            served = client.models.list().data[0].id
+            _stream(client, served, "Hello!", None, 4)  # warm-up
+            for text, _ in docs:
+                full_chat("vllm", client, served, text)
+    with ServerProcess(model, dtype=dtype, kv_cache_gib=kv_gib) as srv:
         client = srv.openai()
-        info = client.models.list().data[0].model_extra
-        served = client.models.list().data[0].id
-        block, per_token = int(info["kv_block_size"]), int(info["kv_bytes_per_token"])
-        blocks_of = lambda n: math.ceil(n / block) * block * per_token  # noqa: E731
-        log(f"server up in {srv.startup_s:.0f} s: {model} {dtype}, block {block}, {per_token} KV bytes/token")
+        listed = client.models.list().data[0]
+        served = listed.id
+        info.update(kv_block_size=int(listed.model_extra["kv_block_size"]),
+                    kv_bytes_per_token=int(listed.model_extra["kv_bytes_per_token"]))
+        log(f"kvcat server up in {srv.startup_s:.0f} s: {model} {dtype}, block {info['kv_block_size']}, "
+            f"{info['kv_bytes_per_token']} KV bytes/token")
         _stream(client, served, "Hello!", None, 4)  # warm-up
-        for i, text in enumerate(texts):
-            content = f"{text}\n\n{QUESTIONS[0]}"
-            for mode in ("full-cold", "full-warm"):
-                samples.setdefault((mode, 1.0), []).append(_stream(client, served, content, None, decode_tokens))
-            n = len(windows[i].prefix_ids)
-            kv_bytes.setdefault(("full", 1.0), []).append(blocks_of(n))
+        for i, (text, _) in enumerate(docs):
+            full_chat("kvcat", client, served, text)
             for r in ratios:
                 resp = httpx.post(srv.url("/v1/compact"), timeout=3600,
                                   json={"text": text, "ratio": r, "method": method})
                 resp.raise_for_status()
                 ctx = resp.json()
                 for mode, q in (("compacted-cold", QUESTIONS[0]), ("compacted-warm", QUESTIONS[1])):
-                    samples.setdefault((mode, r), []).append(_stream(client, served, q, ctx["id"], decode_tokens))
-                kv_bytes.setdefault(("compacted", r), []).append(blocks_of(ctx["compacted_tokens"]))
+                    samples.setdefault(("kvcat", mode, r), []).append(_stream(client, served, q, ctx["id"],
+                                                                              decode_tokens))
+                slots.setdefault(("compacted", r), []).append(ctx["compacted_tokens"])
                 httpx.delete(srv.url(f"/v1/contexts/{ctx['id']}"), timeout=60)
-                log(f"doc {i + 1}/{len(texts)} ratio {r:g}: {ctx['original_tokens']} -> {ctx['compacted_tokens']} "
+                log(f"doc {i + 1}/{len(docs)} ratio {r:g}: {ctx['original_tokens']} -> {ctx['compacted_tokens']} "
                     f"slots, compaction {ctx['compaction_seconds']:.1f} s")
+    if plain_vllm and info["vllm_block_size"] not in (None, info["kv_block_size"]):
+        raise RuntimeError(f"plain vLLM pages KV in blocks of {info['vllm_block_size']}, kvcat's engine in "
+                           f"{info['kv_block_size']}: the KV-bytes columns would not compare")
     budget = int(budget_gib * 2**30)
+    block, per_token = info["kv_block_size"], info["kv_bytes_per_token"]
     rows = []
-    for (mode, r), ss in samples.items():
-        kb = int(statistics.mean(kv_bytes[("full" if mode.startswith("full") else "compacted", r)]))
-        rows.append({"mode": mode, "ratio": r, "ttft_s": round(statistics.mean(s["ttft_s"] for s in ss), 4),
+    for (system, mode, r), ss in samples.items():
+        held = slots[("full" if mode.startswith("full") else "compacted", r)]
+        kb = int(statistics.mean(math.ceil(n / block) * block * per_token for n in held))
+        rows.append({"system": system, "mode": mode, "ratio": r,
+                     "ttft_s": round(statistics.mean(s["ttft_s"] for s in ss), 4),
                      "ttft_s_all": [round(s["ttft_s"], 4) for s in ss],
                      "decode_tok_s": round(statistics.mean(s["decode_tok_s"] for s in ss), 2),
                      "kv_bytes": kb, "contexts_in_budget": budget // kb})
-    cold = next(r["ttft_s"] for r in rows if r["mode"] == "full-cold")
-    full_kv = next(r["kv_bytes"] for r in rows if r["mode"] == "full-cold")
-    full_fit = next(r["contexts_in_budget"] for r in rows if r["mode"] == "full-cold")
+    ref = rows[0]  # full-cold of plain vLLM when it ran, else of kvcat
     for r in rows:
-        r["ttft_speedup_vs_full_cold"] = round(cold / r["ttft_s"], 2)
-        r["kv_bytes_vs_full"] = round(r["kv_bytes"] / full_kv, 4)
-        r["contexts_vs_full"] = round(r["contexts_in_budget"] / max(full_fit, 1), 2)
+        r["ttft_speedup_vs_full_cold"] = round(ref["ttft_s"] / r["ttft_s"], 2)
+        r["kv_bytes_vs_full"] = round(r["kv_bytes"] / ref["kv_bytes"], 4)
+        r["contexts_vs_full"] = round(r["contexts_in_budget"] / max(ref["contexts_in_budget"], 1), 2)
+    info["reference"] = f"{ref['system']} full-cold"
+    return rows, info
+
+
+def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0), method: str = "am-hak",
+        dtype: str = "bfloat16", docs: int = 3, decode_tokens: int = 32, budget_gib: float = 1.0,
+        out: Path | str = RESULTS / "serve.json") -> dict:
+    from kvcat.bench import provenance, publish
+
+    rows, info = measure(model, heldout_docs(model, doc_tokens, docs), ratios, method, dtype, decode_tokens,
+                         budget_gib)
     result = {"model": model, **provenance(),
               "config": {"doc_tokens": doc_tokens, "docs": docs, "ratios": list(ratios), "method": method,
                          "dtype": dtype, "decode_tokens": decode_tokens, "budget_gib": budget_gib,
-                         "kv_block_size": block, "kv_bytes_per_token": per_token, "split": "heldout"},
+                         "split": "heldout", **info},
               "rows": rows}
-    publish(result, out, table, plot, log)
+    publish(result, Path(out), table, plot, log)
     return result
 
 
+def heldout_docs(model: str, doc_tokens: int, docs: int) -> list[tuple[str, int]]:
+    """`docs` held-out State-of-the-Union windows of `doc_tokens` tokens: (text, token count) pairs."""
+    from transformers import AutoTokenizer
+
+    from kvcat import data
+    from kvcat.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(model)[1])
+    windows = data.token_windows(tok, doc_tokens, 2, docs, split="heldout", corpora=("sotu",))
+    return [(tok.decode(w.prefix_ids), len(w.prefix_ids)) for w in windows]
+
+
 def table(result: dict) -> str:
-    lines = ["| mode | ratio | TTFT s | TTFT speed-up vs full cold | decode tok/s | KV bytes / context | "
-             "vs full | contexts in budget | vs full |", "|---|---|---|---|---|---|---|---|---|"]
+    """One row per (system, mode, ratio); the system column appears when plain vLLM ran too."""
+    systems = len({r.get("system", "kvcat") for r in result["rows"]}) > 1
+    lines = [("| system " if systems else "") + "| mode | ratio | TTFT s | TTFT speed-up vs full cold | decode tok/s | "
+             "KV bytes / context | vs full | contexts in budget | vs full |",
+             ("|---" if systems else "") + "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['ratio']:g} | {r['ttft_s']:.3f} | {r['ttft_speedup_vs_full_cold']:.1f}x | "
+        lines.append((f"| {r.get('system', 'kvcat')} " if systems else "")
+                     + f"| {r['mode']} | {r['ratio']:g} | {r['ttft_s']:.3f} | {r['ttft_speedup_vs_full_cold']:.1f}x | "
                      f"{r['decode_tok_s']:.1f} | {r['kv_bytes']:,} | {r['kv_bytes_vs_full']:.3f} | "
                      f"{r['contexts_in_budget']} | {r['contexts_vs_full']:.1f}x |")
     return "\n".join(lines)

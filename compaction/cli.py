@@ -135,9 +135,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         question_tokens: int = typer.Option(2048, help="length of the needle haystacks and QA articles"),
         model: str = typer.Option("smollm2-135m", help="model"),
         slow_max_slots: int = typer.Option(256, help="run OMP-fast only up to this many slots per head"),
+        serving_docs: int = typer.Option(1, help="windows served by plain vLLM (full) and kvcat (compacted); 0 skips"),
+        serving_ratios: str = typer.Option("10,32", help="compaction ratios of the serving comparison"),
         out: Path = typer.Option(Path("benchmarks/results/peers.json"), help="JSON output"),
     ) -> None:
-        """kvcat vs NVIDIA kvpress on the same held-out data -> benchmarks/results/peers.json + Pareto PNG.
+        """kvcat vs NVIDIA kvpress on the same held-out data, and plain vLLM vs the kvcat server ->
+        benchmarks/results/peers.json + Pareto PNG.
 
         kvpress runs in its own venv (.peers-venv/, made here by scripts/peers_venv.sh on first use)."""
         import subprocess
@@ -156,4 +159,5 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         load_script("peers").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
                                  ratios=[float(r) for r in ratios.split(",")], methods=methods, presses=presses,
                                  needles=needles, qa=qa, question_tokens=question_tokens, model=model, out=out,
-                                 slow_max_slots=slow_max_slots)
+                                 slow_max_slots=slow_max_slots, serving_docs=serving_docs,
+                                 serving_ratios=[float(r) for r in serving_ratios.split(",")])

@@ -44,9 +44,13 @@ def as_ids(tokens, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 2048,
+def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 8192,
             past: Prefill | None = None, query_positions: torch.Tensor | None = None) -> Prefill:
     """Run the context through the model in chunks, keeping K/V (and queries) of every layer.
+
+    Chunks are large by default: a whole context in one causal SDPA call is faster and lighter than chunks
+    that need an explicit mask (4,096 tokens, 2 CPU cores shared with a training run: 52 s in 2,048-token
+    chunks, 36-39 s in one).
 
     With `past`, continue after an existing Prefill instead of starting from an empty cache (its tokens are
     not run again): the result holds the K/V of past + tokens, and queries of `tokens` only.

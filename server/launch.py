@@ -1,11 +1,12 @@
-"""Running `kvcat serve` as a child process on loopback: for the demo, the benchmarks and the tests.
+"""Running `kvcat serve` (or, as the benchmarks' baseline, vLLM's own OpenAI server) as a child process on
+loopback: for the demo, the benchmarks and the tests.
 
     with ServerProcess("smollm2-135m", dtype="bfloat16") as srv:
         client = srv.openai()
         httpx.post(srv.url("/v1/compact"), json={...})
 
 The server is started in its own process session (vLLM spawns engine and worker processes beneath it), waited
-for on `/ready`, and stopped with SIGTERM (it drains), then SIGKILL of the whole group if it hangs.
+for on its readiness route, and stopped with SIGTERM (it drains), then SIGKILL of the whole group if it hangs.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """`kvcat serve` in a child process group; `StockVLLMProcess` reuses the handling for plain vLLM."""
+
+    name = "kvcat serve"
+    ready_path = "/ready"
+
     def __init__(self, model: str, *, dtype: str = "bfloat16", port: int | None = None,
                  store_dir: str | os.PathLike | None = None, max_model_len: int | None = None,
                  beta: bool = True, kv_cache_gib: int | None = None, args: list[str] | tuple[str, ...] = (),
                  log_path: str | os.PathLike | None = None, env: dict | None = None,
                  ready_timeout: float = 600.0):
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="kvcat-serve-",
-                                                                              suffix=".log")[1])
+        self._child(port, log_path, env, ready_timeout)
         self.cmd = [sys.executable, "-m", "kvcat.cli", "serve", "--model", model, "--dtype", dtype,
                     "--host", "127.0.0.1", "--port", str(self.port), "--beta" if beta else "--no-beta"]
         # a fresh store unless told: the demo and benchmarks must not find an earlier run's contexts
@@ -50,6 +53,12 @@ class ServerProcess:
         if kv_cache_gib is not None:
             self.cmd += ["--kv-cache-gib", str(kv_cache_gib)]
         self.cmd += list(args)
+
+    def _child(self, port: int | None, log_path, env: dict | None, ready_timeout: float) -> None:
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="kvcat-serve-",
+                                                                              suffix=".log")[1])
         self.env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
                     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                     "TOKENIZERS_PARALLELISM": "false", **(env or {})}
@@ -77,16 +86,16 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
-                raise ServerStartError(f"kvcat serve exited with code {self.proc.returncode}; end of its log "
+                raise ServerStartError(f"{self.name} exited with code {self.proc.returncode}; end of its log "
                                        f"({self.log_path}):\n{self.log_tail()}")
             try:
-                if httpx.get(self.url("/ready"), timeout=2).status_code == 200:
+                if httpx.get(self.url(self.ready_path), timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerStartError(f"kvcat serve not ready after {self.ready_timeout:.0f} s; end of its log "
+                raise ServerStartError(f"{self.name} not ready after {self.ready_timeout:.0f} s; end of its log "
                                        f"({self.log_path}):\n{self.log_tail()}")
             time.sleep(0.5)
         self.startup_s = time.perf_counter() - start
@@ -120,3 +129,25 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class StockVLLMProcess(ServerProcess):
+    """vLLM's own OpenAI server (no kvcat connector, no plugin) on loopback, same engine settings: the baseline
+    that serves the full document. Its routes are vLLM's; readiness is `/health`."""
+
+    name = "vLLM's OpenAI server"
+    ready_path = "/health"
+
+    def __init__(self, model: str, *, dtype: str = "bfloat16", port: int | None = None,
+                 max_model_len: int | None = None, kv_cache_gib: int | None = None,
+                 log_path: str | os.PathLike | None = None, ready_timeout: float = 600.0):
+        from kvcat.models import resolve
+        from kvcat.server.vllm_adapter.engine import EngineConfig, stock_serve_command
+
+        name, path = resolve(model)
+        config = EngineConfig(model=str(path), dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                              served_name=name)
+        self._child(port, log_path, None, ready_timeout)
+        self.cmd, extra_env = stock_serve_command(config, "127.0.0.1", self.port)
+        self.env.update(extra_env)
+        self.store_dir = None

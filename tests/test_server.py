@@ -27,6 +27,21 @@ DOC = ("Field notes, day twelve. The expedition reached the northern glacier at 
 QUESTION = "What is the radio code for the supply plane?"
 
 
+def test_plain_vllm_baseline_command_parses_under_the_pinned_vllm():
+    """The peers benchmark's plain-vLLM server is vLLM's own CLI: its flags must still exist (pin self-test)."""
+    from kvcat.server.vllm_adapter.engine import EngineConfig, stock_serve_command
+
+    cmd, env = stock_serve_command(EngineConfig(model="/m", dtype="bfloat16", max_model_len=2048, kv_cache_gib=2,
+                                                served_name="m"), "127.0.0.1", 8123)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and env["VLLM_PLUGINS"] == ""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser  # what that module's main parses with
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
+    assert (args.model, args.port, args.dtype, args.max_model_len, args.enable_prefix_caching, args.enforce_eager,
+            args.served_model_name) == ("/m", 8123, "bfloat16", 2048, True, True, ["m"])
+
+
 def _compact(server, **body):
     r = httpx.post(server["base"] + "/v1/compact", json={"text": DOC} | body, timeout=600)
     assert r.status_code == 200, r.text

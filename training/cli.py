@@ -76,6 +76,7 @@ def bench_command(
     docs: Optional[int] = typer.Option(None, help="training documents (default: the whole TRAIN split)"),
     seq_len: Optional[int] = typer.Option(None, help="training sequence length (default 512)"),
     eval_windows: Optional[int] = typer.Option(None, help="held-out PPL windows (default 8)"),
+    needles: Optional[int] = typer.Option(None, help="held-out needle examples for retrieval (default 8)"),
     policies: str = typer.Option("rand,attn,am,router", help="comma-separated policies to train"),
     model: Optional[str] = typer.Option(None, help="default smollm2-135m"),
     smoke: bool = typer.Option(False, help="a tiny configuration that checks the pipeline in minutes"),
@@ -87,6 +88,6 @@ def bench_command(
     step-time ratio of KV-CAT against plain NTP training."""
     from kvcat.bench import load_script
 
-    load_script("kvcat").main(steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows,
-                   policies=[p.strip() for p in policies.split(",") if p.strip()], model=model, smoke=smoke,
-                   out=out)
+    load_script("kvcat").main(steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows, needles=needles,
+                              policies=[p.strip() for p in policies.split(",") if p.strip()], model=model,
+                              smoke=smoke, out=out)

