@@ -265,6 +265,15 @@ def best_press(result: dict) -> str | None:
     return min(full, key=lambda m: statistics.mean(full[m])) if full else None
 
 
+def _best_at(cell: dict, keys, ratio: float, metric: str) -> tuple[float | None, str | None, float | None]:
+    """At one ratio: the lowest `metric` among kvcat's AM methods, and the kvpress press with the lowest
+    `metric` with its value (None where a side has no row)."""
+    am = [cell[("kvcat", m, ratio)][metric] for m in AM if ("kvcat", m, ratio) in cell]
+    kp = {m: cell[(s, m, ratio)][metric] for s, m in keys if s == "kvpress" and (s, m, ratio) in cell}
+    top = min(kp, key=kp.get) if kp else None
+    return (min(am) if am else None), top, (kp[top] if top else None)
+
+
 def table(result: dict) -> str:
     """One pivot (system/method x ratio) of "PPL gap / needle accuracy", the best kvcat AM gap over the best
     kvpress gap per ratio, then QA F1 when asked, the fairness check and the presses that failed."""
@@ -291,11 +300,9 @@ def table(result: dict) -> str:
     best = best_press(result)
     vs, names = [], []
     for x in ratios:
-        am = [cell[("kvcat", m, x)]["ppl_gap"] for m in AM if ("kvcat", m, x) in cell]
-        kp = {m: cell[(s, m, x)]["ppl_gap"] for s, m in keys if s == "kvpress" and (s, m, x) in cell}
-        top = min(kp, key=kp.get) if kp else None
+        am, top, kp = _best_at(cell, keys, x, "ppl_gap")
         names.append(top or "-")
-        vs.append(f"{min(am) / kp[top]:.2f}x" if am and top and kp[top] > 0 else "-")
+        vs.append(f"{am / kp:.2f}x" if am is not None and top and kp > 0 else "-")
     lines.append("| | best kvpress press | " + " | ".join(names) + " |")
     lines.append("| | best kvcat AM gap / best kvpress gap | " + " | ".join(vs) + " |")
     parts = ["\n".join(lines)]
@@ -308,9 +315,8 @@ def table(result: dict) -> str:
             for s, m in keys]
     ratio_line = []
     for x in ratios:
-        am = [cell[("kvcat", m, x)]["compress_s"] for m in AM if ("kvcat", m, x) in cell]
-        kp = [cell[(s, m, x)]["compress_s"] for s, m in keys if s == "kvpress" and (s, m, x) in cell]
-        ratio_line.append(f"{min(am) / min(kp):.2f}x" if am and kp else "-")
+        am, top, kp = _best_at(cell, keys, x, "compress_s")
+        ratio_line.append(f"{am / kp:.2f}x" if am is not None and top else "-")
     parts.append("\n".join(["**Compression seconds** (token ids to compressed cache, prefill included)", "", head,
                              *secs, "| | fastest kvcat AM / fastest kvpress press | " + " | ".join(ratio_line) + " |"]))
     if fair:
