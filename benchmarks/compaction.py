@@ -193,6 +193,10 @@ def table(result: dict) -> str:
         parts.append(pivot(f"SQuAD F1 (full context {full['qa_f1']:.2f})", lambda r: r["qa_f1"]))
     parts.append(pivot(f"Compaction seconds / prefill seconds of the same document (prefill {full['prefill_s']:.1f} s)",
                        lambda r: r["compact_over_prefill"]))
+    kv_mb = result["config"].get("full_kv_mb_fp32")
+    if kv_mb:
+        parts.append(pivot(f"Peak memory while compacting, above the model, / the full KV cache ({kv_mb:.0f} MB)",
+                           lambda r: r["peak_extra_mb"] / kv_mb))
     return "\n\n".join(parts)
 
 

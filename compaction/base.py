@@ -201,6 +201,11 @@ class Method(ABC):
         """Which reference queries the method needs beyond the prefill (None: only K/V and context queries)."""
         return self.params.get("queries")
 
+    @property
+    def needs_context_sample(self) -> bool:
+        """Whether the method reads the context's own queries across the whole document (not only the last)."""
+        return "context" in (self.query_mode or "")
+
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
         """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden."""
         return uniform_budgets(lm.spec.num_layers, lm.spec.num_kv_heads, t)
@@ -216,7 +221,8 @@ class Method(ABC):
         """Compact one document (token ids) to about N / ratio (or target_tokens) slots per head."""
         ids = as_context_ids(lm, context_ids)
         t = resolve_budget(ids.numel(), ratio, target_tokens)
-        return self.compact_state(lm, document_state(lm, ids), t, ratio=ratio, target_tokens=target_tokens,
+        state = document_state(lm, ids, context_sample=self.needs_context_sample)
+        return self.compact_state(lm, state, t, ratio=ratio, target_tokens=target_tokens,
                                   progress=progress)
 
     def compact_state(self, lm: LoadedModel, state: DocumentState, t: int, ratio: float | None = None,

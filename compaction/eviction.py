@@ -164,6 +164,7 @@ class H2O(Eviction):
 
     name = "h2o"
     defaults = {"recent_frac": 0.5, "chunk": 512}
+    needs_context_sample = True
 
     def adjust(self, scores, budgets):
         recent = int(round(float(budgets.float().mean()) * float(self.params["recent_frac"])))

@@ -40,6 +40,10 @@ class Optimized(Method):
         self.init_method = get_method(self.params["init"])
         self.report: dict = {}
 
+    @property
+    def needs_context_sample(self) -> bool:
+        return "context" in self.params["queries"] or self.init_method.needs_context_sample
+
     def head_budgets(self, lm, state, t):
         return self.init_method.head_budgets(lm, state, t)
 

@@ -1,7 +1,8 @@
 """Reference queries: the post-RoPE queries a compacted cache is fitted against.
 
 Modes (each returns, per layer, queries [num_heads, n, head_dim]):
-- "context": the context's own queries from its prefill (free: captured during the prefill).
+- "context": the context's own queries from its prefill (free: captured during the prefill; a sample).
+- "last": the context's own queries of its last LAST_QUERIES tokens (they look like the text that follows).
 - "repeat": prefill "Repeat the previous context verbatim." as the next chat question and the context again
   *after* the cached context (continuing from its K/V, so the context is not run twice), and keep the queries
   of the instruction and the copy: tokens that look back at the whole context, like later questions do.
@@ -47,6 +48,7 @@ class DocumentState:
     queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # mode -> per layer [H, n, d]
     query_s: dict[str, float] = field(default_factory=dict)  # mode -> extra seconds to get them
     scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # eviction scores, shared across ratios
+    context_sample: bool = True  # prefill.queries hold a sample of the whole context (else the last ones)
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +59,7 @@ def _tokens(lm: LoadedModel, text: str) -> list[int]:
     return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-REPEAT_MAX_TOKENS = 2048  # longer contexts repeat evenly spaced segments totalling this many tokens
+REPEAT_MAX_TOKENS = 1024  # longer contexts repeat evenly spaced segments totalling this many tokens
 REPEAT_SEGMENT = 256
 
 
@@ -86,7 +88,7 @@ def repeat_queries(lm: LoadedModel, state: DocumentState) -> list[torch.Tensor]:
     ids = repeat_input(lm, state.ids.tolist(), lm.spec.max_positions - state.num_tokens)
     if len(ids) < 2:  # no room after the context: fall back to the context's own queries
         return list(state.prefill.queries)
-    return prefill(lm, ids, capture_queries=True, past=state.prefill).queries
+    return prefill(lm, ids, capture_queries=True, past=state.prefill, keep_new_kv=False).queries
 
 
 @torch.no_grad()
@@ -137,7 +139,15 @@ QUERY_MODES: dict[str, Callable[[LoadedModel, DocumentState], list[torch.Tensor]
     "self-study": self_study_queries,
     "repeat+self-study": lambda lm, st: _joined(lm, st, "repeat", "self-study"),
     "repeat+context": lambda lm, st: _joined(lm, st, "repeat", "context"),
+    "last": lambda lm, st: _last_context_queries(st),
+    "repeat+last": lambda lm, st: _joined(lm, st, "repeat", "last"),
 }
+
+
+def _last_context_queries(state: DocumentState) -> list[torch.Tensor]:
+    """The context's own queries of its last LAST_QUERIES positions (they see almost all of it)."""
+    sel = state.query_pos >= state.num_tokens - LAST_QUERIES
+    return [q[:, sel.to(q.device)] for q in state.prefill.queries]
 
 
 def _joined(lm: LoadedModel, state: DocumentState, *modes: str) -> list[torch.Tensor]:
@@ -180,18 +190,32 @@ def context_query_positions(n: int, keep: int = CONTEXT_QUERIES, last: int = LAS
     return torch.cat([sample.sort().values, torch.arange(n - last, n)])
 
 
-def document_state(lm: LoadedModel, ids: torch.Tensor) -> DocumentState:
-    """The document's prefill (K/V + its own queries), memoized; reference queries are added per mode
-    on demand through `get_queries` and live in the same memo entry."""
+def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = False) -> DocumentState:
+    """The document's prefill (K/V + its own last queries), memoized; reference queries are added per mode
+    on demand through `get_queries` and live in the same memo entry.
+
+    Only methods that read the context's own queries across the whole document (H2O, the "context" query
+    modes) ask for `context_sample` (CONTEXT_QUERIES of them: 0.75x the size of the K/V on SmolLM2); the
+    others keep the last LAST_QUERIES only. A memoized state without the sample is prefilled again when
+    one is asked for, keeping the reference queries and scores it already has."""
     key = _key(lm, ids)
-    if key in _STATES:
+    old = _STATES.get(key)
+    if old is not None and (old.context_sample or not context_sample):
         _STATES.move_to_end(key)
-        return _STATES[key]
-    pos = context_query_positions(ids.numel())
+        return old
+    n = ids.numel()
+    pos = context_query_positions(n) if context_sample else torch.arange(max(n - LAST_QUERIES, 0), n)
     start = time.perf_counter()
     pre = prefill(lm, ids.to(lm.device), capture_queries=True, query_positions=pos)
-    state = DocumentState(ids=ids.cpu(), prefill=pre, prefill_s=time.perf_counter() - start, query_pos=pos)
+    state = DocumentState(ids=ids.cpu(), prefill=pre, prefill_s=time.perf_counter() - start, query_pos=pos,
+                          context_sample=context_sample)
+    if old is not None:  # what does not depend on the context queries carries over
+        keep = [m for m in old.queries if "context" not in m]
+        state.queries.update({m: old.queries[m] for m in keep})
+        state.query_s.update({m: old.query_s[m] for m in keep if m in old.query_s})
+        state.scores.update(old.scores)
     _STATES[key] = state
+    _STATES.move_to_end(key)
     while len(_STATES) > MAX_STATES:
         _STATES.popitem(last=False)
     return state

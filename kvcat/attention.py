@@ -8,6 +8,8 @@ Per-call inputs travel as forward kwargs, which transformers passes down to ever
   shape [num_kv_heads, t] (the same for every query row: beta of a compacted cache) or
   [num_kv_heads, q_len, t] (row-specific: train-time masks). -inf removes a slot.
 - `kvcat_queries`: a dict that collects each layer's post-RoPE queries [num_heads, q_len, head_dim].
+- `kvcat_query_rows`: optional long tensor of query rows to record (the rest are never copied, so a long
+  prefill that keeps a sample of its queries does not hold all of them at once).
 - `kvcat_observer`: a callable `(layer, query, key, value)` given each layer's detached post-RoPE tensors
   [batch, heads, len, head_dim] (training policies score KV slots with it).
 
@@ -33,7 +35,9 @@ def kvcat_attention(module, query, key, value, attention_mask, scaling, dropout=
     layer = module.layer_idx
     captured = kwargs.get("kvcat_queries")
     if captured is not None:
-        captured.setdefault(layer, []).append(query[0].detach())
+        rows = kwargs.get("kvcat_query_rows")
+        q = query[0].detach()
+        captured.setdefault(layer, []).append(q if rows is None else q[:, rows])
     observer = kwargs.get("kvcat_observer")
     if observer is not None:
         observer(layer, query.detach(), key.detach(), value.detach())

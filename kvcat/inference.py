@@ -7,6 +7,7 @@ of those slots through `kvcat.attention`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,8 @@ def as_ids(tokens, device) -> torch.Tensor:
 
 @torch.no_grad()
 def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 8192,
-            past: Prefill | None = None, query_positions: torch.Tensor | None = None) -> Prefill:
+            past: Prefill | None = None, query_positions: torch.Tensor | None = None,
+            keep_new_kv: bool = True) -> Prefill:
     """Run the context through the model in chunks, keeping K/V (and queries) of every layer.
 
     Chunks are large by default: a whole context in one causal SDPA call is faster and lighter than chunks
@@ -54,7 +56,10 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
 
     With `past`, continue after an existing Prefill instead of starting from an empty cache (its tokens are
     not run again): the result holds the K/V of past + tokens, and queries of `tokens` only.
-    With `query_positions` (sorted indices into `tokens`), only those queries are kept (less memory)."""
+    With `query_positions` (sorted indices into `tokens`), only those queries are kept (less memory).
+    With `keep_new_kv=False` (a queries-only pass after `past`, e.g. reference queries), the new tokens'
+    K/V are used by attention but not stored: the result holds the K/V of `past` only, and the pass never
+    holds a second copy of the whole cache."""
     from transformers import DynamicCache
 
     ids = as_ids(tokens, lm.device)
@@ -66,7 +71,12 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
         raise ContextTooLongError(offset + n, lm.spec.max_positions)
     use_kvcat_attention(lm.model)
     cache = DynamicCache(config=lm.model.config)
-    if past is not None:
+    if not keep_new_kv:
+        if past is None:
+            raise ValueError("keep_new_kv=False needs a past to continue from")
+        chunk_size = n  # one pass: a later chunk would need the K/V this pass does not keep
+        cache.layers = [_peek_layer()(k, v) for k, v in zip(past.keys, past.values)]
+    elif past is not None:
         for i, (k, v) in enumerate(zip(past.keys, past.values)):
             cache.update(k[None], v[None], i)
     past = cache
@@ -75,22 +85,35 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
     for start in range(0, n, chunk_size):
         chunk = ids[:, start:start + chunk_size]
         pos = torch.arange(offset + start, offset + start + chunk.shape[1], device=ids.device)[None]
-        got: dict[int, list[torch.Tensor]] | None = {} if queries is not None else None
+        keep = None
+        if queries is not None and query_positions is not None:
+            qp = query_positions.to(ids.device)
+            keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start
         out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True, position_ids=pos,
-                       kvcat_queries=got, logits_to_keep=1)
+                       kvcat_queries=queries, kvcat_query_rows=keep, logits_to_keep=1)
         logits = out.logits[0, -1]
-        if got is not None:
-            keep = None
-            if query_positions is not None:
-                qp = query_positions.to(ids.device)
-                keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start
-            for layer, qs in got.items():
-                q = torch.cat(qs, dim=1)
-                queries.setdefault(layer, []).append(q if keep is None else q[:, keep])
     keys = [layer.keys[0] for layer in past.layers]
     values = [layer.values[0] for layer in past.layers]
     q = [torch.cat(queries[i], dim=1) for i in range(len(keys))] if queries is not None else None
     return Prefill(keys=keys, values=values, queries=q, last_logits=logits.float())
+
+
+@functools.cache
+def _peek_layer() -> type:
+    """A cache layer that lets attention see past + new K/V but stores nothing new (queries-only passes);
+    built on first use so importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PeekLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):  # [H, N, d]: viewed, not copied
+            super().__init__()
+            self.lazy_initialization(keys[None], values[None])
+            self.keys, self.values = keys[None], values[None]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return PeekLayer
 
 
 def full_cache(pre: Prefill, fingerprint: str, method: str = "full") -> CompactCache:

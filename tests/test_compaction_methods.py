@@ -83,6 +83,23 @@ def test_document_state_is_shared_across_methods_and_ratios(tiny, monkeypatch):
     assert len(calls) == 0 or all(c == 1 for c in calls)
 
 
+def test_context_query_sample_only_for_the_methods_that_read_it(tiny):
+    """AM and SnapKV keep the context's last queries only; H2O asks for a sample of all of them, which
+    prefills the document again but keeps the reference queries already computed."""
+    queries.clear_memo()
+    ids = torch.tensor(_ids(tiny, 300))
+    get_method("am-hak").compact(tiny, ids, ratio=4)
+    state = queries.document_state(tiny, ids)
+    assert not state.context_sample and state.prefill.queries[0].shape[1] == queries.LAST_QUERIES
+    repeat = state.queries["repeat"]
+    get_method("h2o").compact(tiny, ids, ratio=4)
+    sampled = queries.document_state(tiny, ids)
+    assert sampled.context_sample and sampled.prefill.queries[0].shape[1] == 300
+    assert sampled.queries["repeat"] is repeat
+    assert queries.document_state(tiny, ids, context_sample=True) is sampled  # a superset serves both
+    assert queries.document_state(tiny, ids) is sampled
+
+
 def test_cache_round_trip_refuses_another_model(tiny, tmp_path):
     cache = get_method("am-hak").compact(tiny, _ids(tiny, 100), ratio=4)
     path = cache.save(tmp_path / "doc.kvc")

@@ -87,9 +87,10 @@ def test_allocation_hits_the_total_and_favours_sensitive_heads():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_holdout_keeps_the_fit_only_where_it_generalizes(seed):
+def test_holdout_keeps_the_fit_only_where_it_generalizes(seed, monkeypatch):
     """t close to the number of reference queries: the least-squares fit overfits them. With holdout_every the
     head falls back to a plainer variant, and does better on fresh queries than the unchecked fit."""
+    monkeypatch.setattr(solvers, "FIT_MIN_QUERIES_PER_SLOT", 0)  # fit even where it is underdetermined
     K, V, Q = _head(n=120, q=40, seed=seed)
     fresh = torch.randn(400, K.shape[1], generator=torch.Generator().manual_seed(100 + seed)) * 1.5
     t = 36
@@ -101,3 +102,29 @@ def test_holdout_keeps_the_fit_only_where_it_generalizes(seed):
     # with plenty of queries the choice costs (almost) nothing against the unchecked fit
     K, V, Q = _head(seed=seed)  # err() reads the new K, V
     assert err(solvers.hak(K, V, Q, 30, holdout_every=5)) < 1.05 * err(solvers.hak(K, V, Q, 30))
+
+
+def test_too_few_queries_per_slot_skip_the_fits():
+    K, V, Q = _head(n=120, q=40)
+    s = solvers.hak(K, V, Q, 36)  # 40 queries < 4 x 36 slots
+    assert torch.all(s.beta == 0) and torch.equal(s.values, V[s.indices])
+
+
+@pytest.mark.parametrize("name", ["hak", "omp"])
+def test_validation_queries_choose_the_variant_per_head(name):
+    """With validation queries (another kind than the reference queries), each head keeps the variant --
+    fitted, beta = 0 and/or C_v = V -- with the smallest output error on them."""
+    K, V, Q = _head(seed=1)
+    g = torch.Generator().manual_seed(7)
+    shift = torch.randn(K.shape[1], generator=g) * 2.0
+    val = torch.randn(64, K.shape[1], generator=g) * 0.5 + shift  # concentrated elsewhere than Q
+    s = solvers.SOLVERS[name](K, V, Q, 30, validation=val)
+    fitted = solvers.SOLVERS[name](K, V, Q, 30)
+    assert torch.equal(s.indices, fitted.indices)
+    zeros = torch.zeros(30)
+    plain = solvers.Solution(K[s.indices], zeros, V[s.indices], s.indices)
+    no_beta = solvers.Solution(K[s.indices], zeros, solvers.fit_values(
+        torch.softmax((Q @ K[s.indices].T) * K.shape[1] ** -0.5, 1), solvers.attention_output(K, V, Q),
+        V[s.indices]), s.indices)
+    err = lambda x: solvers.matching_errors(K, V, val, x)["output_rel_err"]  # noqa: E731
+    assert err(s) <= min(err(fitted), err(plain), err(no_beta)) + 1e-6

@@ -65,3 +65,23 @@ def test_two_questions_over_one_cache(small):
 def test_context_longer_than_model_is_refused(tiny):
     with pytest.raises(ContextTooLongError, match="8193 tokens.*8192"):
         prefill(tiny, [1] * 8193)
+
+
+def test_queries_only_pass_matches_a_full_continuation(tiny):
+    """keep_new_kv=False (reference queries) gives the same queries as a pass that stores its K/V, leaves
+    the past untouched, and query_positions keeps exactly the chosen rows."""
+    ids = _ids(tiny, 90)
+    pre = prefill(tiny, ids[:60], capture_queries=True)
+    before = [k.clone() for k in pre.keys]
+    stored = prefill(tiny, ids[60:], capture_queries=True, past=pre)
+    peek = prefill(tiny, ids[60:], capture_queries=True, past=pre, keep_new_kv=False)
+    assert stored.num_tokens == 90 and peek.num_tokens == 60
+    for a, b in zip(stored.queries, peek.queries):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.equal(k, k0) for k, k0 in zip(pre.keys, before))
+    rows = torch.tensor([0, 7, 29])
+    some = prefill(tiny, ids[60:], capture_queries=True, past=pre, keep_new_kv=False, query_positions=rows)
+    for a, b in zip(stored.queries, some.queries):
+        assert torch.allclose(a[:, rows], b, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a past"):
+        prefill(tiny, ids, keep_new_kv=False)
