@@ -195,7 +195,7 @@ def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = Fa
     on demand through `get_queries` and live in the same memo entry.
 
     Only methods that read the context's own queries across the whole document (H2O, the "context" query
-    modes) ask for `context_sample` (CONTEXT_QUERIES of them: 0.75x the size of the K/V on SmolLM2); the
+    modes) ask for `context_sample` (CONTEXT_QUERIES of them: 0.75x the K/V of a 4k-token SmolLM2 context); the
     others keep the last LAST_QUERIES only. A memoized state without the sample is prefilled again when
     one is asked for, keeping the reference queries and scores it already has."""
     key = _key(lm, ids)
