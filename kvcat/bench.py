@@ -8,6 +8,7 @@ the date, the command line and the git commit that produced it.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ def load_script(name: str) -> ModuleType:
     path = BENCHMARKS / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such benchmark script (benchmarks run from a source checkout)")
+    git_commit()  # the commit this run starts from is the one its results name
     spec = importlib.util.spec_from_file_location(f"kvcat_benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -52,13 +54,20 @@ def _mem_gib() -> int:
         return 0
 
 
+@functools.cache
+def git_commit() -> str | None:
+    """The checkout's commit, read once: `load_script` reads it when a benchmark starts, so a commit made
+    while the benchmark runs is not stamped on its results."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def provenance() -> dict:
     """machine, date (UTC), command and git commit: recorded in every benchmark result."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = git_commit()
     return {"machine": machine(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git_commit": commit}
 
