@@ -144,33 +144,26 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor, i
     if not (use_val or use_held or refit_values):
         return Solution(C_k.to(K.dtype), fitted_beta, prior.to(V.dtype), idx)
     logits = (Q.float() @ C_k.float().T) * scale
-    if use_val:
-        Yv = attention_output(K, V, validation, scale=scale)
-        logits_v = (validation.float() @ C_k.float().T) * scale
-        best = None
-        for b in betas:
-            Xb = torch.softmax(logits + b, dim=1)
-            for r in refits:
-                C_v = _fit_or_prior(Xb, Y, prior, r, ridge)
-                err = float((torch.softmax(logits_v + b, dim=1) @ C_v - Yv).square().sum())
-                if best is None or err < best[0]:
-                    best = (err, b, C_v)
-        _, beta, C_v = best
-        return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx)
-    if not use_held:
-        beta, refit, X = fitted_beta, refit_values, torch.softmax(logits + fitted_beta, dim=1)
-    else:
+    if not (use_val or use_held):
+        C_v = _fit_or_prior(torch.softmax(logits + fitted_beta, dim=1), Y, prior, refit_values, ridge)
+        return Solution(C_k.to(K.dtype), fitted_beta, C_v.to(V.dtype), idx)
+    if use_val:  # fit on every reference query, judge on the validation queries
+        fit = slice(None)
+        logits_v, Y_v = (validation.float() @ C_k.float().T) * scale, attention_output(K, V, validation, scale=scale)
+    else:  # fit on the kept reference queries, judge on the held-out ones
         held = torch.arange(Q.shape[0], device=K.device) % holdout_every == 0
-        best = None
-        for b in betas:
-            Xb = torch.softmax(logits + b, dim=1)
-            for r in refits:
-                C_v = _fit_or_prior(Xb[~held], Y[~held], prior, r, ridge)
-                err = float((Xb[held] @ C_v - Y[held]).square().sum())
-                if best is None or err < best[0]:
-                    best = (err, b, r, Xb)
-        _, beta, refit, X = best
-    C_v = _fit_or_prior(X, Y, prior, refit, ridge)
+        fit, logits_v, Y_v = ~held, logits[held], Y[held]
+    best = None
+    for b in betas:
+        Xb = torch.softmax(logits + b, dim=1)
+        for r in refits:
+            C_v = _fit_or_prior(Xb[fit], Y[fit], prior, r, ridge)
+            err = float((torch.softmax(logits_v + b, dim=1) @ C_v - Y_v).square().sum())
+            if best is None or err < best[0]:
+                best = (err, b, r, Xb, C_v)
+    _, beta, refit, X, C_v = best
+    if use_held:  # the winner, refit on all reference queries
+        C_v = _fit_or_prior(X, Y, prior, refit, ridge)
     return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx)
 
 

@@ -67,9 +67,8 @@ def git_commit() -> str | None:
 
 def provenance() -> dict:
     """machine, date (UTC), command and git commit: recorded in every benchmark result."""
-    commit = git_commit()
     return {"machine": machine(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git_commit": commit}
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git_commit": git_commit()}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -82,13 +82,11 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
     past = cache
     queries: dict[int, list[torch.Tensor]] | None = {} if capture_queries else None
     logits = None
+    qp = query_positions.to(ids.device) if queries is not None and query_positions is not None else None
     for start in range(0, n, chunk_size):
         chunk = ids[:, start:start + chunk_size]
         pos = torch.arange(offset + start, offset + start + chunk.shape[1], device=ids.device)[None]
-        keep = None
-        if queries is not None and query_positions is not None:
-            qp = query_positions.to(ids.device)
-            keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start
+        keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start if qp is not None else None
         out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True, position_ids=pos,
                        kvcat_queries=queries, kvcat_query_rows=keep, logits_to_keep=1)
         logits = out.logits[0, -1]
