@@ -14,7 +14,12 @@ Per method and ratio, over HELD-OUT data (kvcat.data):
 - prefill_s: plain prefill seconds of the same documents, measured in the same run; compact_over_prefill:
   compact_s over the prefill of the same document timed just before it (the fair ratio on a busy machine);
 - peak_rss_mb / peak_extra_mb: peak resident memory of the process while compacting, and its rise over the
-  memory held before the document's first compaction (model excluded).
+  memory held before the document's first compaction (model excluded; memory freed by an earlier method
+  stays resident, so these overstate the later methods);
+- memory_alone: per method (and the plain prefill), one compaction at --memory-ratio in a fresh process:
+  its peak resident memory above the process with the model loaded, and that over the full KV cache.
+Each document, question and memory probe is saved as it is done (compaction.partial.json): `--resume`
+continues an interrupted run with the same settings and code.
 "main" methods are every registered one except am-omp and optimize; OMP-fast and optimize run only where
 t <= --slow-max-slots (am-omp: half of it), the rest is recorded as skipped.
 Writes benchmarks/results/compaction.json, .png (quality vs ratio, vs seconds, retrieval) and .md (tables).
@@ -48,13 +53,14 @@ MAIN = ("am-hak", "am-omp-fast", "snapkv", "h2o", "kvzip", "recent", "streaming-
 def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         ratios=(2, 4, 8, 16, 32, 50), methods: str | list[str] = "main", needles: int = 5, qa: int = 5,
         model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0,
-        slow_max_slots: int = 256, question_tokens: int = 2048) -> dict:
-    from kvcat.bench import PeakRSS, heldout_suite, provenance, publish
+        slow_max_slots: int = 256, question_tokens: int = 2048, memory_ratio: float = 8.0,
+        resume: bool = False) -> dict:
+    from kvcat.bench import PeakRSS, Checkpoint, heldout_suite, provenance, publish
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
     from kvcat.eval.harness import MAX_NEW_TOKENS
     from kvcat.eval.metrics import f1, retrieved
-    from kvcat.inference import continuation_nll, full_cache, prefill
+    from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
     from kvcat.models import load_model
 
     if methods in ("all", "main"):
@@ -63,13 +69,18 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         names = methods.split(",") if isinstance(methods, str) else list(methods)
     ratios = [float(r) for r in ratios]
     out = Path(out)
+    config = {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": ratios,
+              "methods": names, "needles": needles, "qa": qa, "question_tokens": question_tokens, "seed": seed,
+              "split": "heldout", "slow_max_slots": slow_max_slots, "model": model, "memory_ratio": memory_ratio}
+    # one record per document / question, saved as each is done: `resume` continues an interrupted run
+    done = Checkpoint(out, config, resume, log)
     lm = load_model(model, dtype="float32")
     tok = lm.tokenizer
     log(f"model {model} on {lm.device}; {docs} docs of {doc_tokens}+{continuation} tokens; ratios {ratios}; "
         f"methods {names}")
 
     windows, examples, chats = heldout_suite(tok, docs, doc_tokens, continuation, needles, qa, question_tokens, seed)
-    prompts = list(zip(chats, examples))
+    methods_obj = {m: get_method(m) for m in names}
 
     def answer(cache, question_ids) -> str:
         out_ids = CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])
@@ -78,85 +89,137 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     def score(text: str, ex) -> float:
         return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
 
-    def combos(n: int):
-        """(method, ratio) pairs to run on an n-token context; slow methods only up to slow_max_slots."""
-        return [(m, r) for m in names for r in ratios if round(n / r) <= SLOW.get(m, math.inf) * slow_max_slots]
-
-    from kvcat.inference import CacheSession
-
-    # the warm-up and the full-cache reference of every document, timing the plain prefill
-    prefill(lm, list(windows[0].prefix_ids[:64]))
-    full_ppl, prefill_s = [], []
-    for w in windows:
-        start = time.perf_counter()
-        pre = prefill(lm, list(w.prefix_ids))
-        prefill_s.append(time.perf_counter() - start)
-        full_ppl.append(math.exp(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint),
-                                                  list(w.continuation_ids)).mean().item()))
-    full_scores = {"needle": [], "squad": []}
-    for p, ex in prompts:
-        full_scores[ex.task].append(score(answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint),
-                                                 p.question_ids), ex))
-    mean = lambda xs: round(statistics.mean(xs), 4) if xs else None  # noqa: E731
-    log(f"full: ppl {mean(full_ppl)}, prefill {mean(prefill_s)} s, needle {mean(full_scores['needle'])}, "
-        f"qa f1 {mean(full_scores['squad'])}")
-
-    acc: dict[tuple[str, float], dict[str, list]] = {
-        (m, r): {"gap": [], "needle": [], "squad": [], "compact_s": [], "vs_prefill": [], "rss": [], "extra": []}
-        for m in names for r in ratios}
-    methods_obj = {m: get_method(m) for m in names}
-
-    def compact_all(ids: list[int], use) -> None:
-        """Every (method, ratio) on one context; its memoized prefill and queries serve them all."""
+    def compact_all(ids: list[int]):
+        """(key, cache, memory) for every (method, ratio) on one context, one at a time: its memoized prefill
+        and reference queries serve them all. Slow methods run only up to slow_max_slots."""
         clear_memo()
         base = PeakRSS.rss()
-        for m, r in combos(len(ids)):
-            with PeakRSS() as mem:
-                cache = methods_obj[m].compact(lm, ids, ratio=r)
-            a = acc[(m, r)]
-            a["rss"].append(mem.peak)
-            a["extra"].append(mem.peak - base)
-            use(a, cache)
+        for m in names:
+            for r in ratios:
+                if round(len(ids) / r) > SLOW.get(m, math.inf) * slow_max_slots:
+                    continue
+                with PeakRSS() as mem:
+                    cache = methods_obj[m].compact(lm, ids, ratio=r)
+                yield f"{m}|{r:g}", cache, {"rss": mem.peak, "extra": mem.peak - base}
 
-    # document-major order: the memoized prefill and reference queries of a document serve every method
-    for i, w in enumerate(windows):
-        def ppl_gap(a, cache, i=i, w=w):
+    def document(w) -> dict:
+        """The full cache's PPL and the plain prefill's seconds, then every compaction's PPL gap and time."""
+        start = time.perf_counter()
+        pre = prefill(lm, list(w.prefix_ids))
+        prefill_s = time.perf_counter() - start
+        full = math.exp(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids)).mean().item())
+        del pre
+        rows = {}
+        for key, cache, mem in compact_all(list(w.prefix_ids)):
             ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
-            a["gap"].append(ppl - full_ppl[i])
-            a["compact_s"].append(cache.info["compact_s"])
-            # against the prefill of the same document a moment earlier (robust to a busy machine)
-            a["vs_prefill"].append(cache.info["compact_s"] / cache.info["prefill_s"])
+            # compact_s against the prefill of the same document inside it (robust to a busy machine)
+            rows[key] = {"gap": ppl - full, "compact_s": cache.info["compact_s"],
+                         "vs_prefill": cache.info["compact_s"] / cache.info["prefill_s"], **mem}
+        return {"full_ppl": full, "prefill_s": prefill_s, "rows": rows}
 
-        compact_all(list(w.prefix_ids), ppl_gap)
-        log(f"document {i + 1}/{len(windows)} done")
-    for j, (p, ex) in enumerate(prompts):
-        compact_all(p.context_ids, lambda a, cache, p=p, ex=ex: a[ex.task].append(score(answer(cache, p.question_ids),
-                                                                                        ex)))
-        log(f"question {j + 1}/{len(prompts)} done")
+    def question(p, ex) -> dict:
+        full = score(answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p.question_ids), ex)
+        rows = {key: {"score": score(answer(cache, p.question_ids), ex), **mem}
+                for key, cache, mem in compact_all(p.context_ids)}
+        return {"task": ex.task, "full": full, "rows": rows}
 
-    kv_full_mb = lm.spec.kv_bytes_per_token(torch.float32) * doc_tokens / 2**20
-    model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
-    rows = [{"method": "full", "ratio": 1.0, "ppl": mean(full_ppl), "ppl_gap": 0.0,
-             "needle_acc": mean(full_scores["needle"]), "qa_f1": mean(full_scores["squad"]),
-             "compact_s": None, "prefill_s": mean(prefill_s), "peak_rss_mb": None, "peak_extra_mb": None}]
-    for (m, r), a in acc.items():
-        if not a["gap"]:
-            limit = int(SLOW.get(m, 0) * slow_max_slots)
-            rows.append({"method": m, "ratio": r, "skipped": f"t > {limit} slots: too slow on this machine"})
+    prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
+    probes = ["prefill"] + [m for m in names if memory_ratio and round(doc_tokens / memory_ratio)
+                            <= SLOW.get(m, math.inf) * slow_max_slots]
+    units = [("docs", i, lambda w=w: document(w)) for i, w in enumerate(windows)]
+    units += [("questions", j, lambda p=p, ex=ex: question(p, ex)) for j, (p, ex) in enumerate(zip(chats, examples))]
+    units += [("memory", k, lambda m=m: memory_alone(m, memory_ratio, doc_tokens, continuation, model))
+              for k, m in enumerate(probes if memory_ratio else [])]
+    for kind, i, work in units:
+        if i < len(done[kind]):
             continue
-        rows.append({"method": m, "ratio": r, "ppl_gap": mean(a["gap"]), "needle_acc": mean(a["needle"]),
-                     "qa_f1": mean(a["squad"]), "compact_s": mean(a["compact_s"]), "prefill_s": mean(prefill_s),
-                     "compact_over_prefill": mean(a["vs_prefill"]),
-                     "peak_rss_mb": round(max(a["rss"]), 1), "peak_extra_mb": round(max(a["extra"]), 1)})
-    result = {"model": model, **provenance(),
-              "config": {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": ratios,
-                         "methods": names, "needles": needles, "qa": qa, "question_tokens": question_tokens,
-                         "seed": seed, "split": "heldout",
-                         "slow_max_slots": slow_max_slots, "model_mb": round(model_mb, 1),
-                         "full_kv_mb_fp32": round(kv_full_mb, 1)},
-              "rows": rows}
+        done.add(kind, work())
+        log(f"{kind} {i + 1}/{sum(u[0] == kind for u in units)} done")
+
+    result = {"model": model, **provenance(), **done.provenance(),
+              "config": {**config, "model_mb": round(sum(p.numel() * p.element_size()
+                                                         for p in lm.model.parameters()) / 2**20, 1),
+                         "full_kv_mb_fp32": round(lm.spec.kv_bytes_per_token(torch.float32) * doc_tokens / 2**20, 1)},
+              "rows": aggregate(done["docs"], done["questions"], names, ratios, slow_max_slots),
+              "memory_alone": done["memory"]}
     publish(result, out, table, plot, log)
+    done.finish()
     return result
+
+
+def memory_alone(method: str, ratio: float, doc_tokens: int, continuation: int, model: str) -> dict:
+    """Peak resident memory of one compaction (or of the plain prefill, method "prefill") of the first
+    held-out document in a fresh process, above that process after loading the model and a 64-token warm-up
+    forward: what one compaction adds to a serving process. (In the benchmark's own process the memory
+    freed by earlier methods stays resident, so its per-row peaks overstate the later methods.)"""
+    import json
+    import subprocess
+
+    run_main = "import sys; from kvcat.bench import load_script; load_script('compaction').main(sys.argv[1:])"
+    cmd = [sys.executable, "-c", run_main, "--memory-probe", method, "--probe-ratio", str(ratio),
+           "--doc-tokens", str(doc_tokens), "--continuation", str(continuation), "--model", model]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {method} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int, model: str) -> None:
+    import gc
+    import json
+
+    from kvcat.bench import PeakRSS, heldout_suite
+    from kvcat.compaction import get_method
+    from kvcat.inference import prefill
+    from kvcat.models import load_model
+
+    lm = load_model(model, dtype="float32")
+    windows, _, _ = heldout_suite(lm.tokenizer, 1, doc_tokens, continuation, 0, 0, doc_tokens)
+    ids = list(windows[0].prefix_ids)
+    prefill(lm, ids[:64])
+    gc.collect()
+    base = PeakRSS.rss()
+    with PeakRSS() as mem:
+        if method == "prefill":
+            prefill(lm, ids)
+        else:
+            get_method(method).compact(lm, ids, ratio=ratio)
+    kv_mb = lm.spec.kv_bytes_per_token(torch.float32) * len(ids) / 2**20
+    print(json.dumps({"method": method, "ratio": None if method == "prefill" else ratio,
+                      "warm_model_rss_mb": round(base, 1), "peak_above_mb": round(mem.peak - base, 1),
+                      "over_full_kv": round((mem.peak - base) / kv_mb, 3)}))
+
+
+def aggregate(docs: list[dict], questions: list[dict], names: list[str], ratios: list[float],
+              slow_max_slots: int) -> list[dict]:
+    """The result rows: the full cache, then per (method, ratio) the means over documents and questions."""
+    def mean(xs):
+        return round(statistics.mean(xs), 4) if xs else None
+
+    def task(name: str, key: str | None = None) -> list[float]:
+        return [q["full"] if key is None else q["rows"][key]["score"] for q in questions
+                if q["task"] == name and (key is None or key in q["rows"])]
+
+    prefill_s = mean([d["prefill_s"] for d in docs])
+    rows = [{"method": "full", "ratio": 1.0, "ppl": mean([d["full_ppl"] for d in docs]), "ppl_gap": 0.0,
+             "needle_acc": mean(task("needle")), "qa_f1": mean(task("squad")), "compact_s": None,
+             "prefill_s": prefill_s, "peak_rss_mb": None, "peak_extra_mb": None}]
+    for m in names:
+        for r in ratios:
+            key = f"{m}|{r:g}"
+            recs = [d["rows"][key] for d in docs if key in d["rows"]]
+            if not recs:
+                limit = int(SLOW.get(m, 0) * slow_max_slots)
+                rows.append({"method": m, "ratio": r, "skipped": f"t > {limit} slots: too slow on this machine"})
+                continue
+            mems = recs + [q["rows"][key] for q in questions if key in q["rows"]]
+            rows.append({"method": m, "ratio": r, "ppl_gap": mean([x["gap"] for x in recs]),
+                         "needle_acc": mean(task("needle", key)), "qa_f1": mean(task("squad", key)),
+                         "compact_s": mean([x["compact_s"] for x in recs]), "prefill_s": prefill_s,
+                         "compact_over_prefill": mean([x["vs_prefill"] for x in recs]),
+                         "peak_rss_mb": round(max(x["rss"] for x in mems), 1),
+                         "peak_extra_mb": round(max(x["extra"] for x in mems), 1)})
+    return rows
 
 
 AM = ("am-hak", "am-omp", "am-omp-fast")
@@ -193,10 +256,13 @@ def table(result: dict) -> str:
         parts.append(pivot(f"SQuAD F1 (full context {full['qa_f1']:.2f})", lambda r: r["qa_f1"]))
     parts.append(pivot(f"Compaction seconds / prefill seconds of the same document (prefill {full['prefill_s']:.1f} s)",
                        lambda r: r["compact_over_prefill"]))
-    kv_mb = result["config"].get("full_kv_mb_fp32")
-    if kv_mb:
-        parts.append(pivot(f"Peak memory while compacting, above the model, / the full KV cache ({kv_mb:.0f} MB)",
-                           lambda r: r["peak_extra_mb"] / kv_mb))
+    alone = result.get("memory_alone")
+    if alone:
+        kv_mb = result["config"]["full_kv_mb_fp32"]
+        parts.append(f"**Peak memory of one compaction at {alone[-1]['ratio']:g}x in a fresh process, above the loaded "
+                     f"model, / the full KV cache ({kv_mb:.0f} MB)**\n\n| " + " | ".join(a["method"] for a in alone)
+                     + " |\n|" + "---|" * len(alone) + "\n| "
+                     + " | ".join(f"{a['over_full_kv']:.2f}" for a in alone) + " |")
     return "\n\n".join(parts)
 
 
@@ -238,10 +304,17 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--slow-max-slots", type=int, default=256)
     ap.add_argument("--out", default=str(RESULTS / "compaction.json"))
+    ap.add_argument("--memory-ratio", type=float, default=8.0, help="ratio of the fresh-process memory probes (0: none)")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)  # one fresh-process measurement (memory_alone)
+    ap.add_argument("--probe-ratio", type=float, default=8.0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.memory_probe:
+        return _memory_probe(a.memory_probe, a.probe_ratio, a.doc_tokens, a.continuation, a.model)
     run(docs=a.docs, doc_tokens=a.doc_tokens, continuation=a.continuation,
         ratios=[float(r) for r in a.ratios.split(",")], methods=a.methods, needles=a.needles, qa=a.qa,
-        model=a.model, out=a.out, slow_max_slots=a.slow_max_slots, question_tokens=a.question_tokens)
+        model=a.model, out=a.out, slow_max_slots=a.slow_max_slots, question_tokens=a.question_tokens,
+        memory_ratio=a.memory_ratio, resume=a.resume)
 
 
 if __name__ == "__main__":

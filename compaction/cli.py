@@ -112,13 +112,22 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         slow_max_slots: int = typer.Option(256, help="run OMP-fast and gradient compaction only up to this many "
                                                      "slots per head (am-omp: half), too slow above on a CPU"),
         out: Path = typer.Option(Path("benchmarks/results/compaction.json"), help="JSON output"),
+        memory_ratio: float = typer.Option(8.0, help="ratio of the peak-memory probes (one fresh process per "
+                                                     "method; 0 to skip)"),
+        resume: bool = typer.Option(False, help="continue an interrupted run of the same command (same settings "
+                                                "and code; its records are in OUT's .partial.json)"),
     ) -> None:
         """Compaction quality/speed benchmark -> benchmarks/results/compaction.json + Pareto PNG."""
-        from kvcat.bench import load_script
+        from kvcat.bench import ResumeError, load_script
+        from kvcat.cli import fail
 
-        load_script("compaction").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
-                ratios=[float(r) for r in ratios.split(",")], methods=methods, needles=needles, qa=qa,
-                model=model, out=out, slow_max_slots=slow_max_slots, question_tokens=question_tokens)
+        try:
+            load_script("compaction").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
+                    ratios=[float(r) for r in ratios.split(",")], methods=methods, needles=needles, qa=qa,
+                    model=model, out=out, slow_max_slots=slow_max_slots, question_tokens=question_tokens,
+                    memory_ratio=memory_ratio, resume=resume)
+        except ResumeError as exc:
+            fail(str(exc))
 
     @bench.command("peers")
     def bench_peers(

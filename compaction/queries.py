@@ -59,8 +59,10 @@ def _tokens(lm: LoadedModel, text: str) -> list[int]:
     return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-REPEAT_MAX_TOKENS = 1024  # longer contexts repeat evenly spaced segments totalling this many tokens
-REPEAT_SEGMENT = 256
+# Longer contexts repeat evenly spaced segments totalling REPEAT_MAX_TOKENS: the queries pass costs about
+# REPEAT_MAX_TOKENS / N of the prefill's time per token and more (each copied token attends to all N).
+REPEAT_MAX_TOKENS = 768
+REPEAT_SEGMENT = 192
 
 
 def repeat_segments(ids: list[int], max_tokens: int = REPEAT_MAX_TOKENS, segment: int = REPEAT_SEGMENT) -> list[int]:

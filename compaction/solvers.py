@@ -114,11 +114,12 @@ def _fit_or_prior(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, refit: 
 FIT_MIN_QUERIES_PER_SLOT = 4
 
 
-def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor,
+def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | None, idx: torch.Tensor,
            w: torch.Tensor | None, scale: float, refit_values: bool, ridge: float,
            holdout_every: int = 0, validation: torch.Tensor | None = None) -> Solution:
     """Given chosen indices (and mass weights w, or None for beta = 0) and the full cache's attention outputs
-    Y [n, d] for the reference queries: sort, fit C_v, package.
+    Y [n, d] for the reference queries (None where neither a C_v fit nor the held-out rule needs them): sort,
+    fit C_v, package.
 
     The fitted head (beta, refit C_v) competes with its simpler variants (beta = 0, and/or C_v = the kept
     values); the variant with the smallest attention-output error on other queries wins, per head:
@@ -143,7 +144,7 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor, i
     use_held = variants and not use_val and holdout_every > 0 and Q.shape[0] >= 2 * holdout_every
     if not (use_val or use_held or refit_values):
         return Solution(C_k.to(K.dtype), fitted_beta, prior.to(V.dtype), idx)
-    logits = (Q.float() @ C_k.float().T) * scale
+    logits = (Q.float() @ C_k.float().T) * scale if refit_values or use_held else None
     if not (use_val or use_held):
         C_v = _fit_or_prior(torch.softmax(logits + fitted_beta, dim=1), Y, prior, refit_values, ridge)
         return Solution(C_k.to(K.dtype), fitted_beta, C_v.to(V.dtype), idx)
@@ -154,10 +155,11 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor, i
         held = torch.arange(Q.shape[0], device=K.device) % holdout_every == 0
         fit, logits_v, Y_v = ~held, logits[held], Y[held]
     best = None
+    need_X = any(refits) or use_held
     for b in betas:
-        Xb = torch.softmax(logits + b, dim=1)
+        Xb = torch.softmax(logits + b, dim=1) if need_X else None
         for r in refits:
-            C_v = _fit_or_prior(Xb[fit], Y[fit], prior, r, ridge)
+            C_v = _fit_or_prior(Xb[fit], Y[fit], prior, r, ridge) if r else prior
             err = float((torch.softmax(logits_v + b, dim=1) @ C_v - Y_v).square().sum())
             if best is None or err < best[0]:
                 best = (err, b, r, Xb, C_v)
@@ -200,25 +202,32 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     scale = scale if scale is not None else K.shape[1] ** -0.5
     if score not in ("rms", "mean", "max"):
         raise ValueError(f"unknown score {score!r}: rms, mean or max")
-    E, _ = shifted_exp(K, Q, scale)
+    # The [n, N] matrix is the cost: one buffer, transformed in place (a fresh 32 MB tensor costs as much
+    # as the arithmetic on it: page faults), and its kept columns recomputed from Q and C_k, not gathered.
+    E, row_max = shifted_exp(K, Q, scale)
     mass = E.sum(1)
-    A = E / mass[:, None]  # attention weights of the full cache
-    s = _key_scores(A, score)
+    A = E.div_(mass[:, None])  # attention weights of the full cache
+    fits = Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
+    # the full cache's outputs on Q: only a C_v fit or the held-out rule reads them
+    Y = A @ V.float() if (refit_values and fits) or validation is None else None
+    s = _key_scores_(A, score)
     if validation is not None and validation_weight > 0:
         Ev, _ = shifted_exp(K, validation, scale)
-        s = (1 - validation_weight) * s + validation_weight * _key_scores(Ev / Ev.sum(1, keepdim=True), score)
+        s = (1 - validation_weight) * s + validation_weight * _key_scores_(Ev.div_(Ev.sum(1, keepdim=True)), score)
     s[forced_indices(N, t, sink, recent).to(K.device)] = float("inf")
     idx = torch.topk(s, t).indices
     w = None
-    if fit_beta and Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t:
-        w = fit_mass_weights(E[:, idx], mass, math.exp(beta_bounds[0]), math.exp(beta_bounds[1]), nnls_iters)
-    return finish(K, V, Q, A @ V.float(), idx, w, scale, refit_values, ridge, holdout_every, validation)
+    if fit_beta and fits:
+        M = (Q.float() @ K[idx].float().T).mul_(scale).sub_(row_max).exp_()  # = the kept columns of E
+        w = fit_mass_weights(M, mass, math.exp(beta_bounds[0]), math.exp(beta_bounds[1]), nnls_iters)
+    return finish(K, V, Q, Y, idx, w, scale, refit_values, ridge, holdout_every, validation)
 
 
-def _key_scores(A: torch.Tensor, score: str) -> torch.Tensor:
-    """Per key, from attention weights A [n, N]: mean squared weight ("rms", squared), mean, or max."""
+def _key_scores_(A: torch.Tensor, score: str) -> torch.Tensor:
+    """Per key, from attention weights A [n, N]: mean squared weight ("rms", squared), mean, or max.
+    "rms" squares A in place."""
     if score == "rms":
-        return torch.linalg.vector_norm(A, dim=0).square_() / A.shape[0]
+        return A.square_().sum(0).div_(A.shape[0])
     return A.mean(0) if score == "mean" else A.amax(0)
 
 

@@ -77,6 +77,66 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def code_changed_since(commit: str | None, repo: Path = REPO) -> bool:
+    """Whether the checkout's code differs from `commit` (results and Markdown aside); True when unknown."""
+    if not commit:
+        return True
+    try:
+        return subprocess.run(["git", "diff", "--quiet", commit, "--", ".", ":(exclude)benchmarks/results",
+                               ":(exclude)*.md"], cwd=repo, capture_output=True, timeout=30).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return True
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be continued (other settings or other code)."""
+
+
+class Checkpoint:
+    """The per-unit records (documents, questions) of a long benchmark, saved after each unit beside its
+    result (NAME.partial.json), so that `resume` continues a run that was interrupted. A run resumes only
+    with the same configuration and the code of the commit it started from, whose name its result keeps:
+    records of two code versions never mix. The file is removed once the result is written."""
+
+    def __init__(self, out: str | os.PathLike, config: dict, resume: bool = False, log=print, repo: Path = REPO):
+        out = Path(out)
+        self.path = out.with_name(out.stem + ".partial.json")
+        self.data = {"config": config, "git_commit": git_commit(),
+                     "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            if old.get("config") != config:
+                changed = sorted(k for k in {**config, **old.get("config", {})}
+                                 if config.get(k) != old.get("config", {}).get(k))
+                raise ResumeError(f"cannot resume {self.path}: it was started with other settings "
+                                 f"({', '.join(changed)}); run without --resume to start over")
+            if code_changed_since(old.get("git_commit"), repo):
+                raise ResumeError(f"cannot resume {self.path}: the code differs from commit {old.get('git_commit')} "
+                                 "it was started on; run without --resume to start over")
+            self.data = old
+            log(f"resuming {self.path}: " + ", ".join(f"{len(v)} {k}" for k, v in old.items() if isinstance(v, list))
+                + " done")
+        elif resume:
+            log(f"nothing to resume ({self.path} does not exist): starting")
+        elif self.path.exists():
+            log(f"starting over: {self.path} is replaced (--resume continues it)")
+
+    def __getitem__(self, kind: str) -> list:
+        return self.data.setdefault(kind, [])
+
+    def add(self, kind: str, record: dict) -> None:
+        self[kind].append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path, json.dumps(self.data))
+
+    def provenance(self) -> dict:
+        """The commit the run started on and when (a resumed run spans several processes)."""
+        return {"git_commit": self.data["git_commit"], "started": self.data["started"]}
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def write_result(result: dict, out: str | os.PathLike, table: str | None = None) -> Path:
     """Write a result JSON atomically (a killed benchmark never leaves half a file), and with `table` its
     Markdown table beside it (.md, headed by the provenance), which the README quotes."""

@@ -1,0 +1,61 @@
+"""The benchmark checkpoint: an interrupted run resumes only with the same settings and the same code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from kvcat.bench import Checkpoint, ResumeError, code_changed_since
+
+
+def _git(repo, *args) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "start")
+    return tmp_path
+
+
+def test_code_changed_since_ignores_results_and_markdown(repo):
+    head = _git(repo, "rev-parse", "--short", "HEAD")
+    assert not code_changed_since(head, repo)
+    (repo / "benchmarks" / "results" / "x.json").write_text("{}")
+    (repo / "NOTES.md").write_text("prose")
+    assert not code_changed_since(head, repo)
+    (repo / "code.py").write_text("x = 2\n")
+    assert code_changed_since(head, repo)
+    assert code_changed_since(None, repo) and code_changed_since("0" * 40, repo)
+
+
+def test_checkpoint_resumes_same_settings_and_code_only(repo):
+    out = repo / "benchmarks" / "results" / "b.json"
+    logs: list[str] = []
+    first = Checkpoint(out, {"docs": 2}, log=logs.append, repo=repo)
+    first.data["git_commit"] = _git(repo, "rev-parse", "--short", "HEAD")  # as if started on this repo's HEAD
+    first.add("docs", {"gap": 0.5})
+    partial = repo / "benchmarks" / "results" / "b.partial.json"
+    assert json.loads(partial.read_text())["docs"] == [{"gap": 0.5}]
+
+    again = Checkpoint(out, {"docs": 2}, resume=True, log=logs.append, repo=repo)
+    assert again["docs"] == [{"gap": 0.5}] and again["questions"] == []
+    assert again.provenance()["git_commit"] == first.data["git_commit"]
+    with pytest.raises(ResumeError, match="other settings.*docs"):
+        Checkpoint(out, {"docs": 3}, resume=True, repo=repo)
+    (repo / "code.py").write_text("x = 2\n")
+    with pytest.raises(ResumeError, match="code differs"):
+        Checkpoint(out, {"docs": 2}, resume=True, repo=repo)
+    assert json.loads(partial.read_text())["docs"] == [{"gap": 0.5}]  # a refused resume keeps the records
+
+    fresh = Checkpoint(out, {"docs": 2}, log=logs.append, repo=repo)  # without resume: starts over
+    assert fresh["docs"] == [] and any("starting over" in m for m in logs)
+    fresh.finish()
+    assert not partial.exists()
