@@ -259,7 +259,7 @@ def table(result: dict) -> str:
     alone = result.get("memory_alone")
     if alone:
         kv_mb = result["config"]["full_kv_mb_fp32"]
-        parts.append(f"**Peak memory of one compaction at {alone[-1]['ratio']:g}x in a fresh process, above the loaded "
+        parts.append(f"**Peak memory of one compaction at {result['config']['memory_ratio']:g}x in a fresh process, above the loaded "
                      f"model, / the full KV cache ({kv_mb:.0f} MB)**\n\n| " + " | ".join(a["method"] for a in alone)
                      + " |\n|" + "---|" * len(alone) + "\n| "
                      + " | ".join(f"{a['over_full_kv']:.2f}" for a in alone) + " |")
