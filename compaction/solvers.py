@@ -209,7 +209,8 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     A = E.div_(mass[:, None])  # attention weights of the full cache
     fits = Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
     # the full cache's outputs on Q: only a C_v fit or the held-out rule reads them
-    Y = A @ V.float() if (refit_values and fits) or validation is None else None
+    judged_on_validation = validation is not None and validation.shape[0] > 0
+    Y = A @ V.float() if (refit_values and fits) or not judged_on_validation else None
     s = _key_scores_(A, score)
     if validation is not None and validation_weight > 0:
         Ev, _ = shifted_exp(K, validation, scale)
