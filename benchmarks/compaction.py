@@ -89,6 +89,10 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     def score(text: str, ex) -> float:
         return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
 
+    def runs(m: str, n: int, r: float) -> bool:
+        """Whether method m runs at ratio r on an n-token context: slow methods only up to slow_max_slots."""
+        return round(n / r) <= SLOW.get(m, math.inf) * slow_max_slots
+
     def compact_all(ids: list[int]):
         """(key, cache, memory) for every (method, ratio) on one context, one at a time: its memoized prefill
         and reference queries serve them all. Slow methods run only up to slow_max_slots."""
@@ -96,7 +100,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         base = PeakRSS.rss()
         for m in names:
             for r in ratios:
-                if round(len(ids) / r) > SLOW.get(m, math.inf) * slow_max_slots:
+                if not runs(m, len(ids), r):
                     continue
                 with PeakRSS() as mem:
                     cache = methods_obj[m].compact(lm, ids, ratio=r)
@@ -124,12 +128,11 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         return {"task": ex.task, "full": full, "rows": rows}
 
     prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
-    probes = ["prefill"] + [m for m in names if memory_ratio and round(doc_tokens / memory_ratio)
-                            <= SLOW.get(m, math.inf) * slow_max_slots]
+    probes = ["prefill"] + [m for m in names if runs(m, doc_tokens, memory_ratio)] if memory_ratio else []
     units = [("docs", i, lambda w=w: document(w)) for i, w in enumerate(windows)]
     units += [("questions", j, lambda p=p, ex=ex: question(p, ex)) for j, (p, ex) in enumerate(zip(chats, examples))]
     units += [("memory", k, lambda m=m: memory_alone(m, memory_ratio, doc_tokens, continuation, model))
-              for k, m in enumerate(probes if memory_ratio else [])]
+              for k, m in enumerate(probes)]
     for kind, i, work in units:
         if i < len(done[kind]):
             continue
