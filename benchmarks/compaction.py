@@ -55,9 +55,10 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0,
         slow_max_slots: int = 256, question_tokens: int = 2048, memory_ratio: float = 8.0,
         resume: bool = False) -> dict:
-    from kvcat.bench import PeakRSS, Checkpoint, heldout_suite, provenance, publish
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
+
+    from kvcat.bench import Checkpoint, PeakRSS, heldout_suite, provenance, publish
     from kvcat.eval.harness import MAX_NEW_TOKENS
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
@@ -171,8 +172,9 @@ def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int,
     import gc
     import json
 
-    from kvcat.bench import PeakRSS, heldout_suite
     from kvcat.compaction import get_method
+
+    from kvcat.bench import PeakRSS, heldout_suite
     from kvcat.inference import prefill
     from kvcat.models import load_model
 
