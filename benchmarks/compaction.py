@@ -128,7 +128,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
                 for key, cache, mem in compact_all(p.context_ids)}
         return {"task": ex.task, "full": full, "rows": rows}
 
-    prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
+    warm_up(lm, list(windows[0].prefix_ids))
     probes = ["prefill"] + [m for m in names if runs(m, doc_tokens, memory_ratio)] if memory_ratio else []
     units = [("docs", i, lambda w=w: document(w)) for i, w in enumerate(windows)]
     units += [("questions", j, lambda p=p, ex=ex: question(p, ex)) for j, (p, ex) in enumerate(zip(chats, examples))]
@@ -143,7 +143,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     result = {"model": model, **provenance(), **done.provenance(),
               "config": {**config, "model_mb": round(sum(p.numel() * p.element_size()
                                                          for p in lm.model.parameters()) / 2**20, 1),
-                         "full_kv_mb_fp32": round(lm.spec.kv_bytes_per_token(torch.float32) * doc_tokens / 2**20, 1)},
+                         "full_kv_mb_fp32": round(full_kv_mb(lm, doc_tokens), 1)},
               "rows": aggregate(done["docs"], done["questions"], names, ratios, slow_max_slots),
               "memory_alone": done["memory"]}
     publish(result, out, table, plot, log)
@@ -151,9 +151,24 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     return result
 
 
+WARM_UP_TOKENS = 64
+
+
+def warm_up(lm, ids: list[int]) -> None:
+    """One short prefill, so that one-time allocations and kernel set-up are not charged to the first row."""
+    from kvcat.inference import prefill
+
+    prefill(lm, ids[:WARM_UP_TOKENS])
+
+
+def full_kv_mb(lm, tokens: int) -> float:
+    """The fp32 K/V of `tokens` tokens, in MiB: what the memory goal is stated against."""
+    return lm.spec.kv_bytes_per_token(torch.float32) * tokens / 2**20
+
+
 def memory_alone(method: str, ratio: float, doc_tokens: int, continuation: int, model: str) -> dict:
     """Peak resident memory of one compaction (or of the plain prefill, method "prefill") of the first
-    held-out document in a fresh process, above that process after loading the model and a 64-token warm-up
+    held-out document in a fresh process, above that process after loading the model and a WARM_UP_TOKENS warm-up
     forward: what one compaction adds to a serving process. (In the benchmark's own process the memory
     freed by earlier methods stays resident, so its per-row peaks overstate the later methods.)"""
     import json
@@ -172,16 +187,15 @@ def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int,
     import gc
     import json
 
-    from kvcat.compaction import get_method
-
     from kvcat.bench import PeakRSS, heldout_suite
+    from kvcat.compaction import get_method
     from kvcat.inference import prefill
     from kvcat.models import load_model
 
     lm = load_model(model, dtype="float32")
     windows, _, _ = heldout_suite(lm.tokenizer, 1, doc_tokens, continuation, 0, 0, doc_tokens)
     ids = list(windows[0].prefix_ids)
-    prefill(lm, ids[:64])
+    warm_up(lm, ids)
     gc.collect()
     base = PeakRSS.rss()
     with PeakRSS() as mem:
@@ -189,7 +203,7 @@ def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int,
             prefill(lm, ids)
         else:
             get_method(method).compact(lm, ids, ratio=ratio)
-    kv_mb = lm.spec.kv_bytes_per_token(torch.float32) * len(ids) / 2**20
+    kv_mb = full_kv_mb(lm, len(ids))
     print(json.dumps({"method": method, "ratio": None if method == "prefill" else ratio,
                       "warm_model_rss_mb": round(base, 1), "peak_above_mb": round(mem.peak - base, 1),
                       "over_full_kv": round((mem.peak - base) / kv_mb, 3)}))
