@@ -55,9 +55,10 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0,
         slow_max_slots: int = 256, question_tokens: int = 2048, memory_ratio: float = 8.0,
         resume: bool = False) -> dict:
-    from kvcat.bench import PeakRSS, Checkpoint, heldout_suite, provenance, publish
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
+
+    from kvcat.bench import Checkpoint, PeakRSS, heldout_suite, provenance, publish
     from kvcat.eval.harness import MAX_NEW_TOKENS
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
@@ -89,6 +90,10 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     def score(text: str, ex) -> float:
         return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
 
+    def runs(m: str, n: int, r: float) -> bool:
+        """Whether method m runs at ratio r on an n-token context: slow methods only up to slow_max_slots."""
+        return round(n / r) <= SLOW.get(m, math.inf) * slow_max_slots
+
     def compact_all(ids: list[int]):
         """(key, cache, memory) for every (method, ratio) on one context, one at a time: its memoized prefill
         and reference queries serve them all. Slow methods run only up to slow_max_slots."""
@@ -96,7 +101,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         base = PeakRSS.rss()
         for m in names:
             for r in ratios:
-                if round(len(ids) / r) > SLOW.get(m, math.inf) * slow_max_slots:
+                if not runs(m, len(ids), r):
                     continue
                 with PeakRSS() as mem:
                     cache = methods_obj[m].compact(lm, ids, ratio=r)
@@ -123,13 +128,12 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
                 for key, cache, mem in compact_all(p.context_ids)}
         return {"task": ex.task, "full": full, "rows": rows}
 
-    prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
-    probes = ["prefill"] + [m for m in names if memory_ratio and round(doc_tokens / memory_ratio)
-                            <= SLOW.get(m, math.inf) * slow_max_slots]
+    warm_up(lm, list(windows[0].prefix_ids))
+    probes = ["prefill"] + [m for m in names if runs(m, doc_tokens, memory_ratio)] if memory_ratio else []
     units = [("docs", i, lambda w=w: document(w)) for i, w in enumerate(windows)]
     units += [("questions", j, lambda p=p, ex=ex: question(p, ex)) for j, (p, ex) in enumerate(zip(chats, examples))]
     units += [("memory", k, lambda m=m: memory_alone(m, memory_ratio, doc_tokens, continuation, model))
-              for k, m in enumerate(probes if memory_ratio else [])]
+              for k, m in enumerate(probes)]
     for kind, i, work in units:
         if i < len(done[kind]):
             continue
@@ -139,7 +143,7 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     result = {"model": model, **provenance(), **done.provenance(),
               "config": {**config, "model_mb": round(sum(p.numel() * p.element_size()
                                                          for p in lm.model.parameters()) / 2**20, 1),
-                         "full_kv_mb_fp32": round(lm.spec.kv_bytes_per_token(torch.float32) * doc_tokens / 2**20, 1)},
+                         "full_kv_mb_fp32": round(full_kv_mb(lm, doc_tokens), 1)},
               "rows": aggregate(done["docs"], done["questions"], names, ratios, slow_max_slots),
               "memory_alone": done["memory"]}
     publish(result, out, table, plot, log)
@@ -147,9 +151,24 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     return result
 
 
+WARM_UP_TOKENS = 64
+
+
+def warm_up(lm, ids: list[int]) -> None:
+    """One short prefill, so that one-time allocations and kernel set-up are not charged to the first row."""
+    from kvcat.inference import prefill
+
+    prefill(lm, ids[:WARM_UP_TOKENS])
+
+
+def full_kv_mb(lm, tokens: int) -> float:
+    """The fp32 K/V of `tokens` tokens, in MiB: what the memory goal is stated against."""
+    return lm.spec.kv_bytes_per_token(torch.float32) * tokens / 2**20
+
+
 def memory_alone(method: str, ratio: float, doc_tokens: int, continuation: int, model: str) -> dict:
     """Peak resident memory of one compaction (or of the plain prefill, method "prefill") of the first
-    held-out document in a fresh process, above that process after loading the model and a 64-token warm-up
+    held-out document in a fresh process, above that process after loading the model and a WARM_UP_TOKENS warm-up
     forward: what one compaction adds to a serving process. (In the benchmark's own process the memory
     freed by earlier methods stays resident, so its per-row peaks overstate the later methods.)"""
     import json
@@ -176,7 +195,7 @@ def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int,
     lm = load_model(model, dtype="float32")
     windows, _, _ = heldout_suite(lm.tokenizer, 1, doc_tokens, continuation, 0, 0, doc_tokens)
     ids = list(windows[0].prefix_ids)
-    prefill(lm, ids[:64])
+    warm_up(lm, ids)
     gc.collect()
     base = PeakRSS.rss()
     with PeakRSS() as mem:
@@ -184,7 +203,7 @@ def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int,
             prefill(lm, ids)
         else:
             get_method(method).compact(lm, ids, ratio=ratio)
-    kv_mb = lm.spec.kv_bytes_per_token(torch.float32) * len(ids) / 2**20
+    kv_mb = full_kv_mb(lm, len(ids))
     print(json.dumps({"method": method, "ratio": None if method == "prefill" else ratio,
                       "warm_model_rss_mb": round(base, 1), "peak_above_mb": round(mem.peak - base, 1),
                       "over_full_kv": round((mem.peak - base) / kv_mb, 3)}))

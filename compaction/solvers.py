@@ -118,8 +118,8 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | 
            w: torch.Tensor | None, scale: float, refit_values: bool, ridge: float,
            holdout_every: int = 0, validation: torch.Tensor | None = None) -> Solution:
     """Given chosen indices (and mass weights w, or None for beta = 0) and the full cache's attention outputs
-    Y [n, d] for the reference queries (None where neither a C_v fit nor the held-out rule needs them): sort,
-    fit C_v, package.
+    Y [n, d] for the reference queries (None: computed here, only if a C_v fit or the held-out rule reads
+    them): sort, fit C_v, package.
 
     The fitted head (beta, refit C_v) competes with its simpler variants (beta = 0, and/or C_v = the kept
     values); the variant with the smallest attention-output error on other queries wins, per head:
@@ -145,6 +145,8 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | 
     if not (use_val or use_held or refit_values):
         return Solution(C_k.to(K.dtype), fitted_beta, prior.to(V.dtype), idx)
     logits = (Q.float() @ C_k.float().T) * scale if refit_values or use_held else None
+    if Y is None and (refit_values or use_held):
+        Y = attention_output(K, V, Q, scale=scale)
     if not (use_val or use_held):
         C_v = _fit_or_prior(torch.softmax(logits + fitted_beta, dim=1), Y, prior, refit_values, ridge)
         return Solution(C_k.to(K.dtype), fitted_beta, C_v.to(V.dtype), idx)
@@ -208,9 +210,10 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     mass = E.sum(1)
     A = E.div_(mass[:, None])  # attention weights of the full cache
     fits = Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
-    # the full cache's outputs on Q: only a C_v fit or the held-out rule reads them
-    Y = A @ V.float() if (refit_values and fits) or validation is None else None
+    # the full cache's outputs on Q, for a C_v fit (finish computes them itself for its held-out rule)
+    Y = A @ V.float() if refit_values and fits else None
     s = _key_scores_(A, score)
+    del E, A
     if validation is not None and validation_weight > 0:
         Ev, _ = shifted_exp(K, validation, scale)
         s = (1 - validation_weight) * s + validation_weight * _key_scores_(Ev.div_(Ev.sum(1, keepdim=True)), score)

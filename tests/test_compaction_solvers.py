@@ -128,3 +128,15 @@ def test_validation_queries_choose_the_variant_per_head(name):
         V[s.indices]), s.indices)
     err = lambda x: solvers.matching_errors(K, V, val, x)["output_rel_err"]  # noqa: E731
     assert err(s) <= min(err(fitted), err(plain), err(no_beta)) + 1e-6
+
+
+@pytest.mark.parametrize("name", ["hak", "omp"])
+def test_empty_validation_falls_back_to_the_held_out_rule(name):
+    """No validation queries (a context shorter than the observation window could give none): the solver
+    judges on held-out reference queries, as without validation."""
+    K, V, Q = _head(seed=2)
+    d = K.shape[1]
+    empty = solvers.SOLVERS[name](K, V, Q, 30, validation=torch.empty(0, d), holdout_every=5)
+    held = solvers.SOLVERS[name](K, V, Q, 30, holdout_every=5)
+    assert torch.equal(empty.indices, held.indices) and torch.allclose(empty.values, held.values)
+    assert torch.allclose(empty.beta, held.beta)
