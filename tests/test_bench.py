@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from kvcat.bench import Checkpoint, ResumeError, code_changed_since
+from kvcat.bench import Checkpoint, PeakRSS, ResumeError, code_changed_since
 
 
 def _git(repo, *args) -> str:
@@ -59,3 +59,15 @@ def test_checkpoint_resumes_same_settings_and_code_only(repo):
     assert fresh["docs"] == [] and any("starting over" in m for m in logs)
     fresh.finish()
     assert not partial.exists()
+
+
+def test_peak_rss_sees_a_short_lived_allocation():
+    """A 200 MB buffer touched and freed at once (well under the 5 ms sampling interval on most machines)
+    still counts in the peak, and the peak is per block: a second, empty block does not inherit it."""
+    with PeakRSS() as mem:
+        buf = bytearray(200 * 2**20)  # zero-filled: every page touched
+        del buf
+    assert mem.peak - PeakRSS.rss() > 150
+    with PeakRSS() as quiet:
+        pass
+    assert quiet.peak < mem.peak - 150
