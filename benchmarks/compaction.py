@@ -187,8 +187,9 @@ def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int,
     import gc
     import json
 
-    from kvcat.bench import PeakRSS, heldout_suite
     from kvcat.compaction import get_method
+
+    from kvcat.bench import PeakRSS, heldout_suite
     from kvcat.inference import prefill
     from kvcat.models import load_model
 
