@@ -114,12 +114,24 @@ def _fit_or_prior(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, refit: 
 FIT_MIN_QUERIES_PER_SLOT = 4
 
 
+def fit_plan(n: int, t: int, refit_values: bool, beta_fitted: bool, holdout_every: int,
+             validation: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    """How `finish` treats a head with n reference queries and t slots: (refit C_v, judge the variants on
+    the validation queries, judge them on held-out reference queries). The solvers ask it too, to compute
+    the full cache's outputs only where one of these reads them."""
+    refit = refit_values and n >= FIT_MIN_QUERIES_PER_SLOT * t
+    variants = beta_fitted or refit  # else the plain head is the only candidate
+    use_val = variants and validation is not None and validation.shape[0] > 0
+    use_held = variants and not use_val and holdout_every > 0 and n >= 2 * holdout_every
+    return refit, use_val, use_held
+
+
 def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | None, idx: torch.Tensor,
            w: torch.Tensor | None, scale: float, refit_values: bool, ridge: float,
            holdout_every: int = 0, validation: torch.Tensor | None = None) -> Solution:
     """Given chosen indices (and mass weights w, or None for beta = 0) and the full cache's attention outputs
-    Y [n, d] for the reference queries (None: computed here, only if a C_v fit or the held-out rule reads
-    them): sort, fit C_v, package.
+    Y [n, d] for the reference queries (may be None where `fit_plan` says neither a C_v fit nor the held-out
+    rule reads them): sort, fit C_v, package.
 
     The fitted head (beta, refit C_v) competes with its simpler variants (beta = 0, and/or C_v = the kept
     values); the variant with the smallest attention-output error on other queries wins, per head:
@@ -136,17 +148,13 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | 
     fitted_beta = torch.log(w).float() if w is not None else zeros
     C_k = K[idx]
     prior = V[idx].float()
-    refit_values = refit_values and Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * len(idx)
+    refit_values, use_val, use_held = fit_plan(Q.shape[0], len(idx), refit_values, w is not None, holdout_every,
+                                               validation)
     betas = (fitted_beta, zeros) if w is not None else (zeros,)
     refits = tuple(dict.fromkeys((refit_values, False)))  # the fitted head first
-    variants = len(betas) * len(refits) > 1
-    use_val = variants and validation is not None and validation.shape[0] > 0
-    use_held = variants and not use_val and holdout_every > 0 and Q.shape[0] >= 2 * holdout_every
     if not (use_val or use_held or refit_values):
         return Solution(C_k.to(K.dtype), fitted_beta, prior.to(V.dtype), idx)
     logits = (Q.float() @ C_k.float().T) * scale if refit_values or use_held else None
-    if Y is None and (refit_values or use_held):
-        Y = attention_output(K, V, Q, scale=scale)
     if not (use_val or use_held):
         C_v = _fit_or_prior(torch.softmax(logits + fitted_beta, dim=1), Y, prior, refit_values, ridge)
         return Solution(C_k.to(K.dtype), fitted_beta, C_v.to(V.dtype), idx)
@@ -210,8 +218,8 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     mass = E.sum(1)
     A = E.div_(mass[:, None])  # attention weights of the full cache
     fits = Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
-    # the full cache's outputs on Q, for a C_v fit (finish computes them itself for its held-out rule)
-    Y = A @ V.float() if refit_values and fits else None
+    refit, _, held = fit_plan(Q.shape[0], t, refit_values, fit_beta and fits, holdout_every, validation)
+    Y = A @ V.float() if refit or held else None  # the full cache's outputs on Q: only where finish reads them
     s = _key_scores_(A, score)
     del E, A
     if validation is not None and validation_weight > 0:
