@@ -27,7 +27,6 @@ Writes benchmarks/results/compaction.json, .png (quality vs ratio, vs seconds, r
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -174,16 +173,16 @@ def memory_alone(method: str, ratio: float, doc_tokens: int, continuation: int, 
     import json
     import subprocess
 
-    run_main = "import sys; from kvcat.bench import load_script; load_script('compaction').main(sys.argv[1:])"
-    cmd = [sys.executable, "-c", run_main, "--memory-probe", method, "--probe-ratio", str(ratio),
-           "--doc-tokens", str(doc_tokens), "--continuation", str(continuation), "--model", model]
+    probe = "import json, sys; from kvcat.bench import load_script; load_script('compaction').memory_probe(" \
+            "*json.loads(sys.argv[1]))"
+    cmd = [sys.executable, "-c", probe, json.dumps([method, ratio, doc_tokens, continuation, model])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {method} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int, model: str) -> None:
+def memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int, model: str) -> None:
     import gc
     import json
 
@@ -309,33 +308,3 @@ def plot(result: dict, path: Path) -> Path:
             ylabel="PPL gap", title="quality vs seconds")
     ax1.legend(fontsize=7)
     return save_figure(fig, path, f"{result['model']} on {result['machine']}")
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=20)
-    ap.add_argument("--doc-tokens", type=int, default=4096)
-    ap.add_argument("--continuation", type=int, default=256)
-    ap.add_argument("--ratios", default="2,4,8,16,32,50")
-    ap.add_argument("--methods", default="main", help="comma-separated, 'main' (MAIN) or 'all'")
-    ap.add_argument("--needles", type=int, default=5)
-    ap.add_argument("--qa", type=int, default=5)
-    ap.add_argument("--question-tokens", type=int, default=2048)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--slow-max-slots", type=int, default=256)
-    ap.add_argument("--out", default=str(RESULTS / "compaction.json"))
-    ap.add_argument("--memory-ratio", type=float, default=8.0, help="ratio of the fresh-process memory probes (0: none)")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
-    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)  # one fresh-process measurement (memory_alone)
-    ap.add_argument("--probe-ratio", type=float, default=8.0, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.memory_probe:
-        return _memory_probe(a.memory_probe, a.probe_ratio, a.doc_tokens, a.continuation, a.model)
-    run(docs=a.docs, doc_tokens=a.doc_tokens, continuation=a.continuation,
-        ratios=[float(r) for r in a.ratios.split(",")], methods=a.methods, needles=a.needles, qa=a.qa,
-        model=a.model, out=a.out, slow_max_slots=a.slow_max_slots, question_tokens=a.question_tokens,
-        memory_ratio=a.memory_ratio, resume=a.resume)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,7 +19,6 @@ Writes benchmarks/results/onthefly.json and onthefly.png.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -238,24 +237,3 @@ def plot(result: dict, path: Path) -> Path:
     ax2.set(yscale="log", ylabel="KV bytes held at the last turn", title="KV memory of the session")
     return save_figure(fig, path, f"on-the-fly compaction, {result['model']}, {result['config']['doc_tokens']}"
                        f"-token document, ratio {result['config']['ratio']:g} ({result['machine']})")
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ratio", type=float, default=10.0)
-    ap.add_argument("--method", default="am-hak")
-    ap.add_argument("--doc-tokens", type=int, default=8000)
-    ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--threshold", type=int, default=2048)
-    ap.add_argument("--quality-tokens", type=int, default=4096)
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--needles", type=int, default=4)
-    ap.add_argument("--out", default=str(RESULTS / "onthefly.json"))
-    a = ap.parse_args(argv)
-    run(model=a.model, ratio=a.ratio, method=a.method, doc_tokens=a.doc_tokens, turns=a.turns,
-        threshold=a.threshold, quality_tokens=a.quality_tokens, windows=a.windows, needles=a.needles, out=a.out)
-
-
-if __name__ == "__main__":
-    main()

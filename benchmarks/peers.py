@@ -28,7 +28,6 @@ Writes benchmarks/results/peers.json, .md (table) and .png (PPL gap and needle a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -389,30 +388,3 @@ def plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=20, help="held-out PPL windows")
-    ap.add_argument("--doc-tokens", type=int, default=4096)
-    ap.add_argument("--continuation", type=int, default=256)
-    ap.add_argument("--ratios", default="2,4,8,16,32,50")
-    ap.add_argument("--methods", default=",".join(KVCAT_METHODS), help="kvcat methods, comma-separated")
-    ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses, comma-separated")
-    ap.add_argument("--needles", type=int, default=5)
-    ap.add_argument("--qa", type=int, default=5)
-    ap.add_argument("--question-tokens", type=int, default=2048)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--slow-max-slots", type=int, default=256)
-    ap.add_argument("--serving-docs", type=int, default=1, help="windows served by plain vLLM and kvcat (0: skip)")
-    ap.add_argument("--serving-ratios", default="10,32")
-    ap.add_argument("--out", default=str(RESULTS / "peers.json"))
-    a = ap.parse_args(argv)
-    run(docs=a.docs, doc_tokens=a.doc_tokens, continuation=a.continuation,
-        ratios=[float(r) for r in a.ratios.split(",")], methods=a.methods, presses=a.presses, needles=a.needles,
-        qa=a.qa, question_tokens=a.question_tokens, model=a.model, out=a.out, slow_max_slots=a.slow_max_slots,
-        serving_docs=a.serving_docs, serving_ratios=[float(r) for r in a.serving_ratios.split(",")])
-
-
-if __name__ == "__main__":
-    main()

@@ -19,7 +19,6 @@ to put vLLM's own OpenAI server, serving the full document, beside these rows.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -200,22 +199,3 @@ def plot(result: dict, path: Path) -> Path:
             ax.set_yscale("log")
     return save_figure(fig, path, f"kvcat serve: {result['model']}, {result['config']['doc_tokens']}-token "
                        f"documents ({result['machine']})")
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--doc-tokens", type=int, default=8000)
-    ap.add_argument("--ratios", default="10,32")
-    ap.add_argument("--method", default="am-hak")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--docs", type=int, default=3)
-    ap.add_argument("--budget-gib", type=float, default=1.0)
-    ap.add_argument("--out", default=str(RESULTS / "serve.json"))
-    a = ap.parse_args(argv)
-    run(model=a.model, doc_tokens=a.doc_tokens, ratios=[float(r) for r in a.ratios.split(",")], method=a.method,
-        dtype=a.dtype, docs=a.docs, budget_gib=a.budget_gib, out=a.out)
-
-
-if __name__ == "__main__":
-    main()

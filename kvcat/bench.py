@@ -1,6 +1,6 @@
 """What every benchmark shares: loading its script, provenance of its results, writing them, peak memory.
 
-Benchmark scripts live in the repository's `benchmarks/` folder (one per benchmark, runnable on their own);
+Benchmark scripts live in the repository's `benchmarks/` folder (one per benchmark, not a package);
 `kvcat bench NAME` loads them through `load_script`. Every result JSON carries `provenance()`: the machine,
 the date, the command line and the git commit that produced it.
 """

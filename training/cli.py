@@ -88,6 +88,6 @@ def bench_command(
     step-time ratio of KV-CAT against plain NTP training."""
     from kvcat.bench import load_script
 
-    load_script("kvcat").main(steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows, needles=needles,
-                              policies=[p.strip() for p in policies.split(",") if p.strip()], model=model,
-                              smoke=smoke, out=out)
+    load_script("kvcat_training").run(steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows,
+                                        needles=needles, policies=[p.strip() for p in policies.split(",") if p.strip()],
+                                        model=model, smoke=smoke, out=out)

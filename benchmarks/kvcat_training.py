@@ -321,7 +321,7 @@ def summarise(result: dict) -> dict:
     return out
 
 
-def main(steps: int | None = None, docs: int | None = None, seq_len: int | None = None,
+def run(steps: int | None = None, docs: int | None = None, seq_len: int | None = None,
          eval_windows: int | None = None, needles: int | None = None, policies: list[str] | None = None,
          model: str | None = None, smoke: bool = False, out: str | Path | None = None) -> dict:
     from kvcat.config import kvcat_home
@@ -372,8 +372,3 @@ def main(steps: int | None = None, docs: int | None = None, seq_len: int | None 
     log(f"wrote {out_path} and {', '.join(result['plots'])}; summary: {json.dumps(result['summary'])}")
     return result
 
-
-if __name__ == "__main__":
-    import typer
-
-    typer.run(main)
