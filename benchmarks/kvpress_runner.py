@@ -4,7 +4,8 @@
 
 Runs in the peers venv (scripts/peers_venv.sh: kvpress needs transformers < 5.3), so it must not import
 kvcat: kvcat tokenizes, prepares the held-out data and scores every output with its own metrics; this
-script only turns token ids into numbers and texts. The job (JSON):
+script only turns token ids into numbers and texts (it borrows kvcat/bench.py's PeakRSS, a
+standard-library-only file, by path). The job (JSON):
 
     {"model": "/path/to/hf/folder",
      "windows": [{"context": [ids], "continuation": [ids]}, ...],     # PPL windows
@@ -34,10 +35,9 @@ kvpress facts this relies on (kvpress 0.5.x):
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -47,29 +47,17 @@ def log(msg: str) -> None:
     print(f"[kvpress runner {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-class PeakRSS:
-    """Peak resident memory (MB) of this process inside the block, sampled every 5 ms."""
+def _load_peak_rss():
+    """kvcat's PeakRSS, from kvcat/bench.py loaded by path (it imports only the standard library at module
+    level), so that both sides of the comparison measure memory the same, exact way."""
+    path = Path(__file__).resolve().parents[1] / "kvcat" / "bench.py"
+    spec = importlib.util.spec_from_file_location("kvcat_bench_standalone", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PeakRSS
 
-    def __enter__(self):
-        self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
-
-    @staticmethod
-    def rss() -> float:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+PeakRSS = _load_peak_rss()
 
 
 # press name -> (kvpress class name, constructor keywords besides compression_ratio); "adakv-<name>" wraps

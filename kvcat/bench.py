@@ -3,6 +3,9 @@
 Benchmark scripts live in the repository's `benchmarks/` folder (one per benchmark, not a package);
 `kvcat bench NAME` loads them through `load_script`. Every result JSON carries `provenance()`: the machine,
 the date, the command line and the git commit that produced it.
+
+Module level imports only the standard library: benchmarks/kvpress_runner.py loads this file by path in the
+peers venv (without kvcat) for PeakRSS.
 """
 
 from __future__ import annotations

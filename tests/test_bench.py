@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,14 @@ def test_peak_rss_sees_a_short_lived_allocation():
     with PeakRSS() as quiet:
         pass
     assert quiet.peak < mem.peak - 150
+
+
+def test_peers_runner_gets_peak_rss_without_kvcat():
+    """benchmarks/kvpress_runner.py runs in a venv without kvcat and loads kvcat/bench.py by path for its
+    PeakRSS: that file must import nothing but the standard library at module level (-S: no site-packages)."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "p = m.PeakRSS(); p.__enter__(); p.__exit__(None, None, None); print(p.peak > 0)")
+    bench = Path(__file__).resolve().parents[1] / "kvcat" / "bench.py"
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(bench)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
