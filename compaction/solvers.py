@@ -201,10 +201,11 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         score: str = "rms", sink: int = 4, recent: int = 16, fit_beta: bool = True,
         beta_bounds: tuple[float, float] = (-3.0, 3.0), nnls_iters: int = 2, refit_values: bool = True,
         ridge: float = 1e-6, holdout_every: int = 0, validation: torch.Tensor | None = None,
-        validation_weight: float = 0.0) -> Solution:
+        score_queries: torch.Tensor | None = None, score_weight: float = 0.0) -> Solution:
     """Highest-attention keys (RMS / mean / max over queries), NNLS beta clamped to e^bounds, C_v refit.
-    With `validation_weight` = a, the key scores mix the reference queries' (1 - a) and the validation
-    queries' (a): each set counts as a whole, however many queries it has."""
+    With `score_queries` [m, d] and `score_weight` = a, the key scores mix the reference queries' (1 - a)
+    and those queries' (a): each set counts as a whole, however many queries it has. The fits always use
+    the reference queries."""
     _check(K, V, Q, t)
     N = K.shape[0]
     if t == N:
@@ -222,9 +223,9 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     Y = A @ V.float() if refit or held else None  # the full cache's outputs on Q: only where finish reads them
     s = _key_scores_(A, score)
     del E, A
-    if validation is not None and validation_weight > 0:
-        Ev, _ = shifted_exp(K, validation, scale)
-        s = (1 - validation_weight) * s + validation_weight * _key_scores_(Ev.div_(Ev.sum(1, keepdim=True)), score)
+    if score_queries is not None and score_queries.shape[0] > 0 and score_weight > 0:
+        Es, _ = shifted_exp(K, score_queries, scale)
+        s = (1 - score_weight) * s + score_weight * _key_scores_(Es.div_(Es.sum(1, keepdim=True)), score)
     s[forced_indices(N, t, sink, recent).to(K.device)] = float("inf")
     idx = torch.topk(s, t).indices
     w = None
