@@ -7,6 +7,12 @@ from pathlib import Path
 
 import typer
 
+# uvicorn closes idle connections after 5 s, the very idle time after which httpx's pool stops reusing them:
+# a request sent on a connection the server is closing at that instant fails (ReadError, or a 502 behind a
+# proxy; seen once in 945 requests of the 50-client load test). An idle timeout well above the clients' and
+# proxies' (ingress-nginx and ALB: 60 s) leaves closing idle connections to them.
+KEEP_ALIVE_S = 75.0
+
 
 def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF folder (KV-CAT checkpoints too)"),
           host: str = typer.Option("127.0.0.1", help="bind address (loopback only unless API keys are configured)"),
@@ -40,6 +46,9 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           max_completion_tokens: int = typer.Option(None, help="largest max_tokens a chat may ask for"),
           max_queued_compactions: int = typer.Option(8, help="compactions waiting or running; more get 429"),
           request_timeout: float = typer.Option(600.0, help="seconds a chat completion may take"),
+          keep_alive: float = typer.Option(
+              KEEP_ALIVE_S, help="seconds an idle HTTP connection stays open; keep it above the client pools' "
+                                 "and load balancers' idle timeouts"),
           compaction_timeout: float = typer.Option(1800.0, help="seconds a synchronous compaction may take"),
           max_body_bytes: int = typer.Option(32 * 2**20, help="largest request body"),
           max_contexts_per_tenant: int = typer.Option(None, help="quota: stored contexts per tenant"),
@@ -67,7 +76,8 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
     if why:
         typer.echo(f"kvcat: {why}", err=True)
     for name, value in (("max-queued-compactions", max_queued_compactions), ("request-timeout", request_timeout),
-                        ("compaction-timeout", compaction_timeout), ("max-body-bytes", max_body_bytes)):
+                        ("compaction-timeout", compaction_timeout), ("max-body-bytes", max_body_bytes),
+                        ("keep-alive", keep_alive)):
         if value <= 0:
             fail(f"--{name} must be positive, got {value}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,7 +91,8 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                           max_bytes_per_tenant=max_bytes_per_tenant,
                           auto=AutoCompaction(auto_compact_threshold, auto_compact_ratio, auto_compact_method,
                                               auto_compact_keep_turns))
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60,
+                timeout_keep_alive=keep_alive)
 
 
 def bench_serve(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),

@@ -204,3 +204,31 @@ def test_metrics_and_probes(server, contexts):
                  'kvcat_e2e_request_latency_seconds_count{method="none",mode="full"', "kvcat_errors_total"):
         assert name in text, name
     assert httpx.get(server["base"] + "/ready").json()["status"] == "ready"
+
+
+def test_idle_connection_outlives_the_client_pools_keep_alive(server):
+    """A keep-alive connection left idle past httpx's pool expiry (5 s) is still served: the server's idle
+    timeout (75 s) is above the clients', so it never closes a connection a pool is about to reuse."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server["base"])
+
+    def health(sock: socket.socket) -> bytes:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, f"the server closed the connection; got {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += sock.recv(4096)
+        return head.split(b"\r\n")[0]
+
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        assert b" 200 " in health(sock)
+        time.sleep(6)
+        assert b" 200 " in health(sock)
