@@ -111,7 +111,8 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         start = time.perf_counter()
         pre = prefill(lm, list(w.prefix_ids))
         prefill_s = time.perf_counter() - start
-        full = math.exp(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids)).mean().item())
+        nll = continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids))
+        full = math.exp(nll.mean().item())
         del pre
         rows = {}
         for key, cache, mem in compact_all(list(w.prefix_ids)):
@@ -278,7 +279,8 @@ def table(result: dict) -> str:
     alone = result.get("memory_alone")
     if alone:
         kv_mb = result["config"]["full_kv_mb_fp32"]
-        parts.append(f"**Peak memory of one compaction at {result['config']['memory_ratio']:g}x in a fresh process, above the loaded "
+        ratio = result['config']['memory_ratio']
+        parts.append(f"**Peak memory of one compaction at {ratio:g}x in a fresh process, above the loaded "
                      f"model, / the full KV cache ({kv_mb:.0f} MB)**\n\n| " + " | ".join(a["method"] for a in alone)
                      + " |\n|" + "---|" * len(alone) + "\n| "
                      + " | ".join(f"{a['over_full_kv']:.2f}" for a in alone) + " |")

@@ -169,7 +169,8 @@ def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, 
         summary.append({"mode": mode, "total_s": round(sum(r["total_s"] for r in rs), 2),
                         "ttft_turn1_s": rs[0]["ttft_s"], "ttft_later_mean_s": round(statistics.mean(later), 4)
                         if later else None, "ttft_later_max_s": round(max(later), 4) if later else None,
-                        "kv_bytes_held": held[mode], "agreement_exact": round(statistics.mean(r["agrees"] for r in rs), 3),
+                        "kv_bytes_held": held[mode],
+                        "agreement_exact": round(statistics.mean(r["agrees"] for r in rs), 3),
                         "agreement_f1": round(statistics.mean(r["f1_vs_full"] for r in rs), 3)})
     cold = next(s for s in summary if s["mode"] == "full-cold")
     for s in summary:

@@ -215,14 +215,14 @@ def allocate(cost: torch.Tensor, fractions: Sequence[float], n: int, t: int, ste
         cur = gain.gather(-1, pos.clamp(max=steps - 2)[..., None])[..., 0]
         cur = cur.masked_fill(pos >= steps - 1, -1.0)
         flat = int(cur.argmax())
-        l, h = divmod(flat, H)
-        if cur[l, h] < 0:
+        layer, h = divmod(flat, H)
+        if cur[layer, h] < 0:
             break
-        add = float(slots[pos[l, h] + 1] - slots[pos[l, h]])
+        add = float(slots[pos[layer, h] + 1] - slots[pos[layer, h]])
         if used + add > total:
             break
         used += add
-        pos[l, h] += 1
+        pos[layer, h] += 1
     counts = slots[pos].round().long().clamp(1, n)
     return _fix_total(counts, total, n, cur_order=-gain.gather(-1, pos.clamp(max=steps - 2)[..., None])[..., 0])
 

@@ -7,7 +7,8 @@ Per-call inputs travel as forward kwargs, which transformers passes down to ever
 - `kvcat_bias`: a list with one entry per layer (or None): an additive bias on the first t key columns, of
   shape [num_kv_heads, t] (the same for every query row: beta of a compacted cache) or
   [num_kv_heads, q_len, t] (row-specific: train-time masks). -inf removes a slot.
-- `kvcat_queries`: a dict that collects each layer's post-RoPE queries [num_heads, q_len, head_dim].
+- `kvcat_queries`: a dict that collects each layer's post-RoPE queries [num_heads, q_len, head_dim]: a list
+  per layer, or a `QueryBuffer` placed there beforehand (filled in place, see its docstring).
 - `kvcat_query_rows`: optional long tensor of query rows to record (the rest are never copied, so a long
   prefill that keeps a sample of its queries does not hold all of them at once).
 - `kvcat_observer`: a callable `(layer, query, key, value)` given each layer's detached post-RoPE tensors
@@ -61,6 +62,24 @@ def kvcat_attention(module, query, key, value, attention_mask, scaling, dropout=
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=groups > 1,
                                              attn_mask=mask if batched else mask.unsqueeze(0))
     return out.transpose(1, 2).contiguous(), None
+
+
+class QueryBuffer:
+    """One layer's recorded queries [num_heads, n, head_dim], allocated before the forward pass and filled
+    chunk by chunk. Views appended to a list would keep each layer's whole query tensor alive between that
+    pass's short-lived buffers, leaving the heap fragmented: a 782-token pass over a 4,096-token SmolLM2
+    context held about 50 MB of slack beside its 52 MB of queries."""
+
+    def __init__(self, num_heads: int, n: int, head_dim: int, device, dtype=torch.float32):
+        self.data = torch.empty(num_heads, n, head_dim, device=device, dtype=dtype)
+        self.filled = 0
+
+    def append(self, q: torch.Tensor) -> None:
+        end = self.filled + q.shape[1]
+        if end > self.data.shape[1]:
+            raise ValueError(f"query buffer holds {self.data.shape[1]} rows; {end} were recorded")
+        self.data[:, self.filled:end] = q
+        self.filled = end
 
 
 def _causal(q_len: int, k_len: int, like: torch.Tensor) -> torch.Tensor:

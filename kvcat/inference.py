@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcat.attention import use_kvcat_attention
+from kvcat.attention import QueryBuffer, use_kvcat_attention
 from kvcat.cache import CompactCache
+from kvcat.heap import release_free_memory
 from kvcat.models import LoadedModel
 
 
@@ -77,11 +78,17 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
             raise ValueError("keep_new_kv=False needs a past to continue from")
         chunk_size = n  # one pass: a later chunk would need the K/V this pass does not keep
         cache.layers = [_peek_layer()(k, v) for k, v in zip(past.keys, past.values)]
-    elif past is not None:
-        for i, (k, v) in enumerate(zip(past.keys, past.values)):
-            cache.update(k[None], v[None], i)
+    else:
+        cache.layers = [_filled_layer()(offset + n) for _ in range(lm.spec.num_layers)]
+        if past is not None:
+            for i, (k, v) in enumerate(zip(past.keys, past.values)):
+                cache.update(k[None], v[None], i)
     past = cache
-    queries: dict[int, list[torch.Tensor]] | None = {} if capture_queries else None
+    queries = None
+    if capture_queries:
+        rows = n if query_positions is None else len(query_positions)
+        queries = {i: QueryBuffer(lm.spec.num_heads, rows, lm.spec.head_dim, lm.device, lm.model.dtype)
+                   for i in range(lm.spec.num_layers)}
     logits = None
     qp = query_positions.to(ids.device) if queries is not None and query_positions is not None else None
     for start in range(0, n, chunk_size):
@@ -93,7 +100,8 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
         logits = out.logits[0, -1]
     keys = [layer.keys[0] for layer in past.layers]
     values = [layer.values[0] for layer in past.layers]
-    q = [torch.cat(queries[i], dim=1) for i in range(len(keys))] if queries is not None else None
+    q = [queries[i].data for i in range(len(keys))] if queries is not None else None
+    release_free_memory()  # the chunks' activations
     return Prefill(keys=keys, values=values, queries=q, last_logits=logits.float())
 
 
@@ -113,6 +121,37 @@ def _peek_layer() -> type:
             return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
     return PeekLayer
+
+
+@functools.cache
+def _filled_layer() -> type:
+    """A cache layer whose K/V buffers of the final length are allocated once and filled chunk by chunk;
+    attention sees the filled part. Growing by concatenation (transformers' DynamicLayer) copies the cache
+    at every chunk and leaves the freed smaller copies as heap slack: a 4,096-token SmolLM2-135M prefill in
+    512-token chunks held 272 MB above the warm model for 180 MB of K/V."""
+    from transformers.cache_utils import DynamicLayer
+
+    class FilledLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.filled = capacity, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                b, h, _, d = key_states.shape
+                self._keys = key_states.new_empty(b, h, self.capacity, d)
+                self._values = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            end = self.filled + key_states.shape[-2]
+            if end > self.capacity:
+                raise ValueError(f"prefill cache holds {self.capacity} tokens; {end} were written")
+            self._keys[:, :, self.filled:end] = key_states
+            self._values[:, :, self.filled:end] = value_states
+            self.filled = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+    return FilledLayer
 
 
 def full_cache(pre: Prefill, fingerprint: str, method: str = "full") -> CompactCache:

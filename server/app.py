@@ -90,7 +90,8 @@ class BodyLimit:
             body = json.dumps(error_body(f"the request body is over {self.limit} bytes", "invalid_request_error",
                                          "body_too_large")).encode()
             await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return None
         seen = 0

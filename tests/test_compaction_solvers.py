@@ -140,3 +140,36 @@ def test_empty_validation_falls_back_to_the_held_out_rule(name):
     held = solvers.SOLVERS[name](K, V, Q, 30, holdout_every=5)
     assert torch.equal(empty.indices, held.indices) and torch.allclose(empty.values, held.values)
     assert torch.allclose(empty.beta, held.beta)
+
+
+@pytest.mark.parametrize("score", ["rms", "mean", "max"])
+def test_blocked_attention_stats_equal_the_whole_matrix(score):
+    """attention_stats over query blocks gives what the whole [n, N] attention matrix gives."""
+    K, V, Q = _head(q=50)
+    s = K.shape[1] ** -0.5
+    row_max, mass, scores, Y = solvers.attention_stats(K, Q, s, V, score, block=7)
+    logits = (Q @ K.T) * s
+    A = torch.softmax(logits, 1)
+    want = {"rms": A.square().mean(0), "mean": A.mean(0), "max": A.amax(0)}[score]
+    assert torch.allclose(scores, want, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(Y, A @ V, atol=1e-5)
+    assert torch.allclose(row_max[:, 0], logits.amax(1)) and torch.allclose(mass.log() + row_max[:, 0],
+                                                                           torch.logsumexp(logits, 1), atol=1e-5)
+
+
+def test_hak_ranks_by_the_score_queries_alone_at_weight_one():
+    K, V, Q = _head(seed=4)
+    S = torch.randn(16, K.shape[1], generator=torch.Generator().manual_seed(9)) * 1.5
+    sol = solvers.hak(K, V, Q, 30, sink=0, recent=0, score_queries=S, score_weight=1.0)
+    top = solvers.attention_stats(K, S, K.shape[1] ** -0.5, score="rms")[2].topk(30).indices
+    assert set(sol.indices.tolist()) == set(top.tolist())
+
+
+def test_omp_weighs_the_score_queries_mass():
+    """OMP with score queries at weight a matches their attention mass better than without them."""
+    K, V, Q = _head(seed=5)
+    S = torch.randn(16, K.shape[1], generator=torch.Generator().manual_seed(11)) * 1.5 + 1.0
+    err = lambda s: solvers.matching_errors(K, V, S, s)["log_mass_err"]  # noqa: E731
+    plain = solvers.omp(K, V, Q, 20, refit_values=False)
+    weighted = solvers.omp(K, V, Q, 20, refit_values=False, score_queries=S, score_weight=0.5)
+    assert err(weighted) < err(plain)

