@@ -53,8 +53,8 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
 
     Small chunks bound the activations held at once, which dominate the peak: a 4,096-token SmolLM2-135M
     prefill (2 CPU cores, fp32, peak RSS above the warm model, exact high-water mark) peaks at 403-472 MB in
-    one chunk (19-19.5 s), 305 MB in 2,048-token chunks, 223-240 MB in 512-token chunks (21-21.7 s); the
-    K/V alone are 180 MB.
+    one chunk (19-19.5 s), 305 MB in 2,048-token chunks, 223-240 MB in 512-token chunks (21-21.7 s), and 211
+    MB once the K/V buffers are allocated at their final size (`_filled_layer`); the K/V alone are 180 MB.
 
     With `past`, continue after an existing Prefill instead of starting from an empty cache (its tokens are
     not run again): the result holds the K/V of past + tokens, and queries of `tokens` only.
