@@ -223,7 +223,7 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         raise ValueError(f"unknown score {score!r}: rms, mean or max")
     fits = fit_beta and Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
     refit, _, held = fit_plan(Q.shape[0], t, refit_values, fits, holdout_every, validation)
-    mix = score_queries is not None and score_queries.shape[0] > 0 and score_weight > 0
+    mix = _mixes_score_queries(score_queries, score_weight)
     ref_scores = not mix or score_weight < 1
     # the full cache's outputs Y on Q only where finish reads them; nothing at all on Q where no one does
     row_max = mass = s = Y = None
@@ -240,6 +240,11 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         M = (Q.float() @ K[idx].float().T).mul_(scale).sub_(row_max).exp_()
         w = fit_mass_weights(M, mass, math.exp(beta_bounds[0]), math.exp(beta_bounds[1]), nnls_iters)
     return finish(K, V, Q, Y, idx, w, scale, refit_values, ridge, holdout_every, validation)
+
+
+def _mixes_score_queries(score_queries: torch.Tensor | None, score_weight: float) -> bool:
+    """Whether a solver's key choice takes the score queries into account (hak and omp mix them alike)."""
+    return score_queries is not None and score_queries.shape[0] > 0 and score_weight > 0
 
 
 # Queries per block of attention_stats: the [n, N] attention matrix is the solvers' largest buffer (32 MB
@@ -298,7 +303,7 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     y = E.sum(1)
     refit, _, held = fit_plan(Q.shape[0], t, refit_values, True, holdout_every, validation)
     Y = (E @ V.float()).div_(y[:, None]) if refit or held else None  # the full cache's outputs, where read
-    if score_queries is not None and score_queries.shape[0] > 0 and score_weight > 0:
+    if _mixes_score_queries(score_queries, score_weight):
         Es, _ = shifted_exp(K, score_queries, scale)  # rows scaled so that each set's squared residual counts
         E = torch.cat([E.mul_(((1 - score_weight) / E.shape[0]) ** 0.5),
                        Es.mul_((score_weight / Es.shape[0]) ** 0.5)])
