@@ -291,15 +291,21 @@ def plot(result: dict, path: Path) -> Path:
     from kvcat.bench import save_figure, subplots
 
     rows = [r for r in result["rows"] if r["method"] != "full" and "skipped" not in r]
+    # the third panel: retrieval where the run asked needles, else the time against the prefill
+    needles = any(r["needle_acc"] is not None for r in rows)
+    third, third_label = ("needle_acc", "needle accuracy") if needles else \
+        ("compact_over_prefill", "compaction s / prefill s")
     _, fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(17, 4.5))
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
         style = dict(marker="o", lw=2.5 if m in AM else 1.2, label=m)
         ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], **style)
         ax2.scatter([r["compact_s"] for r in rs], [r["ppl_gap"] for r in rs], label=m)
-        if rs[0]["needle_acc"] is not None:
-            ax3.plot([r["ratio"] for r in rs], [r["needle_acc"] for r in rs], **style)
-    ax3.set(xscale="log", xlabel="compaction ratio", ylabel="needle accuracy", title="retrieval vs ratio")
+        ax3.plot([r["ratio"] for r in rs], [r.get(third) for r in rs], **style)
+    ax3.set(xscale="log", xlabel="compaction ratio", ylabel=third_label,
+            title="retrieval vs ratio" if needles else "speed vs ratio")
+    if not needles:
+        ax3.axhline(2.0, color="grey", ls="--", label="2x prefill")
     prefill_s = next((r["prefill_s"] for r in result["rows"] if r["method"] == "full"), None)
     if prefill_s:
         ax2.axvline(prefill_s, color="grey", ls=":", label="prefill")

@@ -284,7 +284,7 @@ def attention_stats(K: torch.Tensor, Q: torch.Tensor, scale: float, V: torch.Ten
 
 
 def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: float | None = None,
-        sink: int = 4, recent: int = 16, k_choice: int = 1, refit_every: int = 1, upper: float = 7.0,
+        sink: int = 4, recent: int = 16, k_choice: int = 1, refit_every: int = 1, upper: float = 3.0,
         drop_below: float | None = -7.0, refit_values: bool = True, ridge: float = 1e-6,
         holdout_every: int = 0, validation: torch.Tensor | None = None,
         score_queries: torch.Tensor | None = None, score_weight: float = 0.0) -> Solution:
