@@ -305,7 +305,7 @@ def plot(result: dict, path: Path) -> Path:
     ax3.set(xscale="log", xlabel="compaction ratio", ylabel=third_label,
             title="retrieval vs ratio" if needles else "speed vs ratio")
     if not needles:
-        ax3.axhline(2.0, color="grey", ls="--", label="2x prefill")
+        ax3.axhline(2.0, color="grey", ls="--")  # the AM-HAK goal: at most 2x the prefill
     prefill_s = next((r["prefill_s"] for r in result["rows"] if r["method"] == "full"), None)
     if prefill_s:
         ax2.axvline(prefill_s, color="grey", ls=":", label="prefill")

@@ -121,9 +121,10 @@ class AMOMP(AMMethod):
     # 3.70 with score_last 0.5.
     # "upper": the largest weight (beta <= upper), as HAK's bound. am-omp-fast at 8x on benchmark documents
     # 0 / 1 / 3 / 4, PPL gap: upper 7 1.430 / 0.718 / 1.673 / 2.958; upper 3 0.400 / -0.465 / 1.134 / 1.573
-    # (SnapKV 0.606 / 1.398 / 1.723 / 1.628). Weights up to e^7 likely fit the repeat queries' mass with a few heavy
-    # keys that the text after the context then over-attends. Mixing the last queries into OMP's objective
-    # (score_last 0.5 / 0.75 / 0.9 / 1, recent half) was worse on documents 0 and 4: 0.98-4.14 and 1.72-3.83.
+    # (SnapKV 0.606 / 1.398 / 1.723 / 1.628). Weights up to e^7 likely fit the repeat queries' mass with a few
+    # heavy keys that the text after the context then over-attends. With weights up to e^7, mixing the last
+    # queries into OMP's objective (score_last 0.5 / 0.75 / 0.9 / 1, recent half) gave 0.85-4.14 on document 0
+    # and 1.72-3.83 on document 4, all behind the e^3 bound alone.
     defaults = {**COMMON, "recent_frac": 0.0, "k_choice": 1, "refit_every": 1, "upper": 3.0, "drop_below": -7.0,
                 "refit_values": True, "ridge": 1e-6, "holdout_every": 5, "score_last": 0.0}
 
