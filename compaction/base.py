@@ -138,24 +138,29 @@ def uniform_budgets(num_layers: int, num_kv_heads: int, t: int) -> torch.Tensor:
     return torch.full((num_layers, num_kv_heads), t, dtype=torch.long)
 
 
+def pad_layer(layer: Sequence[Solution], width: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's per-head Solutions as (keys [H, w, d], values [H, w, d], beta [H, w]) in float32, heads
+    with fewer slots padded with beta = -inf (a slot attention never sees)."""
+    width = width or max(len(s.indices) for s in layer)
+    d, dev = layer[0].keys.shape[1], layer[0].keys.device
+    k = torch.zeros(len(layer), width, d, device=dev)
+    v = torch.zeros(len(layer), width, d, device=dev)
+    b = torch.full((len(layer), width), float("-inf"), device=dev)
+    for h, s in enumerate(layer):
+        m = len(s.indices)
+        k[h, :m], v[h, :m], b[h, :m] = s.keys.float(), s.values.float(), s.beta.float()
+    return k, v, b
+
+
 def package(solutions: Sequence[Sequence[Solution]], num_tokens: int, fingerprint: str, method: str,
             params: dict, info: dict) -> CompactCache:
     """Per layer, per head Solutions -> CompactCache, padding shorter heads with beta = -inf."""
     width = max(len(s.indices) for layer in solutions for s in layer)
-    keys, values, betas = [], [], []
-    for layer in solutions:
-        d = layer[0].keys.shape[1]
-        dev = layer[0].keys.device
-        k = torch.zeros(len(layer), width, d, device=dev)
-        v = torch.zeros(len(layer), width, d, device=dev)
-        b = torch.full((len(layer), width), float("-inf"), device=dev)
-        for h, s in enumerate(layer):
-            m = len(s.indices)
-            k[h, :m], v[h, :m], b[h, :m] = s.keys.float(), s.values.float(), s.beta.float()
-        keys.append(k)
-        values.append(v)
-        betas.append(b)
-    return CompactCache(keys=keys, values=values, beta=betas, num_tokens=num_tokens,
+    keys, values, betas = zip(*(pad_layer(layer, width) for layer in solutions))
+    underdetermined = sum(s.underdetermined for layer in solutions for s in layer)
+    info = {**info, "heads": sum(len(layer) for layer in solutions), "heads_underdetermined": underdetermined}
+    return CompactCache(keys=list(keys), values=list(values), beta=list(betas), num_tokens=num_tokens,
                         model_fingerprint=fingerprint, method=method, params=params, info=info)
 
 
@@ -202,6 +207,16 @@ class Method(ABC):
         return self.params.get("queries")
 
     @property
+    def streams_queries(self) -> bool:
+        """Whether `solve_layers` computes its reference queries itself, one layer at a time."""
+        return False
+
+    @property
+    def needs_token_nll(self) -> bool:
+        """Whether the method reads each document token's surprisal (`Prefill.token_nll`)."""
+        return False
+
+    @property
     def needs_context_sample(self) -> bool:
         """Whether the method reads the context's own queries across the whole document (not only the last)."""
         return "context" in (self.query_mode or "")
@@ -221,7 +236,7 @@ class Method(ABC):
         """Compact one document (token ids) to about N / ratio (or target_tokens) slots per head."""
         ids = as_context_ids(lm, context_ids)
         t = resolve_budget(ids.numel(), ratio, target_tokens)
-        state = document_state(lm, ids, context_sample=self.needs_context_sample)
+        state = document_state(lm, ids, context_sample=self.needs_context_sample, token_nll=self.needs_token_nll)
         return self.compact_state(lm, state, t, ratio=ratio, target_tokens=target_tokens,
                                   progress=progress)
 
@@ -229,14 +244,14 @@ class Method(ABC):
                       target_tokens: int | None = None, progress: Progress | None = None) -> CompactCache:
         """Compact a document whose state (K/V, queries) is already computed to t slots per head on average
         (also the block of new tokens in incremental compaction, `incremental.extend`)."""
-        extra_s = 0.0
-        if self.query_mode:
-            get_queries(lm, state, self.query_mode)
-            extra_s = state.query_s.get(self.query_mode, 0.0)
         start = time.perf_counter()
+        if self.query_mode and not self.streams_queries:
+            get_queries(lm, state, self.query_mode)
         budgets = self.head_budgets(lm, state, t)
         solutions = self.solve_layers(lm, state, budgets, progress)
-        solve_s = time.perf_counter() - start
+        # a streaming method records its queries' seconds while solving; memoized queries are charged as well
+        extra_s = state.query_s.get(self.query_mode, 0.0) if self.query_mode else 0.0
+        solve_s = time.perf_counter() - start - (state.streamed_s if self.streams_queries else 0.0)
         info = {"prefill_s": round(state.prefill_s, 4), "queries_s": round(extra_s, 4),
                 "solve_s": round(solve_s, 4), "compact_s": round(state.prefill_s + extra_s + solve_s, 4),
                 "budget": t}

@@ -129,6 +129,30 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ResumeError as exc:
             fail(str(exc))
 
+    @bench.command("retrieval")
+    def bench_retrieval(
+        cases: int = typer.Option(42, help="retrieval cases (needle, multi-key, passage question, in turn)"),
+        ratios: str = typer.Option("8,16", help="comma-separated ratios"),
+        methods: str = typer.Option("am-hak,am-hak-fast,kvzip,snapkv,streaming-llm", help="comma-separated methods"),
+        lengths: str = typer.Option("2048,3072", help="document lengths in tokens, comma-separated"),
+        split: str = typer.Option("heldout", help="heldout (reported figures) or tune (choosing defaults)"),
+        model: str = typer.Option("smollm2-135m", help="model"),
+        out: Path = typer.Option(Path("benchmarks/results/retrieval.json"), help="JSON output"),
+        resume: bool = typer.Option(False, help="continue an interrupted run of the same command"),
+    ) -> None:
+        """Do planted facts survive compaction? -> benchmarks/results/retrieval.json + PNG, paired comparisons."""
+        from kvcat.bench import ResumeError, load_script
+        from kvcat.cli import fail
+
+        if split not in ("heldout", "tune"):
+            fail(f"--split is heldout or tune, not {split!r}")
+        try:
+            load_script("retrieval").run(cases=cases, ratios=[float(r) for r in ratios.split(",")], methods=methods,
+                                         lengths=[int(x) for x in lengths.split(",")], split=split, model=model,
+                                         out=out, resume=resume)
+        except (ResumeError, ValueError) as exc:
+            fail(str(exc))
+
     @bench.command("peers")
     def bench_peers(
         docs: int = typer.Option(20, help="held-out PPL windows"),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from kvcat.models import LoadedModel
 
 from .base import Method, Progress, attention_scale, group_queries, register
-from .queries import QUERY_MODES, DocumentState, get_queries
+from .queries import DocumentState, get_queries
 from .solvers import Solution
 
 
@@ -194,20 +194,22 @@ class H2O(Eviction):
 
 @register
 class KVzip(Eviction):
-    """Max attention from repeat (context reconstruction) queries; global eviction across heads/layers."""
+    """Max attention from the context-reconstruction queries (every token of the document copied, see
+    `queries.Reconstruction`); global eviction across heads and layers."""
 
     name = "kvzip"
-    defaults = {"queries": "repeat", "max_queries": 4096}
-    choices = {"queries": tuple(QUERY_MODES)}
+    defaults = {"queries": "repeat"}
+    choices = {"queries": ("repeat",)}
     global_budget = True
 
     def scores(self, lm, state, layer):
-        q = get_queries(lm, state, self.params["queries"])[layer]
-        K = state.prefill.keys[layer]
-        out = []
-        for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, self.params["max_queries"])):
-            out.append(_attention(qh, K[h], attention_scale(lm)).amax(0))
-        return torch.stack(out)
+        q = get_queries(lm, state, "repeat")[layer]  # also records the reconstruction's key scores
+        recorded = state.scores.get(("reconstruction", layer))
+        if recorded is not None:
+            return recorded.per_kv_head(lm.spec.num_kv_heads, "max")
+        K = state.prefill.keys[layer]  # no room for a copy after the document: its own last queries
+        return torch.stack([_attention(qh, K[h], attention_scale(lm)).amax(0)
+                            for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads))])
 
 
 @register

@@ -44,15 +44,21 @@ def segment_state(lm: LoadedModel, cache: CompactCache, ids: torch.Tensor, query
     start = time.perf_counter()
     queries: list[list[torch.Tensor]] = [[] for _ in range(lm.spec.num_layers)]
     logits = None
+    nll = torch.zeros(n, device=lm.device)  # the new tokens' surprisal (salient-token selection)
+    dev_ids = ids.to(lm.device)
     for lo in range(0, n, chunk_size):
         got: dict[int, list[torch.Tensor]] = {}
-        logits = session.forward(ids[lo:lo + chunk_size], queries=got)[-1]
+        out = session.forward(ids[lo:lo + chunk_size], queries=got)
+        end = min(lo + chunk_size + 1, n)
+        nll[lo + 1:end] = torch.nn.functional.cross_entropy(out[:end - lo - 1], dev_ids[lo + 1:end], reduction="none")
+        logits = out[-1]
         keep = (pos[(pos >= lo) & (pos < lo + chunk_size)] - lo).to(lm.device)
         for layer, qs in got.items():
             queries[layer].append(torch.cat(qs, dim=1)[:, keep])
     keys = [layer.keys[0, :, t0:t0 + n].clone() for layer in session.past.layers]
     values = [layer.values[0, :, t0:t0 + n].clone() for layer in session.past.layers]
-    pre = Prefill(keys=keys, values=values, queries=[torch.cat(q, dim=1) for q in queries], last_logits=logits)
+    pre = Prefill(keys=keys, values=values, queries=[torch.cat(q, dim=1) for q in queries], last_logits=logits,
+                  token_nll=nll)
     state = DocumentState(ids=ids.cpu(), prefill=pre, prefill_s=time.perf_counter() - start, query_pos=pos)
     if query_mode == "repeat":
         start = time.perf_counter()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcat import prompts
+from kvcat.attention import KeyScores
 from kvcat.inference import Prefill, as_ids, prefill
 from kvcat.models import LoadedModel
 
@@ -49,6 +50,8 @@ class DocumentState:
     query_s: dict[str, float] = field(default_factory=dict)  # mode -> extra seconds to get them
     scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # eviction scores, shared across ratios
     context_sample: bool = True  # prefill.queries hold a sample of the whole context (else the last ones)
+    keep_queries: bool = False  # memoize streamed reconstruction queries (benchmarks: many ratios, one document)
+    streamed_s: float = 0.0  # seconds the last streaming compaction spent computing its queries
 
     @property
     def num_tokens(self) -> int:
@@ -59,10 +62,12 @@ def _tokens(lm: LoadedModel, text: str) -> list[int]:
     return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-# Longer contexts repeat evenly spaced segments totalling REPEAT_MAX_TOKENS: the queries pass costs about
-# REPEAT_MAX_TOKENS / N of the prefill's time per token and more (each copied token attends to all N).
+# Incremental compaction and the logit objective of `optimize` copy a bounded sample of the context: evenly
+# spaced segments totalling REPEAT_MAX_TOKENS (their passes run over a whole conversation at once).
 REPEAT_MAX_TOKENS = 768
 REPEAT_SEGMENT = 192
+# The "repeat" reference queries reconstruct the whole document, REPEAT_CHUNK tokens per copy prompt.
+REPEAT_CHUNK = 512
 
 
 def repeat_segments(ids: list[int], max_tokens: int = REPEAT_MAX_TOKENS, segment: int = REPEAT_SEGMENT) -> list[int]:
@@ -76,21 +81,130 @@ def repeat_segments(ids: list[int], max_tokens: int = REPEAT_MAX_TOKENS, segment
 
 
 def repeat_input(lm: LoadedModel, ids: list[int], room: int | None = None) -> list[int]:
-    """What follows a context to make "repeat" queries: the instruction in the question slot of the chat
-    (where real questions will go: user turn end, assistant header included), then the copy (all of the
-    context, or evenly spaced segments of REPEAT_MAX_TOKENS). Cut to `room` tokens when given."""
+    """The repeat instruction in the question slot of the chat (user turn end, assistant header included),
+    then a copy of the context (all of it, or segments of REPEAT_MAX_TOKENS). Cut to `room` tokens."""
     out = prompts.question_ids(lm.tokenizer, REPEAT_INSTRUCTION) + repeat_segments(list(ids))
     return out[: max(room, 0)] if room is not None else out
 
 
+def reconstruction_inputs(lm: LoadedModel, ids: list[int], room: int, chunk: int = REPEAT_CHUNK) -> list[list[int]]:
+    """Context reconstruction prompts that together copy every token of the document (as KVzip does): the
+    repeat instruction in the question slot, then one chunk of the document. Each runs right after the
+    context (positions N..), so `room` (positions left after it) bounds instruction + chunk; [] when not
+    even the instruction and two tokens fit."""
+    head = prompts.question_ids(lm.tokenizer, REPEAT_INSTRUCTION)
+    size = min(chunk, room - len(head))
+    if size < 2:
+        return []
+    return [head + ids[a:a + size] for a in range(0, len(ids), size)]
+
+
+class _LayerPast:
+    """The minimal cache interface an attention module calls (`update`) for one layer's pass: attention sees
+    the given K/V [H, T, d] followed by the new tokens', and nothing is stored."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys[None], values[None]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2), \
+            torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+
+
+class Reconstruction:
+    """The "repeat" reference queries, computed one layer at a time: every chunk of the document is copied
+    after the repeat instruction (`reconstruction_inputs`), over the document's K/V.
+
+    Running the decoder layer by layer keeps one layer's queries at a time (about 9.7 MB for a 4k-token
+    SmolLM2 document instead of 290 MB for all layers) plus the prompts' hidden states, and makes on-policy
+    queries free: after a layer is compacted, `advance(compacted)` runs that layer's attention over its
+    compacted cache, so the next layer's queries come from a model whose earlier layers are compacted.
+
+        rec = Reconstruction(lm, state)
+        for layer in range(L):
+            q = rec.queries(layer)       # [num_heads, n, head_dim], post-RoPE
+            ...                          # solve the layer
+            rec.advance()                # or rec.advance((C_k, C_v, beta)) for on-policy queries
+    """
+
+    def __init__(self, lm: LoadedModel, state: DocumentState, chunk: int = REPEAT_CHUNK):
+        from kvcat.attention import use_kvcat_attention
+
+        use_kvcat_attention(lm.model)
+        self.lm, self.state, self.layer, self.seconds = lm, state, 0, 0.0
+        start = time.perf_counter()
+        n0 = state.num_tokens
+        inputs = reconstruction_inputs(lm, state.ids.tolist(), lm.spec.max_positions - n0, chunk)
+        decoder = lm.model.model
+        with torch.no_grad():
+            self.hidden = [decoder.embed_tokens(as_ids(x, lm.device)) for x in inputs]
+            self.positions = [torch.arange(n0, n0 + len(x), device=lm.device)[None] for x in inputs]
+            self.rope = [decoder.rotary_emb(h, position_ids=p) for h, p in zip(self.hidden, self.positions)]
+        self._out: list[torch.Tensor] | None = None
+        self.key_scores: KeyScores | None = None
+        self.seconds += time.perf_counter() - start
+
+    @property
+    def empty(self) -> bool:
+        """No room after the document for a copy prompt (the caller falls back to the context's queries)."""
+        return not self.hidden
+
+    @torch.no_grad()
+    def _run(self, layer: int, keys, values, bias=None, capture: dict | None = None,
+             scores: KeyScores | None = None) -> list[torch.Tensor]:
+        block = self.lm.model.model.layers[layer]
+        past = _LayerPast(keys.to(self.lm.model.dtype), values.to(self.lm.model.dtype))
+        out = []
+        for h, pos, rope in zip(self.hidden, self.positions, self.rope):
+            out.append(block(h, position_ids=pos, past_key_values=past, use_cache=True, position_embeddings=rope,
+                             kvcat_queries=capture, kvcat_bias={layer: bias} if bias is not None else None,
+                             kvcat_key_scores={layer: scores} if scores is not None else None))
+        return out
+
+    def queries(self, layer: int) -> torch.Tensor:
+        """Post-RoPE queries of every copy prompt at `layer` [num_heads, n, head_dim]. The attention they pay
+        each document key is recorded on the way (`key_scores`): every copy query scores the keys, however
+        few of them a solver later fits on."""
+        if layer != self.layer:
+            raise RuntimeError(f"reconstruction is at layer {self.layer}; asked for layer {layer}")
+        start = time.perf_counter()
+        got: dict[int, list[torch.Tensor]] = {}
+        pre = self.state.prefill
+        self.key_scores = KeyScores(self.lm.spec.num_heads, self.state.num_tokens, self.lm.device)
+        self._out = self._run(layer, pre.keys[layer], pre.values[layer], capture=got, scores=self.key_scores)
+        q = torch.cat(got[layer], dim=1)
+        self.seconds += time.perf_counter() - start
+        return q
+
+    def advance(self, compacted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Move to the next layer: the prompts' hidden states after this layer over the full cache, or over
+        `compacted` = (keys [H, t, d], values [H, t, d], beta [H, t]) for on-policy queries."""
+        if self._out is None:
+            raise RuntimeError("advance() before queries() of this layer")
+        start = time.perf_counter()
+        if compacted is None:
+            self.hidden = self._out
+        else:
+            keys, values, beta = compacted
+            self.hidden = self._run(self.layer, keys, values, bias=beta.to(self.lm.model.dtype))
+        self._out = None
+        self.layer += 1
+        self.seconds += time.perf_counter() - start
+
+
 def repeat_queries(lm: LoadedModel, state: DocumentState) -> list[torch.Tensor]:
-    """Queries of the repeat instruction and of a verbatim copy of the context, continuing from the context's
-    K/V (no re-prefill): tokens that look back at the whole context, like later questions do. Long contexts
-    copy evenly spaced segments: the solvers subsample the queries anyway."""
-    ids = repeat_input(lm, state.ids.tolist(), lm.spec.max_positions - state.num_tokens)
-    if len(ids) < 2:  # no room after the context: fall back to the context's own queries
+    """All layers' reconstruction queries at once (optimize, incremental joins; AM methods stream them
+    through `LayerQueries` instead), their key scores memoized beside them. No room after the context: the
+    context's own queries."""
+    rec = Reconstruction(lm, state)
+    if rec.empty:
         return list(state.prefill.queries)
-    return prefill(lm, ids, capture_queries=True, past=state.prefill, keep_new_kv=False).queries
+    out = []
+    for layer in range(lm.spec.num_layers):
+        out.append(rec.queries(layer))
+        state.scores[("reconstruction", layer)] = rec.key_scores
+        rec.advance()
+    return out
 
 
 @torch.no_grad()
@@ -167,6 +281,64 @@ def get_queries(lm: LoadedModel, state: DocumentState, mode: str) -> list[torch.
     return state.queries[mode]
 
 
+class LayerQueries:
+    """A mode's reference queries one layer at a time, for methods that solve layer by layer: the "repeat"
+    part streams from a `Reconstruction` (one layer's queries in memory; on-policy when `advance` is given
+    the compacted layer), other parts come from `get_queries`. A state that already holds the mode's
+    queries (incremental blocks, or `keep_queries`) serves them as they are."""
+
+    def __init__(self, lm: LoadedModel, state: DocumentState, mode: str):
+        if mode not in QUERY_MODES:
+            raise ValueError(f"unknown query mode {mode!r}; choose one of {', '.join(QUERY_MODES)}")
+        self.state, self.mode = state, mode
+        parts = mode.split("+")
+        stream = "repeat" in parts and mode not in state.queries and "repeat" not in state.queries
+        self.stream = Reconstruction(lm, state) if stream else None
+        if self.stream is not None and self.stream.empty:  # no room after the context for a copy prompt
+            self.stream = None
+            state.queries.setdefault("repeat", list(state.prefill.queries))
+        self.fixed_modes = [mode] if mode in state.queries else [m for m in parts
+                                                                  if self.stream is None or m != "repeat"]
+        self.fixed = [get_queries(lm, state, m) for m in self.fixed_modes]
+        self.kept: list[torch.Tensor] = []
+
+    def __call__(self, layer: int) -> torch.Tensor:
+        parts = [f[layer] for f in self.fixed]
+        if self.stream is not None:
+            q = self.stream.queries(layer)
+            if self.state.keep_queries:
+                self.kept.append(q)
+                self.state.scores[("reconstruction", layer)] = self.stream.key_scores
+            parts.insert(0, q)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def key_scores(self, layer: int) -> KeyScores | None:
+        """The attention the reconstruction's copy queries paid each document key at `layer` (the current
+        layer while streaming, or memoized); None for modes without a reconstruction."""
+        if self.stream is not None:
+            return self.stream.key_scores
+        return self.state.scores.get(("reconstruction", layer)) if "repeat" in self.mode.split("+") else None
+
+    def advance(self, compacted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Done with the current layer (see `Reconstruction.advance`)."""
+        if self.stream is None:
+            return
+        self.stream.advance(compacted)
+        if compacted is not None:
+            self.kept = []  # on-policy queries depend on the method: never memoized
+            self.state.keep_queries = False
+        if self.stream.layer == len(self.state.prefill.keys):
+            self.state.query_s["repeat"] = self.stream.seconds
+            if self.kept:
+                self.state.queries["repeat"] = self.kept
+
+    @property
+    def seconds(self) -> float:
+        """Seconds spent on reference queries (the stream's, and any computed for the fixed parts)."""
+        fixed = sum(self.state.query_s.get(m, 0.0) for m in self.fixed_modes)
+        return fixed + (self.stream.seconds if self.stream is not None else 0.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Memoized per-document state
 
@@ -192,23 +364,29 @@ def context_query_positions(n: int, keep: int = CONTEXT_QUERIES, last: int = LAS
     return torch.cat([sample.sort().values, torch.arange(n - last, n)])
 
 
-def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = False) -> DocumentState:
+def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = False,
+                   token_nll: bool = False) -> DocumentState:
     """The document's prefill (K/V + its own last queries), memoized; reference queries are added per mode
     on demand through `get_queries` and live in the same memo entry.
 
     Only methods that read the context's own queries across the whole document (H2O, the "context" query
     modes) ask for `context_sample` (CONTEXT_QUERIES of them: 0.75x the K/V of a 4k-token SmolLM2 context); the
-    others keep the last LAST_QUERIES only. A memoized state without the sample is prefilled again when
-    one is asked for, keeping the reference queries and scores it already has."""
+    others keep the last LAST_QUERIES only. Methods that weigh tokens by their surprisal ask for `token_nll`.
+    A memoized state without what is asked for is prefilled again with both, keeping the reference queries
+    and scores it already has (and the memoized keep_queries choice)."""
     key = _key(lm, ids)
     old = _STATES.get(key)
-    if old is not None and (old.context_sample or not context_sample):
+    if old is not None and (old.context_sample or not context_sample) and (
+            old.prefill.token_nll is not None or not token_nll):
         _STATES.move_to_end(key)
         return old
+    if old is not None:
+        context_sample = context_sample or old.context_sample
+        token_nll = token_nll or old.prefill.token_nll is not None
     n = ids.numel()
     pos = context_query_positions(n) if context_sample else torch.arange(max(n - LAST_QUERIES, 0), n)
     start = time.perf_counter()
-    pre = prefill(lm, ids.to(lm.device), capture_queries=True, query_positions=pos)
+    pre = prefill(lm, ids.to(lm.device), capture_queries=True, query_positions=pos, token_nll=token_nll)
     state = DocumentState(ids=ids.cpu(), prefill=pre, prefill_s=time.perf_counter() - start, query_pos=pos,
                           context_sample=context_sample)
     if old is not None:  # what does not depend on the context queries carries over
@@ -216,6 +394,7 @@ def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = Fa
         state.queries.update({m: old.queries[m] for m in keep})
         state.query_s.update({m: old.query_s[m] for m in keep if m in old.query_s})
         state.scores.update(old.scores)
+        state.keep_queries = old.keep_queries
     _STATES[key] = state
     _STATES.move_to_end(key)
     while len(_STATES) > MAX_STATES:

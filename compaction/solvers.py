@@ -31,6 +31,9 @@ class Solution:
     beta: torch.Tensor  # [t] additive logit bias per slot
     values: torch.Tensor  # [t, d] compacted values C_v
     indices: torch.Tensor  # [t] long: which original keys were kept (sorted)
+    # the fits were skipped: fewer than FIT_MIN_QUERIES_PER_SLOT reference queries per slot (the head keeps
+    # beta = 0 and C_v = V: eviction values); reported in the cache's info and logged by the method
+    underdetermined: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,12 +47,30 @@ def shifted_exp(K: torch.Tensor, Q: torch.Tensor, scale: float) -> tuple[torch.T
     return E.sub_(m).exp_(), m
 
 
-def forced_indices(n: int, t: int, sink: int, recent: int) -> torch.Tensor:
-    """The first `sink` and the last `recent` positions, capped so they never fill more than half of t."""
+def forced_indices(n: int, t: int, sink: int, recent: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The first `sink` and the last `recent` positions, capped so they never fill more than half of t,
+    and the positions in `keep` (salient tokens, at most t in all)."""
     sink = min(sink, t // 2, n)
     recent = min(recent, max(t // 2 - sink, 0), n - sink)
-    idx = list(range(sink)) + list(range(n - recent, n))
-    return torch.tensor(sorted(set(idx)), dtype=torch.long)
+    idx = torch.tensor(sorted(set(range(sink)) | set(range(n - recent, n))), dtype=torch.long)
+    if keep is not None and keep.numel():
+        idx = torch.cat([idx, keep.cpu().long()[~torch.isin(keep.cpu().long(), idx)]])[:t].sort().values
+    return idx
+
+
+def salient_tokens(token_nll: torch.Tensor, count: int, window: int = 32) -> torch.Tensor:
+    """The `count` positions whose surrounding span (+-window/2 tokens) is least predictable to the model:
+    mean surprisal over the span, highest first. Facts planted in text, names and numbers sit in such
+    spans; a question about the document most often asks for them, and the model cannot rebuild them
+    from the rest of the text once they are evicted."""
+    n = token_nll.numel()
+    count = max(0, min(count, n))
+    if count == 0:
+        return torch.empty(0, dtype=torch.long)
+    x = token_nll.float().cpu()[None, None]
+    span = torch.nn.functional.avg_pool1d(x, 2 * (window // 2) + 1, stride=1, padding=window // 2,
+                                          count_include_pad=False)[0, 0, :n]
+    return torch.topk(span, count).indices
 
 
 def _plus_diagonal(A: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
@@ -115,10 +136,8 @@ def _fit_or_prior(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, refit: 
 
 
 # Below this many reference queries per kept slot the least-squares fits (beta, C_v; t unknowns per output
-# column) are barely determined by the queries: they are skipped and the head keeps beta = 0 and C_v = V.
-# Measured on a held-out 4k-token document with 2048 queries per head: at 2x (t = 2048) the same
-# continuation-PPL gap as the fitted heads (0.191) in a tenth of the time (12 s instead of 121 s for the 90
-# heads); at 4x (t = 1024) a smaller gap without the fits (0.239 vs 0.282) in a third of the time.
+# column) are barely determined by the queries: they are skipped, the head keeps beta = 0 and C_v = V, and
+# its Solution says so (`underdetermined`). Measured: benchmarks/NOTES.md.
 FIT_MIN_QUERIES_PER_SLOT = 4
 
 
@@ -209,11 +228,14 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         score: str = "rms", sink: int = 4, recent: int = 16, fit_beta: bool = True,
         beta_bounds: tuple[float, float] = (-3.0, 3.0), nnls_iters: int = 2, refit_values: bool = True,
         ridge: float = 1e-6, holdout_every: int = 0, validation: torch.Tensor | None = None,
-        score_queries: torch.Tensor | None = None, score_weight: float = 0.0) -> Solution:
+        score_queries: torch.Tensor | None = None, score_weight: float = 0.0,
+        key_scores: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Solution:
     """Highest-attention keys (RMS / mean / max over queries), NNLS beta clamped to e^bounds, C_v refit.
+    `key_scores` [N], when given, rank the keys instead of Q's attention (scores recorded over many more
+    queries than the fits can take, e.g. every copy query of a reconstruction); Q is then only fitted on.
+    `keep`: positions kept whatever their scores (salient tokens; with the sinks and recent ones, <= t).
     With `score_queries` [m, d] and `score_weight` = a, the key scores mix the reference queries' (1 - a)
-    and those queries' (a): each set counts as a whole, however many queries it has. The fits always use
-    the reference queries."""
+    and those queries' (a): each set counts as a whole, however many queries it has."""
     _check(K, V, Q, t)
     N = K.shape[0]
     if t == N:
@@ -221,25 +243,32 @@ def hak(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     scale = scale if scale is not None else K.shape[1] ** -0.5
     if score not in ("rms", "mean", "max"):
         raise ValueError(f"unknown score {score!r}: rms, mean or max")
-    fits = fit_beta and Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
+    if key_scores is not None and key_scores.shape != (N,):
+        raise ValueError(f"key_scores must have one score per key ({N}), got {tuple(key_scores.shape)}")
+    enough = Q.shape[0] >= FIT_MIN_QUERIES_PER_SLOT * t
+    fits = fit_beta and enough
     refit, _, held = fit_plan(Q.shape[0], t, refit_values, fits, holdout_every, validation)
     mix = _mixes_score_queries(score_queries, score_weight)
-    ref_scores = not mix or score_weight < 1
+    ref_scores = (not mix or score_weight < 1) and key_scores is None
     # the full cache's outputs Y on Q only where finish reads them; nothing at all on Q where no one does
     row_max = mass = s = Y = None
     if ref_scores or fits or refit or held:
         row_max, mass, s, Y = attention_stats(K, Q, scale, V if refit or held else None,
                                               score if ref_scores else None)
+    if key_scores is not None:
+        s = key_scores.float().clone()
     if mix:
         s_last = attention_stats(K, score_queries, scale, score=score)[2]
         s = s_last if s is None else (1 - score_weight) * s + score_weight * s_last
-    s[forced_indices(N, t, sink, recent).to(K.device)] = float("inf")
+    s[forced_indices(N, t, sink, recent, keep).to(K.device)] = float("inf")
     idx = torch.topk(s, t).indices
     w = None
     if fits:  # the kept columns of exp(Q K^T s - row max), recomputed from Q and C_k
         M = (Q.float() @ K[idx].float().T).mul_(scale).sub_(row_max).exp_()
         w = fit_mass_weights(M, mass, math.exp(beta_bounds[0]), math.exp(beta_bounds[1]), nnls_iters)
-    return finish(K, V, Q, Y, idx, w, scale, refit_values, ridge, holdout_every, validation)
+    sol = finish(K, V, Q, Y, idx, w, scale, refit_values, ridge, holdout_every, validation)
+    sol.underdetermined = (fit_beta or refit_values) and not enough
+    return sol
 
 
 def _mixes_score_queries(score_queries: torch.Tensor | None, score_weight: float) -> bool:
@@ -287,13 +316,14 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         sink: int = 4, recent: int = 16, k_choice: int = 1, refit_every: int = 1, upper: float = 3.0,
         drop_below: float | None = -7.0, refit_values: bool = True, ridge: float = 1e-6,
         holdout_every: int = 0, validation: torch.Tensor | None = None,
-        score_queries: torch.Tensor | None = None, score_weight: float = 0.0) -> Solution:
+        score_queries: torch.Tensor | None = None, score_weight: float = 0.0,
+        keep: torch.Tensor | None = None) -> Solution:
     """Orthogonal matching pursuit on the attention mass: greedily add the k_choice keys most correlated with
     the residual, refit the non-negative weights (incremental normal equations), optionally drop keys whose
     log-weight falls below `drop_below` and pick replacements.
     With `score_queries` [m, d] and `score_weight` = a, their mass residuals join the reference queries'
     in the selection and the weights, the two sets weighted (1 - a) and a as wholes (HAK's scores mix them
-    the same way); the C_v fit uses the reference queries."""
+    the same way); the C_v fit uses the reference queries. `keep`: positions chosen before the pursuit."""
     _check(K, V, Q, t)
     N = K.shape[0]
     if t == N:
@@ -314,7 +344,7 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
     y64 = y.double()
     hi = math.exp(upper)
     lo = 1e-12
-    chosen = forced_indices(N, t, sink, recent).to(K.device).tolist()
+    chosen = forced_indices(N, t, sink, recent, keep).to(K.device).tolist()
     banned = torch.zeros(N, dtype=torch.bool, device=K.device)
     gram = _Gram(ET, y64, t)
     gram.add(chosen)
@@ -361,7 +391,9 @@ def omp(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: flo
         w = fit_weights()
     idx = torch.tensor(chosen, device=K.device, dtype=torch.long)
     del ET
-    return finish(K, V, Q, Y, idx, w, scale, refit_values, ridge, holdout_every, validation)
+    sol = finish(K, V, Q, Y, idx, w, scale, refit_values, ridge, holdout_every, validation)
+    sol.underdetermined = refit_values and Q.shape[0] < FIT_MIN_QUERIES_PER_SLOT * t
+    return sol
 
 
 class _Gram:
@@ -401,14 +433,7 @@ class _Gram:
         self.k += m
 
 
-def omp_fast(K, V, Q, t, **kw) -> Solution:
-    """OMP picking 4 keys per step and refitting weights every 2 steps (about 8x fewer solves)."""
-    kw.setdefault("k_choice", 4)
-    kw.setdefault("refit_every", 2)
-    return omp(K, V, Q, t, **kw)
-
-
-SOLVERS: dict[str, Callable[..., Solution]] = {"hak": hak, "omp": omp, "omp-fast": omp_fast}
+SOLVERS: dict[str, Callable[..., Solution]] = {"hak": hak, "omp": omp}
 
 
 # --------------------------------------------------------------------------------------------------

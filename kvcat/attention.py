@@ -13,6 +13,8 @@ Per-call inputs travel as forward kwargs, which transformers passes down to ever
   prefill that keeps a sample of its queries does not hold all of them at once).
 - `kvcat_observer`: a callable `(layer, query, key, value)` given each layer's detached post-RoPE tensors
   [batch, heads, len, head_dim] (training policies score KV slots with it).
+- `kvcat_key_scores`: a dict layer -> `KeyScores`: that layer's attention is computed explicitly (not by
+  SDPA) and its weights on the first keys (the context) are accumulated per key, at no second pass.
 
 `kvcat_bias` entries may also carry a batch dimension, [batch, num_kv_heads, q_len, t], for a different
 row-specific bias per sequence (train-time masks); a bias that requires grad is differentiated through.
@@ -46,6 +48,12 @@ def kvcat_attention(module, query, key, value, attention_mask, scaling, dropout=
     bias = biases[layer] if biases is not None else None
     q_len, k_len = query.shape[-2], key.shape[-2]
     groups = query.shape[1] // key.shape[1]
+    scores = kwargs.get("kvcat_key_scores")
+    if scores is not None and layer in scores:
+        if bias is not None:
+            raise ValueError("kvcat_key_scores scores a plain (unbiased) cache")
+        out = scores[layer].attend(query, key, value, scaling, _causal(q_len, k_len, query))
+        return out.transpose(1, 2).contiguous(), None
 
     if bias is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1 and q_len == k_len,
@@ -80,6 +88,44 @@ class QueryBuffer:
             raise ValueError(f"query buffer holds {self.data.shape[1]} rows; {end} were recorded")
         self.data[:, self.filled:end] = q
         self.filled = end
+
+
+class KeyScores:
+    """What a layer's recorded queries pay the first `n` keys (a context, followed by the queries' own
+    tokens): per query head and key, the largest attention weight and the sum of squared weights, accumulated
+    over the calls of a pass. Scoring keys while the pass computes its attention anyway costs no second
+    [queries x keys] product; the weights of one call ([heads, q, keys]) are the largest buffer."""
+
+    def __init__(self, num_heads: int, n: int, device=None):
+        self.max = torch.zeros(num_heads, n, device=device)
+        self.sumsq = torch.zeros(num_heads, n, device=device)
+        self.count = 0
+
+    def attend(self, query, key, value, scaling: float, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of query [1, H, q, d] over key/value [1, Hkv, T, d] (T >= n) with an additive mask
+        [q, T]; returns [1, H, q, d] like SDPA, and records the weights on the first n keys."""
+        groups = query.shape[1] // key.shape[1]
+        k = key[0].repeat_interleave(groups, dim=0)
+        v = value[0].repeat_interleave(groups, dim=0)
+        w = torch.baddbmm(mask.expand(query.shape[1], -1, -1), query[0], k.transpose(1, 2), alpha=scaling)
+        w = torch.softmax(w, dim=-1)
+        out = torch.bmm(w, v)[None]
+        ctx = w[:, :, :self.max.shape[1]]
+        torch.maximum(self.max, ctx.amax(dim=1), out=self.max)
+        self.sumsq += ctx.square_().sum(dim=1)
+        self.count += query.shape[2]
+        return out
+
+    def per_kv_head(self, num_kv_heads: int, score: str) -> torch.Tensor:
+        """[num_kv_heads, n]: over each GQA group's query heads, the max weight ("max") or the root mean
+        squared weight ("rms")."""
+        h, n = self.max.shape
+        if score == "max":
+            return self.max.view(num_kv_heads, h // num_kv_heads, n).amax(dim=1)
+        if score == "rms":
+            sq = self.sumsq.view(num_kv_heads, h // num_kv_heads, n).sum(dim=1)
+            return (sq / max(self.count * (h // num_kv_heads), 1)).sqrt_()
+        raise ValueError(f"key scores are 'max' or 'rms', not {score!r}")
 
 
 def _causal(q_len: int, k_len: int, like: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,27 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the ISA flags vLLM's CPU speed depends on (bf16 / AMX: an order of magnitude)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'}{'' if {'avx512_bf16', 'amx_bf16'} & flags else '; no bf16'})"
+
+
 def machine() -> str:
     import torch
 
-    cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    cpu = f"{cpu_model()}, {os.cpu_count()} cores"
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} ({cpu}), torch {torch.__version__}"
     return f"{cpu}, {_mem_gib()} GiB RAM, torch {torch.__version__}"

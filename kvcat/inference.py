@@ -34,6 +34,7 @@ class Prefill:
     values: list[torch.Tensor]  # [num_kv_heads, N, head_dim]
     queries: list[torch.Tensor] | None  # [num_heads, N, head_dim]
     last_logits: torch.Tensor  # [vocab]: the distribution after the last context token
+    token_nll: torch.Tensor | None = None  # [N] surprisal -log p(x_i | x_<i) of each token (0 for the first)
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +49,7 @@ def as_ids(tokens, device) -> torch.Tensor:
 @torch.no_grad()
 def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 512,
             past: Prefill | None = None, query_positions: torch.Tensor | None = None,
-            keep_new_kv: bool = True) -> Prefill:
+            keep_new_kv: bool = True, token_nll: bool = False) -> Prefill:
     """Run the context through the model in chunks, keeping K/V (and queries) of every layer.
 
     Small chunks bound the activations held at once, which dominate the peak: a 4,096-token SmolLM2-135M
@@ -61,7 +62,9 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
     With `query_positions` (sorted indices into `tokens`), only those queries are kept (less memory).
     With `keep_new_kv=False` (a queries-only pass after `past`, e.g. reference queries), the new tokens'
     K/V are used by attention but not stored: the result holds the K/V of `past` only, and the pass never
-    holds a second copy of the whole cache."""
+    holds a second copy of the whole cache.
+    With `token_nll`, each token's surprisal under the model is kept (every position's logits, one chunk at
+    a time: the output layer runs on all tokens, about a fifth more work for SmolLM2)."""
     from transformers import DynamicCache
 
     ids = as_ids(tokens, lm.device)
@@ -90,19 +93,25 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
         queries = {i: QueryBuffer(lm.spec.num_heads, rows, lm.spec.head_dim, lm.device, lm.model.dtype)
                    for i in range(lm.spec.num_layers)}
     logits = None
+    nll = torch.zeros(n, device=ids.device) if token_nll else None
     qp = query_positions.to(ids.device) if queries is not None and query_positions is not None else None
     for start in range(0, n, chunk_size):
         chunk = ids[:, start:start + chunk_size]
         pos = torch.arange(offset + start, offset + start + chunk.shape[1], device=ids.device)[None]
         keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start if qp is not None else None
         out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True, position_ids=pos,
-                       kvcat_queries=queries, kvcat_query_rows=keep, logits_to_keep=1)
+                       kvcat_queries=queries, kvcat_query_rows=keep, logits_to_keep=0 if token_nll else 1)
+        if token_nll:  # logits of position i predict token i + 1 (the next chunk's first token included)
+            end = min(start + chunk.shape[1] + 1, n)
+            nll[start + 1:end] = torch.nn.functional.cross_entropy(
+                out.logits[0, :end - start - 1].float(), ids[0, start + 1:end], reduction="none")
         logits = out.logits[0, -1]
+        del out
     keys = [layer.keys[0] for layer in past.layers]
     values = [layer.values[0] for layer in past.layers]
     q = [queries[i].data for i in range(len(keys))] if queries is not None else None
     release_free_memory()  # the chunks' activations
-    return Prefill(keys=keys, values=values, queries=q, last_logits=logits.float())
+    return Prefill(keys=keys, values=values, queries=q, last_logits=logits.float(), token_nll=nll)
 
 
 @functools.cache

@@ -39,8 +39,8 @@ def test_splits_deterministic_disjoint_and_covering():
     docs = data.documents()
     by_split = {s: {d.id for d in data.documents(s)} for s in data.SPLITS}
     assert set().union(*by_split.values()) == {d.id for d in docs}
-    assert not (by_split["train"] & by_split["heldout"]) and not (by_split["train"] & by_split["validation"])
-    assert not (by_split["validation"] & by_split["heldout"])
+    assert not (by_split["train"] & by_split["heldout"]) and not (by_split["train"] & by_split["tune"])
+    assert not (by_split["tune"] & by_split["heldout"])
     assert all(data.split_of(i) == s for s, ids in by_split.items() for i in ids)
     assert [d.id for d in data.documents("heldout")] == [d.id for d in data.documents("heldout")]
     n = len(docs)

@@ -6,7 +6,7 @@
     needles = data.needle(tokenizer, n=5, length=2048)           # list[Example]
     for block in data.training_windows(tokenizer, 512): ...      # TRAIN-split token blocks
 
-Splits (train / validation / heldout) are a stable hash of the document id (`split_of`); training code reads
+Splits (train / tune / heldout) are a stable hash of the document id (`split_of`); training code reads
 only the train split.
 """
 
@@ -16,7 +16,8 @@ from kvcat.data.qa import QA_TASKS, hotpotqa, squad
 from kvcat.data.records import SPLITS, DataError, Document, Example, Split, TokenWindow
 from kvcat.data.splits import split_of
 from kvcat.data.stream import token_windows, training_texts, training_windows
-from kvcat.data.synthetic import kv_example, kv_retrieval, needle, needle_example, needle_grid
+from kvcat.data.synthetic import (RETRIEVAL_KINDS, kv_example, kv_retrieval, multikey_example, needle,
+                                  needle_example, needle_grid, passage_example, retrieval_suite)
 
 # Names other packages use: one corpus, or several (default: all required corpora).
 load_documents = load_corpus
@@ -25,6 +26,6 @@ long_documents = documents
 __all__ = [
     "CORPORA", "DEFAULT_CORPORA", "QA_TASKS", "SPLITS", "DataError", "Document", "Example", "Split",
     "TokenWindow", "available_corpora", "documents", "hotpotqa", "iter_documents", "kv_example",
-    "kv_retrieval", "load_corpus", "load_documents", "long_documents", "needle", "needle_example",
-    "needle_grid", "split_of", "squad", "token_windows", "training_texts", "training_windows",
+    "kv_retrieval", "load_corpus", "load_documents", "long_documents", "multikey_example", "needle",
+    "needle_example", "needle_grid", "passage_example", "RETRIEVAL_KINDS", "retrieval_suite", "split_of", "squad", "token_windows", "training_texts", "training_windows",
 ]

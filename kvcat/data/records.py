@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Split = Literal["train", "validation", "heldout"]
-SPLITS: tuple[str, ...] = ("train", "validation", "heldout")
+Split = Literal["train", "tune", "heldout"]
+SPLITS: tuple[str, ...] = ("train", "tune", "heldout")
 
 
 class DataError(RuntimeError):

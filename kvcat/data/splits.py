@@ -1,4 +1,4 @@
-"""Deterministic train / validation / held-out splits from a stable hash of the document id.
+"""Deterministic train / tune / held-out splits from a stable hash of the document id.
 
 The split of a document depends only on its id (sha256, not Python's salted `hash`), so it is the same on
 every machine and run, and a document never moves between splits when corpora grow. Examples built from a
@@ -12,7 +12,8 @@ import hashlib
 
 from kvcat.data.records import SPLITS
 
-# Fractions of documents in each split (train, validation, heldout).
+# Fractions of documents in each split (train, tune, heldout). "tune" is where defaults and hyperparameters
+# are chosen; "heldout" is only for reported figures.
 FRACTIONS = (0.8, 0.1, 0.1)
 _SALT = "kvcat-split-v1:"
 
@@ -23,12 +24,12 @@ def _unit(doc_id: str) -> float:
 
 
 def split_of(doc_id: str) -> str:
-    """'train', 'validation' or 'heldout' for a document id."""
+    """'train', 'tune' or 'heldout' for a document id."""
     u = _unit(doc_id)
     if u < FRACTIONS[0]:
         return "train"
     if u < FRACTIONS[0] + FRACTIONS[1]:
-        return "validation"
+        return "tune"
     return "heldout"
 
 

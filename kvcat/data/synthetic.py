@@ -52,48 +52,127 @@ def _haystack_text(split: str, rng: random.Random, min_chars: int) -> str:
     return "\n\n".join(parts)
 
 
+def _plant(tokenizer, length: int, facts: list[tuple[str, float]], split: str, rng: random.Random
+           ) -> tuple[str, list[int], int]:
+    """A document of about `length` tokens: essay text of `split` with each (sentence, depth) planted at the
+    first word boundary at or after depth x the haystack's length. Returns (document, the token index where
+    each sentence starts, the document's token count)."""
+    lens = [len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f, _ in facts]
+    if length < sum(lens) + 16:
+        raise ValueError(f"length {length} is too short for {len(facts)} planted sentence(s) of {sum(lens)} tokens")
+    budget = length - sum(lens)  # haystack tokens around the sentences
+    hay = _haystack_text(split, rng, min_chars=8 * length + 1000)
+    ids, offsets = _ids_offsets(tokenizer, hay)
+    if len(ids) < budget + 1:
+        raise DataError(f"split {split!r} has too little essay text for a {length}-token haystack")
+    cuts = []
+    for _, depth in facts:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be within [0, 1], got {depth}")
+        pos = min(round(depth * budget), budget)
+        while pos < budget and not hay[offsets[pos][0]].isspace():
+            pos += 1
+        cuts.append(offsets[pos][0] if pos < len(offsets) else len(hay))
+    end = offsets[budget][0] if budget < len(offsets) else len(hay)
+    order = sorted(range(len(facts)), key=lambda i: cuts[i])
+    parts, starts, last = [], {}, 0
+    for i in order:
+        before = hay[last:cuts[i]]
+        text = "".join(parts) + before
+        sep = "" if text.endswith((" ", "\n")) or not text else " "
+        starts[i] = len(text) + len(sep)
+        parts += [before, sep, facts[i][0]]
+        last = cuts[i]
+    document = ("".join(parts) + hay[last:end]).rstrip()
+    doc_ids, doc_offsets = _ids_offsets(tokenizer, document)
+    if len(doc_ids) > length:  # merges at the seams can add a token or two: trim the tail
+        document = document[:doc_offsets[length][0]].rstrip()
+        doc_ids, doc_offsets = _ids_offsets(tokenizer, document)
+    tokens = [next(j for j, (a, b) in enumerate(doc_offsets) if b > starts[i]) for i in range(len(facts))]
+    return document, tokens, len(doc_ids)
+
+
 def needle_example(tokenizer, length: int, depth: float, split: str = "heldout", seed: int = 0,
                    index: int = 0, digits: int = 7) -> Example:
     """One needle-in-a-haystack example whose document is `length` tokens (minus at most a few) with the
     needle starting about `depth * length` tokens in."""
     check_split(split)
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be within [0, 1], got {depth}")
     rng = _rng("needle", split, seed, index)
     city = rng.choice(CITIES)
     number = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
     needle = f"The special magic number for {city} is {number}."
-    needle_len = len(tokenizer(" " + needle, add_special_tokens=False)["input_ids"])
-    if length < needle_len + 16:
-        raise ValueError(f"length {length} is too short for a needle of {needle_len} tokens")
-    budget = length - needle_len  # haystack tokens around the needle
-    hay = _haystack_text(split, rng, min_chars=8 * length + 1000)
-    ids, offsets = _ids_offsets(tokenizer, hay)
-    if len(ids) < budget + 1:
-        raise DataError(f"split {split!r} has too little essay text for a {length}-token haystack")
-    # Insert at the first word boundary (a token that starts with a space or newline) at or after the target.
-    target = min(round(depth * budget), budget)
-    pos = target
-    while pos < budget and not hay[offsets[pos][0]].isspace():
-        pos += 1
-    cut = offsets[pos][0] if pos < len(offsets) else len(hay)
-    end = offsets[budget][0] if budget < len(offsets) else len(hay)
-    before, after = hay[:cut], hay[cut:end]
-    sep = "" if before.endswith((" ", "\n")) or not before else " "
-    document = f"{before}{sep}{needle}{after}".rstrip()
-    needle_char = len(before) + len(sep)
-    doc_ids, doc_offsets = _ids_offsets(tokenizer, document)
-    if len(doc_ids) > length:  # merges at the seams can add a token or two: trim the tail
-        document = document[:doc_offsets[length][0]].rstrip()
-        doc_ids, doc_offsets = _ids_offsets(tokenizer, document)
-    needle_token = next(i for i, (a, b) in enumerate(doc_offsets) if b > needle_char)
+    document, (needle_token,), n = _plant(tokenizer, length, [(needle, depth)], split, rng)
     # Short on purpose: small models echo the question before answering, and a long one eats the answer budget.
     question = f"What is the special magic number for {city}?"
     return Example(id=f"needle/{split}-{seed}-{index}-{length}-{depth:g}", task="needle", document=document,
                    question=question, answers=(number,), split=split,
-                   metadata={"length": length, "num_tokens": len(doc_ids), "depth": depth,
-                             "needle_token": needle_token, "actual_depth": needle_token / max(len(doc_ids), 1),
-                             "needle": needle, "city": city})
+                   metadata={"length": length, "num_tokens": n, "depth": depth, "needle_token": needle_token,
+                             "actual_depth": needle_token / max(n, 1), "needle": needle, "city": city})
+
+
+def multikey_example(tokenizer, length: int, depth: float, keys: int = 4, split: str = "heldout", seed: int = 0,
+                     index: int = 0, digits: int = 7) -> Example:
+    """Several magic numbers for different cities spread over the document; the question asks for the one
+    planted at `depth` (the others are distractors of the same form)."""
+    check_split(split)
+    rng = _rng("multikey", split, seed, index)
+    cities = rng.sample(CITIES, keys)
+    numbers = [str(rng.randrange(10 ** (digits - 1), 10 ** digits)) for _ in cities]
+    others = [(i + 0.5) / keys for i in range(keys)]
+    others = sorted(others, key=lambda d: abs(d - depth))[1:]  # the asked one sits at `depth`
+    depths = [depth] + others
+    facts = [(f"The special magic number for {c} is {x}.", d) for c, x, d in zip(cities, numbers, depths)]
+    document, tokens, n = _plant(tokenizer, length, facts, split, rng)
+    return Example(id=f"multikey/{split}-{seed}-{index}-{length}-{depth:g}", task="multikey", document=document,
+                   question=f"What is the special magic number for {cities[0]}?", answers=(numbers[0],),
+                   split=split, metadata={"length": length, "num_tokens": n, "depth": depth, "keys": keys,
+                                          "needle_token": tokens[0], "actual_depth": tokens[0] / max(n, 1),
+                                          "city": cities[0]})
+
+
+FIRST_NAMES = ("Anna", "Tomas", "Leila", "Marek", "Sofia", "Kwame", "Ines", "Yuki", "Pavel", "Amara", "Oskar", "Nadia")
+FAMILY_NAMES = ("Berg", "Okafor", "Varga", "Lindqvist", "Moreau", "Tanaka", "Novak", "Haddad", "Castillo", "Brandt")
+SHOP_KINDS = ("bakery", "bookshop", "bicycle workshop", "tea house", "flower shop", "pottery studio")
+SHOP_NAMES = ("Golden Loaf", "Silver Fern", "Blue Heron", "Copper Kettle", "Quiet Harbour", "Red Lantern",
+              "Amber Mill", "Northern Star", "Green Gate", "Paper Moon")
+
+
+def passage_example(tokenizer, length: int, depth: float, split: str = "heldout", seed: int = 0,
+                    index: int = 0) -> Example:
+    """A short planted passage (a person who opened a shop in a city) and a question about it whose answer
+    is a name, not a number: retrieval of a fact stated in words."""
+    check_split(split)
+    rng = _rng("passage", split, seed, index)
+    person = f"{rng.choice(FIRST_NAMES)} {rng.choice(FAMILY_NAMES)}"
+    city, kind, shop = rng.choice(CITIES), rng.choice(SHOP_KINDS), rng.choice(SHOP_NAMES)
+    passage = (f"In the spring of that year, {person} moved to {city} and opened a small {kind} called "
+               f"the {shop}.")
+    document, (token,), n = _plant(tokenizer, length, [(passage, depth)], split, rng)
+    return Example(id=f"passage/{split}-{seed}-{index}-{length}-{depth:g}", task="passage", document=document,
+                   question=f"What was the name of the {kind} that {person} opened in {city}?", answers=(shop,),
+                   split=split, metadata={"length": length, "num_tokens": n, "depth": depth, "needle_token": token,
+                                          "actual_depth": token / max(n, 1), "passage": passage})
+
+
+RETRIEVAL_KINDS = {"needle": needle_example, "multikey": multikey_example, "passage": passage_example}
+
+
+def retrieval_suite(tokenizer, n: int = 42, lengths: tuple[int, ...] = (2048, 3072, 4096),
+                    depths: tuple[float, ...] = DEFAULT_DEPTHS, kinds: tuple[str, ...] = tuple(RETRIEVAL_KINDS),
+                    split: str = "heldout", seed: int = 0) -> list[Example]:
+    """n retrieval cases cycling through kinds (single needle, one of several keys, a passage question),
+    depths and lengths, so every kind meets every depth. The "tune" split has its own haystacks and facts:
+    defaults are chosen there, figures reported on "heldout"."""
+    unknown = set(kinds) - set(RETRIEVAL_KINDS)
+    if unknown:
+        raise ValueError(f"unknown retrieval kind(s) {sorted(unknown)}; choose from {', '.join(RETRIEVAL_KINDS)}")
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        depth = depths[(i // len(kinds)) % len(depths)]
+        length = lengths[(i // (len(kinds) * len(depths))) % len(lengths)] if len(lengths) > 1 else lengths[0]
+        out.append(RETRIEVAL_KINDS[kind](tokenizer, length, depth, split=split, seed=seed, index=i))
+    return out
 
 
 def needle(tokenizer, n: int = 5, length: int = 1024, depths: tuple[float, ...] = DEFAULT_DEPTHS,

@@ -20,7 +20,7 @@ def eval_command(
                                    help="ppl, needle, kv, hotpotqa, squad, base_ppl (repeatable); "
                                         "aliases: retrieval, qa, all"),
     n: int = typer.Option(5, help="examples per task"),
-    split: str = typer.Option("heldout", help="data split: heldout, validation or train"),
+    split: str = typer.Option("heldout", help="data split: heldout (reported figures), tune (choosing defaults) or train"),
     seed: int = typer.Option(0),
     prefix_tokens: int = typer.Option(1024, help="ppl: tokens of the compressed prefix"),
     continuation_tokens: int = typer.Option(128, help="ppl: tokens of the scored continuation"),
@@ -50,8 +50,8 @@ def eval_command(
     from kvcat.models import ModelError, load_model
 
     console = Console(stderr=True)
-    if split not in ("train", "validation", "heldout"):
-        fail(f"unknown split {split!r}; choose heldout, validation or train")
+    if split not in ("train", "tune", "heldout"):
+        fail(f"unknown split {split!r}; choose heldout, tune or train")
     if n < 1:
         fail("--n must be at least 1")
     if any(not 0 <= d <= 1 for d in depth):
