@@ -14,6 +14,7 @@ demo: setup
 	$(VENV)/bin/kvcat demo
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 test-all: setup

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from kvcat.defaults import AM_METHODS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -46,7 +48,8 @@ def log(msg: str) -> None:
 SLOW = {"am-omp": 0.5, "am-omp-fast": 1.0, "optimize": 1.0}  # fraction of slow_max_slots
 
 
-MAIN = ("am-hak", "am-omp-fast", "snapkv", "h2o", "kvzip", "recent", "streaming-llm", "random", "key-norm")
+MAIN = ("am-hak", "am-hak-fast", "am-omp-fast", "snapkv", "h2o", "kvzip", "recent", "streaming-llm", "random",
+        "key-norm")
 
 
 def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
@@ -242,7 +245,6 @@ def aggregate(docs: list[dict], questions: list[dict], names: list[str], ratios:
     return rows
 
 
-AM = ("am-hak", "am-omp", "am-omp-fast")
 
 
 def table(result: dict) -> str:
@@ -265,8 +267,8 @@ def table(result: dict) -> str:
     gap = pivot(f"Continuation PPL gap (lower is better; full-context PPL {full['ppl']:.2f})", lambda r: r["ppl_gap"])
     vs = []
     for x in ratios:
-        am = [cell[(m, x)]["ppl_gap"] for m in AM if (m, x) in cell]
-        other = [cell[(m, x)]["ppl_gap"] for m in methods if m not in AM and (m, x) in cell]
+        am = [cell[(m, x)]["ppl_gap"] for m in AM_METHODS if (m, x) in cell]
+        other = [cell[(m, x)]["ppl_gap"] for m in methods if m not in AM_METHODS and (m, x) in cell]
         vs.append(f"{min(other) / min(am):.2f}x" if am and other and min(am) > 0 else "-")
     gap += "\n| best other / best AM | " + " | ".join(vs) + " |"
     parts = [gap]
@@ -298,7 +300,7 @@ def plot(result: dict, path: Path) -> Path:
     _, fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(17, 4.5))
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
-        style = dict(marker="o", lw=2.5 if m in AM else 1.2, label=m)
+        style = dict(marker="o", lw=2.5 if m in AM_METHODS else 1.2, label=m)
         ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], **style)
         ax2.scatter([r["compact_s"] for r in rs], [r["ppl_gap"] for r in rs], label=m)
         ax3.plot([r["ratio"] for r in rs], [r.get(third) for r in rs], **style)

@@ -26,6 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
+from kvcat.defaults import DEFAULT_METHOD
+
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = (
     "Who is speaking, and to whom?", "What is the main topic of the text?", "Name one country mentioned.",
@@ -191,7 +193,7 @@ def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, 
 # --------------------------------------------------------------------------------------------------
 
 
-def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = "am-hak", doc_tokens: int = 8000,
+def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = DEFAULT_METHOD, doc_tokens: int = 8000,
         turns: int = 20, threshold: int = 2048, answer_tokens: int = 24, dtype: str = "bfloat16",
         quality_tokens: int = 4096, windows: int = 4, needles: int = 4,
         out: Path | str = RESULTS / "onthefly.json") -> dict:

@@ -37,13 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvcat.defaults import AM_METHODS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".peers-venv" / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "kvpress_runner.py"
 
-KVCAT_METHODS = ("am-hak", "am-omp-fast", "snapkv")
-AM = ("am-hak", "am-omp", "am-omp-fast")
+KVCAT_METHODS = ("am-hak", "am-hak-fast", "am-omp-fast", "snapkv")
 # kvpress presses (names of benchmarks/kvpress_runner.py); adakv-X wraps press X in AdaKVPress
 PRESSES = ("snapkv", "expected-attention", "kvzip", "streaming-llm", "tova", "knorm", "pyramidkv",
            "adakv-expected-attention")
@@ -267,7 +268,7 @@ def best_press(result: dict) -> str | None:
 def _best_at(cell: dict, keys, ratio: float, metric: str) -> tuple[float | None, str | None, float | None]:
     """At one ratio: the lowest `metric` among kvcat's AM methods, and the kvpress press with the lowest
     `metric` with its value (None where a side has no row)."""
-    am = [cell[("kvcat", m, ratio)][metric] for m in AM if ("kvcat", m, ratio) in cell]
+    am = [cell[("kvcat", m, ratio)][metric] for m in AM_METHODS if ("kvcat", m, ratio) in cell]
     kp = {m: cell[(s, m, ratio)][metric] for s, m in keys if s == "kvpress" and (s, m, ratio) in cell}
     top = min(kp, key=kp.get) if kp else None
     return (min(am) if am else None), top, (kp[top] if top else None)

@@ -10,7 +10,9 @@ with the whole document in its prompt). The document is compacted before the
 question is known (as `/v1/compact` does), then the question is asked over the compacted cache (chat prompt,
 greedy, 48 new tokens); correct = the answer appears in the generation.
 Per case and method: correct or not, the answer, compaction seconds and compaction over the plain prefill of
-the same document (timed just before, in the same process). The full document and no document are the
+the same document (timed just before, in the same process), and the served ratio: N over the widest head's
+slots, what a paged engine holds (methods with uneven head budgets, KVzip's global one, save less there than
+their mean ratio says). The full document and no document are the
 references. Paired comparisons: for each ratio, AM against every other method on the same cases (cases only
 AM gets right, cases only the other gets right, and a two-sided sign-test p-value).
 Writes benchmarks/results/retrieval.json, .md and .png; `--resume` continues an interrupted run.
@@ -24,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from kvcat.defaults import AM_METHODS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("am-hak", "am-hak-fast", "kvzip", "snapkv", "streaming-llm")
-AM = ("am-hak", "am-hak-fast", "am-omp", "am-omp-fast")
 MAX_NEW_TOKENS = 48  # small models echo the question first; a passage answer comes after it
 
 
@@ -82,7 +85,8 @@ def run(cases: int = 42, ratios=(8, 16), methods: str | list[str] = ",".join(MET
                 text = ask(cache, p.question_ids)
                 rows[f"{m}|{r:g}"] = {"correct": retrieved(text, ex.answers), "answer": text,
                                       "compact_s": cache.info["compact_s"],
-                                      "vs_prefill": cache.info["compact_s"] / prefill_s}
+                                      "vs_prefill": cache.info["compact_s"] / prefill_s,
+                                      "served_ratio": cache.num_tokens / cache.num_slots}
         return {"id": ex.id, "kind": ex.task, "length": ex.metadata["length"], "depth": ex.metadata["depth"],
                 "tokens": len(p.context_ids), "expected": ex.answers[0], "prefill_s": prefill_s,
                 "full": retrieved(full, ex.answers), "full_answer": full, "none": retrieved(none, ex.answers),
@@ -126,6 +130,7 @@ def aggregate(cases: list[dict], names: list[str], ratios: list[float]) -> list[
                          **{f"acc_{k}": _mean([c["rows"][key]["correct"] for c in cases if c["kind"] == k])
                             for k in kinds},
                          "of_full": round(acc / full, 4) if full else None,
+                         "served_ratio": _mean([g["served_ratio"] for g in got if "served_ratio" in g]),
                          "compact_s": _mean([g["compact_s"] for g in got]),
                          "compact_over_prefill": _mean([g["vs_prefill"] for g in got])})
     return rows
@@ -143,13 +148,14 @@ def sign_test(wins: int, losses: int) -> float:
 def paired(cases: list[dict], names: list[str], ratios: list[float]) -> list[dict]:
     """AM against each other method on the same cases, per ratio."""
     out = []
-    for am in [m for m in names if m in AM]:
-        for other in [m for m in names if m != am]:
+    ams = [m for m in names if m in AM_METHODS]
+    for i, am in enumerate(ams):
+        for other in [m for m in names if m != am and m not in ams[:i]]:  # each pair of AM methods once
             for r in ratios:
                 a = [c["rows"][f"{am}|{r:g}"]["correct"] for c in cases]
                 b = [c["rows"][f"{other}|{r:g}"]["correct"] for c in cases]
-                wins = sum(x and not y for x, y in zip(a, b))
-                losses = sum(y and not x for x, y in zip(a, b))
+                wins = sum(bool(x and not y) for x, y in zip(a, b))
+                losses = sum(bool(y and not x) for x, y in zip(a, b))
                 out.append({"am": am, "other": other, "ratio": r, "only_am": wins, "only_other": losses,
                             "p_sign": round(sign_test(wins, losses), 4)})
     return out
@@ -167,20 +173,22 @@ def table(result: dict) -> str:
              f"{full['accuracy']:.2f}, no document {none['accuracy']:.2f}; per kind: "
              + ", ".join(f"{k} {full['acc_' + k]:.2f} / {none['acc_' + k]:.2f}" for k in kinds) + ")", "",
              "| method | " + " | ".join(f"{x:g}x (of full)" for x in ratios) + " | "
-             + " | ".join(f"{k} {x:g}x" for x in ratios for k in kinds) + " | compaction / prefill |",
-             "|---|" + "---|" * (len(ratios) * (1 + len(kinds)) + 1)]
+             + " | ".join(f"{k} {x:g}x" for x in ratios for k in kinds) + " | compaction / prefill | served ratio |",
+             "|---|" + "---|" * (len(ratios) * (1 + len(kinds)) + 2)]
     for m in methods:
         acc = [f"{cell[(m, x)]['accuracy']:.2f} ({cell[(m, x)]['of_full']:.2f})" for x in ratios]
         per = [f"{cell[(m, x)]['acc_' + k]:.2f}" for x in ratios for k in kinds]
         speed = "/".join(f"{cell[(m, x)]['compact_over_prefill']:.2f}" for x in ratios)
-        lines.append(f"| {m} | " + " | ".join(acc + per) + f" | {speed} |")
+        served = "/".join("-" if cell[(m, x)].get("served_ratio") is None else f"{cell[(m, x)]['served_ratio']:.1f}"
+                          for x in ratios)
+        lines.append(f"| {m} | " + " | ".join(acc + per) + f" | {speed} | {served} |")
     pairs = result.get("paired") or []
     if pairs:
         lines += ["", "**Paired, same cases**: cases only AM answers / only the other answers (sign-test p)", "",
                   "| AM vs | " + " | ".join(f"{x:g}x" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        for other in dict.fromkeys(p["other"] for p in pairs):
-            got = {p["ratio"]: p for p in pairs if p["other"] == other}
-            lines.append(f"| {got[ratios[0]]['am']} vs {other} | " + " | ".join(
+        for am, other in dict.fromkeys((p["am"], p["other"]) for p in pairs):
+            got = {p["ratio"]: p for p in pairs if (p["am"], p["other"]) == (am, other)}
+            lines.append(f"| {am} vs {other} | " + " | ".join(
                 f"{got[x]['only_am']} / {got[x]['only_other']} (p {got[x]['p_sign']:.2f})" for x in ratios) + " |")
     return "\n".join(lines)
 
@@ -192,7 +200,7 @@ def plot(result: dict, path: Path) -> Path:
     _, fig, (ax1, ax2) = subplots(1, 2, figsize=(12, 4.5))
     for m in dict.fromkeys(r["method"] for r in rows[2:]):
         rs = sorted((r for r in rows[2:] if r["method"] == m), key=lambda r: r["ratio"])
-        style = dict(marker="o", lw=2.5 if m in AM else 1.2, label=m)
+        style = dict(marker="o", lw=2.5 if m in AM_METHODS else 1.2, label=m)
         ax1.plot([r["ratio"] for r in rs], [r["accuracy"] for r in rs], **style)
         ax2.scatter([r["compact_over_prefill"] for r in rs], [r["accuracy"] for r in rs], label=m)
     ax1.axhline(rows[0]["accuracy"], color="grey", ls="--", label="full document")

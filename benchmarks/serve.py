@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvcat.defaults import DEFAULT_METHOD
+
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = ("Who is speaking, and to whom?", "Name one topic the text discusses.")
 
@@ -65,7 +67,7 @@ def _cache_block_size(srv) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method: str = "am-hak",
+def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method: str = DEFAULT_METHOD,
             dtype: str = "bfloat16", decode_tokens: int = 32, budget_gib: float = 1.0,
             plain_vllm: bool = False) -> tuple[list[dict], dict]:
     """The rows of one serving comparison over `docs` ((text, token count) pairs). With `plain_vllm`, vLLM's
@@ -140,7 +142,7 @@ def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method
     return rows, info
 
 
-def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0), method: str = "am-hak",
+def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0), method: str = DEFAULT_METHOD,
         dtype: str = "bfloat16", docs: int = 3, decode_tokens: int = 32, budget_gib: float = 1.0,
         out: Path | str = RESULTS / "serve.json") -> dict:
     from kvcat.bench import provenance, publish

@@ -13,7 +13,9 @@ What a compacted cache keeps is decided by two things a later question cannot te
   drop them at 8x: every token of a copy gets the same attention from its copy query.
 Each head keeps its fitted beta / C_v only where they beat plain eviction values on the context's own last
 queries (`select_on="last"`). Per-head budgets are uniform by default: vLLM's paged blocks hold every KV head
-of a layer for each slot, so a served cache costs its widest head (`budgets="nonuniform"` for offline use).
+of a layer for each slot, so a served cache costs its widest head. `budgets="nonuniform"` (a per-model
+sensitivity profile) and `"global"` (KVzip's one top-k over every head's reconstruction scores) are for
+offline use.
 With `on_policy=True` each layer's queries come from a model whose earlier layers already run on their
 compacted cache (the reconstruction advances over it: no extra passes).
 Why the defaults are what they are: benchmarks/NOTES.md (chosen on the tune split).
@@ -30,6 +32,7 @@ from kvcat.models import LoadedModel
 
 from . import budgets as budgets_mod
 from .base import Method, Progress, attention_scale, group_queries, pad_layer, register
+from .eviction import global_counts
 from .queries import QUERY_MODES, DocumentState, LayerQueries, get_queries
 from .solvers import FIT_MIN_QUERIES_PER_SLOT, SOLVERS, Solution, salient_tokens
 
@@ -42,10 +45,16 @@ COMMON = {"queries": "repeat", "budgets": "uniform", "max_queries": 4096, "sink"
 
 class AMMethod(Method):
     solver: str = ""
-    choices = {"queries": tuple(QUERY_MODES), "budgets": ("uniform", "nonuniform"), "score": ("rms", "mean", "max"),
-               "select_on": ("last", "holdout", "none")}
+    choices = {"queries": tuple(QUERY_MODES), "budgets": ("uniform", "nonuniform", "global"),
+               "score": ("rms", "mean", "max"), "select_on": ("last", "holdout")}
 
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
+        if self.params["budgets"] == "global":  # KVzip's allocation: one top-k over every head's key scores
+            get_queries(lm, state, "repeat")  # records the reconstruction's key scores (all layers at once)
+            L, H = lm.spec.num_layers, lm.spec.num_kv_heads
+            if ("reconstruction", 0) in state.scores:
+                scores = torch.stack([state.scores[("reconstruction", i)].per_kv_head(H, "max") for i in range(L)])
+                return global_counts(scores, t * L * H)
         return budgets_mod.head_budgets(lm, state.num_tokens, t, self.params["budgets"])
 
     @property
@@ -86,7 +95,6 @@ class AMMethod(Method):
         source = LayerQueries(lm, state, self.params["queries"])
         last = get_queries(lm, state, "last") if self.wants_last() else None
         on_last = self.params["select_on"] == "last"
-        holdout = {} if self.params["select_on"] != "none" else {"holdout_every": 0}
         out: list[list[Solution]] = []
         salient: dict[int, torch.Tensor] = {}
         for layer in range(lm.spec.num_layers):
@@ -102,7 +110,7 @@ class AMMethod(Method):
                 t = int(budgets[layer, h])
                 recent = max(self.params["recent"], round(self.params["recent_frac"] * t))
                 heads.append(solve(K[h], V[h], qh, t, scale=scale, validation=lq[h] if on_last else None,
-                                   **score, **(self.solver_kwargs() | holdout), recent=recent,
+                                   **score, **self.solver_kwargs(), recent=recent,
                                    keep=self.salient(state, t, salient)))
             out.append(heads)
             source.advance(pad_layer(heads) if self.params["on_policy"] else None)
@@ -152,8 +160,9 @@ class AMOMP(AMMethod):
 
     name = "am-omp"
     solver = "omp"
-    # weights at most e^3 ("upper"), as HAK's bound; no forced recent tokens (benchmarks/NOTES.md)
-    defaults = {**COMMON, "recent_frac": 0.0, "k_choice": 1, "refit_every": 1, "upper": 3.0, "drop_below": -7.0,
+    # weights at most e^3 ("upper"), as HAK's bound (benchmarks/NOTES.md). Not re-tuned since the salient
+    # tokens and the whole-document reconstruction came in: it keeps its choice of every slot.
+    defaults = {**COMMON, "salient_frac": 0.0, "k_choice": 1, "refit_every": 1, "upper": 3.0, "drop_below": -7.0,
                 "refit_values": True, "ridge": 1e-6, "holdout_every": 5, "score_last": 0.0}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -266,11 +266,6 @@ class Method(ABC):
 
         compress.__name__ = f"{self.name}@{ratio:g}x"
         return compress
-
-    def compact_many(self, lm: LoadedModel, documents: Iterable, ratio: float | None = None,
-                     target_tokens: int | None = None) -> list[CompactCache]:
-        """A batch of documents, one after another (each shares nothing but the model)."""
-        return [self.compact(lm, ids, ratio=ratio, target_tokens=target_tokens) for ids in documents]
 
 
 def _same_kind(default: Any, value: Any) -> bool:

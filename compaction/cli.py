@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from kvcat.defaults import DEFAULT_METHOD
+
 
 def _parse_params(items: list[str]) -> dict:
     params = {}
@@ -29,7 +31,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="zoo name or HF folder"),
         ratio: float = typer.Option(None, "--ratio", "-r", help="compaction ratio N / t (above 1)"),
         target_tokens: int = typer.Option(None, "--target-tokens", "-t", help="slots per head instead of --ratio"),
-        method: str = typer.Option("am-hak", "--method", help="compaction method (see --list-methods)"),
+        method: str = typer.Option(DEFAULT_METHOD, "--method", help="compaction method (see --list-methods)"),
         param: list[str] = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable)"),
         out: Path = typer.Option(None, "--out", "-o", help="output .kvc file (default: FILE with .kvc)"),
         device: str = typer.Option(None, help="cpu, cuda, ... (default: CUDA when present)"),

@@ -1,20 +1,21 @@
 """Reference queries: the post-RoPE queries a compacted cache is fitted against.
 
-Modes (each returns, per layer, queries [num_heads, n, head_dim]):
+Modes (each gives, per layer, queries [num_heads, n, head_dim]):
 - "context": the context's own queries from its prefill (free: captured during the prefill; a sample).
 - "last": the context's own queries of its last LAST_QUERIES tokens (they look like the text that follows).
-- "repeat": prefill "Repeat the previous context verbatim." as the next chat question and the context again
-  *after* the cached context (continuing from its K/V, so the context is not run twice), and keep the queries
-  of the instruction and the copy: tokens that look back at the whole context, like later questions do.
+- "repeat": context reconstruction over the whole document: "Repeat the previous context verbatim." as the
+  next chat question, then one chunk of the document, for every chunk, each run *after* the cached context
+  (continuing from its K/V); the queries of the instruction and the copy look back at every token, like
+  later questions do. `Reconstruction` runs it one decoder layer at a time (one layer's queries in memory,
+  key scores recorded inside its attention, on-policy for free); `LayerQueries` serves any mode that way.
 - "self-study": the model writes a few short texts about the context (summary, questions, key facts) over
   its K/V; the queries of those generated tokens.
-- "repeat+self-study", "repeat+context": both, concatenated.
+- "repeat+self-study", "repeat+context", "repeat+last": both, concatenated.
 
 The document's prefill and its queries are the expensive part of compaction; `document_state` memoizes
-them (small LRU keyed by model fingerprint, token-ids hash and query mode) so several methods and ratios
-on one document share them.
+them (small LRU keyed by model fingerprint and token-ids hash) so several methods and ratios on one
+document share them.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcat import prompts
-from kvcat.attention import KeyScores
+from kvcat.attention import KeyScores, use_kvcat_attention
 from kvcat.inference import Prefill, as_ids, prefill
 from kvcat.models import LoadedModel
 
@@ -128,8 +129,6 @@ class Reconstruction:
     """
 
     def __init__(self, lm: LoadedModel, state: DocumentState, chunk: int = REPEAT_CHUNK):
-        from kvcat.attention import use_kvcat_attention
-
         use_kvcat_attention(lm.model)
         self.lm, self.state, self.layer, self.seconds = lm, state, 0, 0.0
         start = time.perf_counter()

@@ -219,11 +219,16 @@ def heldout_suite(tokenizer, docs: int, doc_tokens: int, continuation: int, need
     return windows, examples, [context_and_question(tokenizer, ex.document, ex.question) for ex in examples]
 
 
-README = REPO / "README.md"
+READMES = (REPO / "README.md", BENCHMARKS / "README.md")  # the headline tables, and all of them
 
 
-def update_readme(readme: Path = README, results: Path = RESULTS) -> list[str]:
-    """Copy each benchmark's latest Markdown table (results/NAME.md) into the README between the markers
+def update_readmes(readmes=READMES, results: Path = RESULTS) -> list[str]:
+    """`update_readme` on the top-level README and benchmarks/README.md; the names updated in either."""
+    return sorted({name for readme in readmes if readme.is_file() for name in update_readme(readme, results)})
+
+
+def update_readme(readme: Path, results: Path = RESULTS) -> list[str]:
+    """Copy each benchmark's latest Markdown table (results/NAME.md) into a README between the markers
     `<!-- table:NAME -->` and `<!-- /table:NAME -->`, its provenance line made visible; returns the names
     updated."""
     import re

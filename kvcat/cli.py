@@ -52,10 +52,11 @@ def models_list() -> None:
 
 @bench_app.command("readme")
 def bench_readme() -> None:
-    """Copy the latest benchmark tables (benchmarks/results/*.md) into the README's marked sections."""
-    from kvcat.bench import update_readme
+    """Copy the latest benchmark tables (benchmarks/results/*.md) into the marked sections of README.md and
+    benchmarks/README.md."""
+    from kvcat.bench import update_readmes
 
-    names = update_readme()
+    names = update_readmes()
     console.print(f"README tables updated: {', '.join(names) or 'none (no results yet)'}")
 
 

@@ -11,10 +11,12 @@ import time
 import typer
 from rich.console import Console
 
+from kvcat.defaults import DEFAULT_METHOD
+
 console = Console()
 
 
-def offline_demo(model: str = "smollm2-135m", method: str = "am-hak", ratio: float = 10.0,
+def offline_demo(model: str = "smollm2-135m", method: str = DEFAULT_METHOD, ratio: float = 10.0,
                  context_tokens: int = 3000, seed: int = 0) -> dict:
     """Compact a needle-in-a-haystack document, then ask for the needle; returns the figures printed."""
     from kvcat.compaction import get_method
@@ -45,7 +47,7 @@ def offline_demo(model: str = "smollm2-135m", method: str = "am-hak", ratio: flo
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("demo")
     def demo(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
-             method: str = typer.Option("am-hak", help="compaction method"),
+             method: str = typer.Option(DEFAULT_METHOD, help="compaction method"),
              ratio: float = typer.Option(10.0, help="compaction ratio N/t"),
              offline: bool = typer.Option(False, help="transformers only, no server")) -> None:
         """Serve a model, compact a long document through /v1/compact, answer questions over it."""

@@ -233,10 +233,6 @@ def prepare(name: str, force: bool = False, log: Callable[[str], None] = print) 
     return out
 
 
-def list_prepared() -> list[str]:
-    return [name for name in ZOO if is_prepared(name)]
-
-
 # --------------------------------------------------------------------------------------------------
 # Resolving, fingerprinting and loading
 

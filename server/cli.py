@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from kvcat.defaults import DEFAULT_METHOD
+
 # uvicorn closes idle connections after 5 s, the very idle time after which httpx's pool stops reusing them:
 # a request sent on a connection the server is closing at that instant fails (ReadError, or a 502 behind a
 # proxy; seen once in 945 requests of the 50-client load test). An idle timeout well above the clients' and
@@ -39,7 +41,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           auto_compact_threshold: int = typer.Option(
               None, help="on-the-fly compaction: compact chat prompts longer than this many tokens (default off)"),
           auto_compact_ratio: float = typer.Option(10.0, help="on-the-fly compaction ratio"),
-          auto_compact_method: str = typer.Option("am-hak", help="on-the-fly compaction method"),
+          auto_compact_method: str = typer.Option(DEFAULT_METHOD, help="on-the-fly compaction method"),
           auto_compact_keep_turns: int = typer.Option(1, help="recent user turns kept uncompressed"),
           max_document_tokens: int = typer.Option(None, help="longest document /v1/compact accepts (default: the "
                                                              "model's context)"),
@@ -98,7 +100,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
 def bench_serve(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
                 doc_tokens: int = typer.Option(8000, help="document length in tokens"),
                 ratios: str = typer.Option("10,32", help="compaction ratios, comma-separated"),
-                method: str = typer.Option("am-hak", help="compaction method"),
+                method: str = typer.Option(DEFAULT_METHOD, help="compaction method"),
                 dtype: str = typer.Option("bfloat16", help="engine dtype"),
                 docs: int = typer.Option(3, help="held-out documents"),
                 budget_gib: float = typer.Option(1.0, help="the fixed KV budget for contexts_in_budget"),
@@ -112,7 +114,7 @@ def bench_serve(model: str = typer.Option("smollm2-135m", help="zoo name or HF f
 
 def bench_onthefly(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
                    ratio: float = typer.Option(10.0, help="compaction ratio"),
-                   method: str = typer.Option("am-hak", help="compaction method"),
+                   method: str = typer.Option(DEFAULT_METHOD, help="compaction method"),
                    doc_tokens: int = typer.Option(8000, help="document length of the session"),
                    turns: int = typer.Option(20, help="turns of the session"),
                    threshold: int = typer.Option(2048, help="on-the-fly compaction threshold (tokens)"),

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass, replace
 
 from kvcat import prompts
+from kvcat.defaults import DEFAULT_METHOD
 from kvcat.server import prompting
 
 SEPARATOR = "\n\n"
@@ -34,7 +35,7 @@ class AutoCompactionError(ValueError):
 class AutoCompaction:
     threshold_tokens: int | None = None  # None: off
     ratio: float = 10.0
-    method: str = "am-hak"
+    method: str = DEFAULT_METHOD
     keep_turns: int = 1
 
     @property

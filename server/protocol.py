@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvcat.defaults import DEFAULT_METHOD
+
 
 def _utf8(value: str | None) -> str | None:
     """Strings must be encodable (JSON allows lone surrogates like \\ud800; tokenizers do not)."""
@@ -42,7 +44,7 @@ class CompactRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, description="or the document as chat messages")
     ratio: float | None = Field(None, gt=1, description="compaction ratio N / t (> 1)")
     target_tokens: int | None = Field(None, ge=1, description="or slots per head")
-    method: str = "am-hak"
+    method: str = DEFAULT_METHOD
     query_mode: str | None = Field(None, description="reference queries of the method (e.g. repeat)")
     params: dict[str, Any] = Field(default_factory=dict, description="extra method parameters")
     run_async: bool = Field(False, alias="async")

@@ -84,3 +84,33 @@ def test_peers_runner_gets_peak_rss_without_kvcat():
     bench = Path(__file__).resolve().parents[1] / "kvcat" / "bench.py"
     out = subprocess.run([sys.executable, "-S", "-c", code, str(bench)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_retrieval_summary_pairs_methods_on_the_same_cases(tmp_path):
+    """The retrieval benchmark's accuracy, share of the full document's, paired counts and sign test; the
+    table and README markers are filled from its Markdown."""
+    from kvcat.bench import load_script, update_readme
+
+    retrieval = load_script("retrieval")
+    assert retrieval.sign_test(0, 0) == 1.0 and retrieval.sign_test(6, 0) == pytest.approx(2 / 64)
+    cases = []
+    for i in range(6):
+        rows = {"am-hak|8": {"correct": float(i < 5), "answer": "", "compact_s": 2.0, "vs_prefill": 1.2,
+                             "served_ratio": 8.0},
+                "snapkv|8": {"correct": float(i == 5), "answer": "", "compact_s": 1.0, "vs_prefill": 1.0}}
+        cases.append({"kind": ("needle", "passage")[i % 2], "full": True, "none": False, "prefill_s": 1.0,
+                      "rows": rows})
+    rows = retrieval.aggregate(cases, ["am-hak", "snapkv"], [8.0])
+    am = next(r for r in rows if r["method"] == "am-hak")
+    assert am["accuracy"] == pytest.approx(5 / 6, abs=1e-4) and am["of_full"] == pytest.approx(5 / 6, abs=1e-4)
+    assert am["acc_needle"] == 1.0 and am["acc_passage"] == pytest.approx(2 / 3, abs=1e-4)
+    (pair,) = retrieval.paired(cases, ["am-hak", "snapkv"], [8.0])
+    assert (pair["only_am"], pair["only_other"]) == (5, 1) and 0 < pair["p_sign"] < 1
+    text = retrieval.table({"rows": rows, "paired": [pair], "config": {"cases": 6, "split": "heldout"}})
+    assert "| am-hak | 0.83 (0.83) |" in text and "5 / 1" in text
+    assert text.count("| 1.20 | 8.0 |") == 1 and "| 1.00 | - |" in text  # speed; served ratio where known
+    (tmp_path / "retrieval.md").write_text("<!-- written by test -->\n" + text)
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- table:retrieval -->\nold\n<!-- /table:retrieval -->\nafter\n")
+    assert update_readme(readme, tmp_path) == ["retrieval"]
+    assert "*Written by test.*" in readme.read_text() and "old" not in readme.read_text()

@@ -82,7 +82,9 @@ def test_allocation_hits_the_total_and_favours_sensitive_heads():
         cost[1, 1, i] = 1 * (1 - f)
     counts = budgets.allocate(cost, fr, n=1000, t=100)
     assert int(counts.sum()) == 400 and counts.min() >= 1 and counts.max() <= 1000
-    assert counts[0, 0] > counts[1, 0] > counts[0, 1] or counts[0, 0] > counts[0, 1]
+    # the sensitive head gets the most, the insensitive one no more than the middling ones
+    assert counts[0, 0] == counts.max() and counts[0, 0] > 4 * counts[1, 0]
+    assert counts[1, 0] >= counts[0, 1] and counts[1, 1] >= counts[0, 1]
     assert math.isclose(counts.float().mean().item(), 100)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import AUTO_RATIO, AUTO_THRESHOLD
 from kvcat import data
+from kvcat.defaults import DEFAULT_METHOD
 
 pytestmark = pytest.mark.vllm
 
@@ -49,7 +50,7 @@ def test_long_prompt_is_compacted_then_reused(server, docs):
     assert again == text
     # the same answer as the two-call way: /v1/compact, then kv_context
     r = httpx.post(server["base"] + "/v1/compact", timeout=600,
-                   json={"text": docs[0], "ratio": AUTO_RATIO, "method": "am-hak"})
+                   json={"text": docs[0], "ratio": AUTO_RATIO, "method": DEFAULT_METHOD})
     assert r.status_code == 200, r.text
     assert r.json()["compacted_tokens"] == info["compacted_tokens"]
     explicit, none, _ = _chat(server, [{"role": "user", "content": question}],
@@ -105,7 +106,7 @@ def test_short_prompts_and_off_are_served_as_they_are(server, docs):
                        extra_body={"kv_compaction": "off"})
     assert info is None
     text = httpx.get(server["base"] + "/metrics").text
-    assert 'kvcat_onthefly_requests_total{method="am-hak",model="smollm2-135m",outcome="hit"}' in text
+    assert f'kvcat_onthefly_requests_total{{method="{DEFAULT_METHOD}",model="smollm2-135m",outcome="hit"}}' in text
     assert "kvcat_onthefly_kv_bytes_saved_total" in text and "kvcat_onthefly_compactions_total" in text
 
 

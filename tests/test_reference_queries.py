@@ -159,3 +159,11 @@ def test_am_keeps_salient_tokens_in_every_head(small):
         for h in range(K.shape[0]):
             kept = {i for i in range(200) if (cache.keys[layer][h] == K[h, i]).all(-1).any()}
             assert salient <= kept
+
+
+def test_global_budgets_spread_the_total_over_heads_by_reconstruction_scores(small):
+    state = _state(small, 200)
+    cache = get_method("am-hak", budgets="global").compact(small, state.ids, ratio=8)
+    counts = cache.head_counts()
+    L, H = small.spec.num_layers, small.spec.num_kv_heads
+    assert int(counts.sum()) == 25 * L * H and counts.min() >= 1 and counts.max() > counts.min()

@@ -24,8 +24,9 @@ load_documents = load_corpus
 long_documents = documents
 
 __all__ = [
-    "CORPORA", "DEFAULT_CORPORA", "QA_TASKS", "SPLITS", "DataError", "Document", "Example", "Split",
-    "TokenWindow", "available_corpora", "documents", "hotpotqa", "iter_documents", "kv_example",
+    "CORPORA", "DEFAULT_CORPORA", "QA_TASKS", "RETRIEVAL_KINDS", "SPLITS", "DataError", "Document", "Example",
+    "Split", "TokenWindow", "available_corpora", "documents", "hotpotqa", "iter_documents", "kv_example",
     "kv_retrieval", "load_corpus", "load_documents", "long_documents", "multikey_example", "needle",
-    "needle_example", "needle_grid", "passage_example", "RETRIEVAL_KINDS", "retrieval_suite", "split_of", "squad", "token_windows", "training_texts", "training_windows",
+    "needle_example", "needle_grid", "passage_example", "retrieval_suite", "split_of", "squad", "token_windows",
+    "training_texts", "training_windows",
 ]

@@ -20,7 +20,8 @@ def eval_command(
                                    help="ppl, needle, kv, hotpotqa, squad, base_ppl (repeatable); "
                                         "aliases: retrieval, qa, all"),
     n: int = typer.Option(5, help="examples per task"),
-    split: str = typer.Option("heldout", help="data split: heldout (reported figures), tune (choosing defaults) or train"),
+    split: str = typer.Option("heldout", help="data split: heldout (reported figures), tune (choosing "
+                                              "defaults) or train"),
     seed: int = typer.Option(0),
     prefix_tokens: int = typer.Option(1024, help="ppl: tokens of the compressed prefix"),
     continuation_tokens: int = typer.Option(128, help="ppl: tokens of the scored continuation"),

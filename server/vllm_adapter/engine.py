@@ -12,7 +12,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kvcat.server.vllm_adapter import check_version
 
@@ -212,6 +211,3 @@ class Engine:
     def shutdown(self) -> None:
         self.llm.shutdown()
 
-
-def delete_quietly(path: str | Path) -> None:
-    Path(path).unlink(missing_ok=True)

@@ -23,8 +23,3 @@ def register() -> None:
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     _registered = True
 
-
-def is_registered() -> bool:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    return AttentionBackendEnum.CPU_ATTN.get_path() == BACKEND_PATH
