@@ -40,7 +40,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Compact a document's KV cache and save it as a .kvc file (safetensors + JSON metadata)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from kvcat.cli import console, fail
+        from kvcat.console import console, fail
         from kvcat.models import ModelError, load_model
 
         from .base import get_method, resolve_budget
@@ -121,7 +121,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Compaction quality/speed benchmark -> benchmarks/results/compaction.json + Pareto PNG."""
         from kvcat.bench import ResumeError, load_script
-        from kvcat.cli import fail
+        from kvcat.console import fail
 
         try:
             load_script("compaction").run(docs=docs, doc_tokens=doc_tokens, continuation=continuation,
@@ -144,7 +144,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Do planted facts survive compaction? -> benchmarks/results/retrieval.json + PNG, paired comparisons."""
         from kvcat.bench import ResumeError, load_script
-        from kvcat.cli import fail
+        from kvcat.console import fail
 
         if split not in ("heldout", "tune"):
             fail(f"--split is heldout or tune, not {split!r}")
@@ -181,7 +181,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import subprocess
 
         from kvcat.bench import REPO, load_script
-        from kvcat.cli import fail
+        from kvcat.console import fail
 
         setup = REPO / "scripts" / "peers_venv.sh"
         try:

@@ -7,10 +7,10 @@ so this file only wires them together and heavy imports (vLLM, training) happen 
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from kvcat import models as zoo
+from kvcat.console import console, fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="kvcat: KV-cache compaction (Attention Matching) served on vLLM.")
@@ -18,13 +18,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Prepare and list local mode
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON and PNG under benchmarks/results/.")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
-console = Console()
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error (no traceback) and exit: for bad input a user can fix."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 @models_app.command("prepare")

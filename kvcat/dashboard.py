@@ -438,7 +438,7 @@ def preview(url: str, out: Path, *, minutes: float = 30.0, model: str = ".*", me
 def register(app, bench) -> None:
     import typer
 
-    from kvcat.cli import console, fail
+    from kvcat.console import console, fail
 
     dash = typer.Typer(no_args_is_help=True, help="Grafana dashboard: build the JSON, check it, preview it.")
     app.add_typer(dash, name="dashboard")

@@ -45,7 +45,7 @@ def train_command(
     """Continue-pretrain a model so its KV cache compresses well (KV-CAT). Re-running the same command on the
     same --out resumes after an interruption. Under `torchrun --nproc-per-node N -m kvcat.cli train ...`
     it trains data-parallel (gloo on CPU, NCCL on GPU)."""
-    from kvcat.cli import fail
+    from kvcat.console import fail
     from kvcat.data.records import DataError
     from kvcat.models import ModelError
     from kvcat.training.checkpoint import OutputFolderError

@@ -42,7 +42,7 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from kvcat.cli import fail
+    from kvcat.console import fail
     from kvcat.data import DataError
     from kvcat.data.synthetic import DEFAULT_DEPTHS
     from kvcat.eval.compressors import EvalError, resolve_all
