@@ -1,8 +1,10 @@
 """What every benchmark shares: loading its script, provenance of its results, writing them, peak memory.
 
 Benchmark scripts live in the repository's `benchmarks/` folder (one per benchmark, not a package);
-`kvcat bench NAME` loads them through `load_script`. Every result JSON carries `provenance()`: the machine,
-the date, the command line and the git commit that produced it.
+`kvcat bench NAME` loads them through `load_script`, and `kvcat dashboard` loads deploy/tools/ the same way
+(`deploy_tools`): both exist only in a source checkout, not in the installed package. Every result JSON
+carries `provenance()`: the machine, the date, the command line and the git commit that produced it, and
+records no absolute path of the machine (`portable`), so committed results do not leak or depend on one.
 
 Module level imports only the standard library: benchmarks/kvpress_runner.py loads this file by path in the
 peers venv (without kvcat) for PeakRSS.
@@ -16,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -28,17 +31,39 @@ BENCHMARKS = REPO / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 
 
+DEPLOY_TOOLS = REPO / "deploy" / "tools"
+
+
+def load_source(path: Path, name: str) -> ModuleType:
+    """Import a file of the checkout by path as module `name`; a folder is imported as a package (from its
+    __init__.py), so that its modules can import each other relatively."""
+    package = path.is_dir()
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py" if package else path,
+                                                  submodule_search_locations=[str(path)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_script(name: str) -> ModuleType:
     """Import benchmarks/<name>.py as a module (it is a script folder, not a package)."""
     path = BENCHMARKS / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such benchmark script (benchmarks run from a source checkout)")
     git_commit()  # the commit this run starts from is the one its results name
-    spec = importlib.util.spec_from_file_location(f"kvcat_benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_source(path, f"kvcat_benchmark_{name}")
+
+
+def deploy_tools(module: str) -> ModuleType:
+    """deploy/tools/<module>.py (dashboard, generate, preview), loaded once: the dashboard tooling is not part
+    of the installed package, and a second load would give its exceptions other classes."""
+    if not (DEPLOY_TOOLS / "__init__.py").is_file():
+        raise FileNotFoundError(f"{DEPLOY_TOOLS} not found: the deploy tooling runs from a source checkout "
+                                "(git clone, then pip install -e .), not from an installed kvcat")
+    if "kvcat_deploy_tools" not in sys.modules:
+        load_source(DEPLOY_TOOLS, "kvcat_deploy_tools")
+    return importlib.import_module(f"kvcat_deploy_tools.{module}")
 
 
 def cpu_model() -> str:
@@ -88,7 +113,38 @@ def git_commit() -> str | None:
 def provenance() -> dict:
     """machine, date (UTC), command and git commit: recorded in every benchmark result."""
     return {"machine": machine(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git_commit": git_commit()}
+            "command": portable(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])), "git_commit": git_commit()}
+
+
+def _path_prefixes() -> list[tuple[re.Pattern, str]]:
+    """(absolute folder, its portable spelling), longest first: the checkout (relative: "" before a "/", "."
+    alone), then $KVCAT_HOME, then the home folder. A folder matches only whole: not /rootfs for /root."""
+    from kvcat.config import kvcat_home  # imports torch: not at module level (see the module docstring)
+
+    home = kvcat_home()
+    folders = {str(REPO): ".", str(home): "$KVCAT_HOME", str(home.resolve()): "$KVCAT_HOME", str(Path.home()): "~"}
+    out = []
+    for folder, short in sorted(folders.items(), key=lambda kv: -len(kv[0])):
+        if folder != os.sep:
+            out.append((re.compile(rf"(?<![\w.~$/-]){re.escape(folder)}(/|(?![\w.-]))"), short))
+    return out
+
+
+def portable(value, prefixes: list[tuple[re.Pattern, str]] | None = None):
+    """`value` (a str, a path, or JSON-like dicts / lists of them) with every absolute path under the checkout
+    made relative to it, and those under $KVCAT_HOME or the home folder written `$KVCAT_HOME/...` / `~/...`:
+    committed results then name no machine's folders, and their checkout paths hold in any clone."""
+    prefixes = _path_prefixes() if prefixes is None else prefixes
+    if isinstance(value, dict):
+        return {k: portable(v, prefixes) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, prefixes) for v in value]
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    text = os.fspath(value)
+    for pattern, short in prefixes:
+        text = pattern.sub(lambda m: ("" if m[1] else ".") if short == "." else short + m[1], text)
+    return text
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -159,11 +215,15 @@ class Checkpoint:
 
 def write_result(result: dict, out: str | os.PathLike, table: str | None = None) -> Path:
     """Write a result JSON atomically (a killed benchmark never leaves half a file), and with `table` its
-    Markdown table beside it (.md, headed by the provenance), which the README quotes."""
+    Markdown table beside it (.md, headed by the provenance), which the README quotes. Both are `portable`:
+    no absolute path of this machine is written into them."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    prefixes = _path_prefixes()
+    result = portable(result, prefixes)
     _atomic_write(out, json.dumps(result, indent=2))
     if table is not None:
+        table = portable(table, prefixes)
         head = (f"<!-- written by `{result.get('command')}` on {result.get('date')}, {result.get('machine')}, "
                 f"commit {result.get('git_commit')} -->\n\n")
         _atomic_write(out.with_suffix(".md"), head + table + "\n")

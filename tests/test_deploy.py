@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvcat import dashboard
+from kvcat.bench import deploy_tools
+
+dashboard, generate, preview = (deploy_tools(m) for m in ("dashboard", "generate", "preview"))  # deploy/tools/
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -36,7 +38,7 @@ def run_promtool(*args: str) -> str:
     return proc.stdout
 
 
-rule_groups = dashboard.rule_groups
+rule_groups = generate.rule_groups
 
 
 def rules(kind: str) -> list[dict]:
@@ -46,11 +48,11 @@ def rules(kind: str) -> list[dict]:
 # ---- Grafana ------------------------------------------------------------------------------------------
 
 def test_generated_files_match_a_fresh_build():
-    assert dashboard.stale() == [], "generated deploy files are stale: run `kvcat dashboard build` and commit"
+    assert generate.stale() == [], "generated deploy files are stale: run `kvcat dashboard build` and commit"
 
 
 def test_dashboard_json_structure():
-    board = json.loads(dashboard.DASHBOARD_JSON.read_text())
+    board = json.loads(generate.DASHBOARD_JSON.read_text())
     assert board["uid"] == dashboard.UID and board["title"]
     names = [v["name"] for v in board["templating"]["list"]]
     assert {"datasource", "model", "method"} <= set(names)
@@ -148,7 +150,7 @@ def test_vllm_series_exist_in_the_pinned_vllm():
 
 def test_promtool_check_config(tmp_path):
     cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
-    cfg["rule_files"] = [str(f) for f in dashboard.RULE_FILES]  # the container path, pointed at the repo
+    cfg["rule_files"] = [str(f) for f in generate.RULE_FILES]  # the container path, pointed at the repo
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg))
     out = run_promtool("check", "config", str(path))
@@ -158,8 +160,8 @@ def test_promtool_check_config(tmp_path):
 
 
 def test_promtool_check_rules():
-    out = run_promtool("check", "rules", *map(str, dashboard.RULE_FILES))
-    assert out.count("SUCCESS") == len(dashboard.RULE_FILES)
+    out = run_promtool("check", "rules", *map(str, generate.RULE_FILES))
+    assert out.count("SUCCESS") == len(generate.RULE_FILES)
 
 
 def test_promtool_rule_unit_tests():
@@ -183,7 +185,7 @@ def test_alerts_required_by_the_issue_are_unit_tested():
               if t.get("exp_alerts")}
     assert tested == set(alerts), "each alert needs a promtool case where it fires"
     for name, rule in alerts.items():
-        assert dashboard.ALERT_FORM.match(rule["expr"].strip()), f"{name}: not `<signal> <op> <threshold>`"
+        assert generate.ALERT_FORM.match(rule["expr"].strip()), f"{name}: not `<signal> <op> <threshold>`"
         assert rule["labels"]["severity"] in ("critical", "warning") and rule["annotations"]["summary"]
     recorded = {r["record"] for r in rules("record")}
     tested_records = {t["expr"] for case in unit["tests"] for t in case.get("promql_expr_test", [])}
@@ -447,6 +449,17 @@ def test_preview_rejects_a_missing_or_wrong_prometheus(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_dashboard_commands_outside_a_source_checkout_say_so(tmp_path, monkeypatch):
+    """deploy/tools/ is not installed with kvcat: without a checkout the commands fail in one line."""
+    from typer.testing import CliRunner
+
+    from kvcat import bench, cli
+
+    monkeypatch.setattr(bench, "DEPLOY_TOOLS", tmp_path / "deploy" / "tools")
+    res = CliRunner().invoke(cli.app, ["dashboard", "check"])
+    assert res.exit_code == 2 and "runs from a source checkout" in res.output and "Traceback" not in res.output
+
+
 def test_preview_rejects_a_server_that_is_not_prometheus(tmp_path):
     import http.server
     import threading
@@ -464,7 +477,7 @@ def test_preview_rejects_a_server_that_is_not_prometheus(tmp_path):
     srv = http.server.HTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(dashboard.PrometheusError, match="is it a Prometheus server"):
-            dashboard.preview(f"http://127.0.0.1:{srv.server_port}", tmp_path / "x.png")
+        with pytest.raises(preview.PrometheusError, match="is it a Prometheus server"):
+            preview.preview(f"http://127.0.0.1:{srv.server_port}", tmp_path / "x.png")
     finally:
         srv.shutdown()

@@ -17,8 +17,10 @@ import pytest
 import yaml
 
 from conftest import kvcat_server
-from kvcat import dashboard
+from kvcat.bench import deploy_tools
 from kvcat.server.launch import free_port
+
+dashboard, generate, preview = (deploy_tools(m) for m in ("dashboard", "generate", "preview"))  # deploy/tools/
 
 pytestmark = pytest.mark.vllm
 
@@ -89,9 +91,9 @@ def prometheus(server, tmp_path_factory):
                     "package (apt-get install prometheus); install it by hand where apt is unavailable")
     root = tmp_path_factory.mktemp("prometheus")
     port = free_port()
-    cfg = yaml.safe_load((dashboard.DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    cfg = yaml.safe_load((generate.DEPLOY / "prometheus" / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval=f"{SCRAPE_S:g}s", evaluation_interval=f"{SCRAPE_S:g}s")
-    cfg["rule_files"] = [str(f) for f in dashboard.RULE_FILES]
+    cfg["rule_files"] = [str(f) for f in generate.RULE_FILES]
     for job in cfg["scrape_configs"]:
         job["scrape_interval"] = f"{SCRAPE_S:g}s"
         host = f"127.0.0.1:{server['port']}" if job["job_name"] == "kvcat" else f"127.0.0.1:{port}"
@@ -106,7 +108,7 @@ def prometheus(server, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait("prometheus", lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, 60, proc, log)
-        prom = dashboard.Prometheus(url)
+        prom = preview.Prometheus(url)
         _wait("the kvcat scrape target", lambda: [r for r in prom.query('up{job="kvcat"} == 1')], 30, proc, log)
         yield {"url": url, "api": prom, "proc": proc, "started": time.time()}
     finally:
@@ -233,7 +235,7 @@ def test_every_rule_is_loaded_healthy_and_has_data(prometheus, traffic):
     prom = prometheus["api"]
     loaded = {g["name"]: g for g in prom._get("/api/v1/rules", {})["groups"]}
     problems = []
-    for group in dashboard.rule_groups():
+    for group in generate.rule_groups():
         assert group["name"] in loaded, f"rule group {group['name']} not loaded"
         states = {r["name"]: r for r in loaded[group["name"]]["rules"]}
         for rule in group["rules"]:
@@ -250,7 +252,7 @@ def test_every_rule_is_loaded_healthy_and_has_data(prometheus, traffic):
                     if name == "kvcat:kv_bytes_saved:ratio":
                         assert 0.5 < _values(prom.query(name))[0] < 1
                 else:
-                    signal_ = dashboard.alert_signal(rule["expr"])
+                    signal_ = generate.alert_signal(rule["expr"])
                     result = prom.query(signal_)
                     assert result and all(math.isfinite(v) for v in _values(result)), f"{signal_} -> {result}"
                     value = max(_values(result))
@@ -266,7 +268,7 @@ def test_every_rule_is_loaded_healthy_and_has_data(prometheus, traffic):
 
 
 def test_preview_renders_from_the_live_prometheus(prometheus, traffic, tmp_path):
-    out = dashboard.preview(prometheus["url"], tmp_path / "dashboard.png", minutes=10)
+    out = preview.preview(prometheus["url"], tmp_path / "dashboard.png", minutes=10)
     assert out.stat().st_size > 20_000
     if target := os.environ.get("KVCAT_PREVIEW_OUT"):  # to refresh the README's picture by hand
         shutil.copy(out, target)
