@@ -6,7 +6,9 @@
         --out benchmarks/results/compaction-slow.json          # the slow methods on their own
 
 Per method and ratio, over HELD-OUT data (kvcat.data):
-- ppl_gap: continuation perplexity (256 tokens) over the compacted prefix minus over the full prefix;
+- ppl_gap: continuation perplexity (256 tokens) over the compacted prefix minus over the full prefix, the
+  mean over documents of each one's gap (kvcat.eval.metrics.ppl_gap: `kvcat eval` reports the same number
+  on the same windows);
 - needle_acc: needle-in-a-haystack answers found after compacting the haystack (chat prompt, greedy);
 - qa_f1: SQuAD-article questions, token F1 of the first answer line;
 - compact_s: seconds from token ids to CompactCache (prefill + reference queries + solve; the document's
@@ -31,58 +33,81 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from kvcat.defaults import AM_METHODS
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from kvcat.console import option
+from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
+from kvcat.eval.metrics import mean_ppl, ppl_gap, window_nll
 
 
 def log(msg: str) -> None:
     print(f"[bench compaction {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# cost grows with t^2..t^4: these run only where t <= their limit (see --slow-max-slots)
+# cost grows with t^2..t^4: these run only where t <= their limit (see --slow-max-slots); peers.py too
 SLOW = {"am-omp": 0.5, "am-omp-fast": 1.0, "optimize": 1.0}  # fraction of slow_max_slots
+
+
+def runs(method: str, tokens: int, ratio: float, slow_max_slots: int) -> bool:
+    """Whether `method` runs at `ratio` on a `tokens`-token context: the SLOW ones only up to their limit."""
+    return round(tokens / ratio) <= SLOW.get(method, math.inf) * slow_max_slots
+
+
+def too_slow(method: str, slow_max_slots: int) -> str:
+    """The note of a (method, ratio) row the SLOW limit left out."""
+    return f"t > {int(SLOW.get(method, 0) * slow_max_slots)} slots: too slow on this machine"
 
 
 MAIN = ("am-hak", "am-hak-fast", "am-omp-fast", "snapkv", "h2o", "kvzip", "recent", "streaming-llm", "random",
         "key-norm")
 
 
-def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
-        ratios=(2, 4, 8, 16, 32, 50), methods: str | list[str] = "main", needles: int = 5, qa: int = 5,
-        model: str = "smollm2-135m", out: Path | str = RESULTS / "compaction.json", seed: int = 0,
-        slow_max_slots: int = 256, question_tokens: int = 2048, memory_ratio: float = 8.0,
-        resume: bool = False) -> dict:
+@dataclass
+class CompactionConfig:
+    """The settings of `kvcat bench compaction`, one command-line option each."""
+
+    docs: int = option(20, help="held-out documents")
+    doc_tokens: int = option(4096, help="tokens of each document prefix")
+    continuation: int = option(256, help="continuation tokens for the PPL gap")
+    ratios: tuple[float, ...] = option((2.0, 4.0, 8.0, 16.0, 32.0, 50.0), help="compaction ratios")
+    methods: tuple[str, ...] = option(("main",), help="methods, or 'main' (every method but the slow am-omp "
+                                                      "and optimize) or 'all'")
+    needles: int = option(5, help="needle examples (0 to skip)")
+    qa: int = option(5, help="QA examples (0 to skip)")
+    question_tokens: int = option(2048, help="length of the needle haystacks and QA articles")
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    slow_max_slots: int = option(256, help="run OMP-fast and gradient compaction only up to this many slots per "
+                                           "head (am-omp: half), too slow above on a CPU")
+    memory_ratio: float = option(8.0, help="ratio of the peak-memory probes (one fresh process per method; 0 to "
+                                           "skip)")
+    seed: int = option(0, help="seed of the held-out sample")
+    out: Path = option(Path("benchmarks/results/compaction.json"), help="JSON output (Markdown and PNG beside it)")
+
+
+def run(config: CompactionConfig, resume: bool = False) -> dict:
+    """Compaction quality/speed benchmark -> benchmarks/results/compaction.json + Pareto PNG."""
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
 
-    from kvcat.bench import Checkpoint, PeakRSS, heldout_suite, provenance, publish
-    from kvcat.eval.harness import MAX_NEW_TOKENS
+    from kvcat.bench import Checkpoint, PeakRSS, config_record, heldout_suite, provenance, publish
+    from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
     from kvcat.models import load_model
 
-    if methods in ("all", "main"):
-        names = method_names() if methods == "all" else list(MAIN)
-    else:
-        names = methods.split(",") if isinstance(methods, str) else list(methods)
-    ratios = [float(r) for r in ratios]
-    out = Path(out)
-    config = {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": ratios,
-              "methods": names, "needles": needles, "qa": qa, "question_tokens": question_tokens, "seed": seed,
-              "split": "heldout", "slow_max_slots": slow_max_slots, "model": model, "memory_ratio": memory_ratio}
+    c = config
+    names = {("all",): method_names(), ("main",): list(MAIN)}.get(tuple(c.methods), list(c.methods))
+    record = {**config_record(c), "methods": names, "split": "heldout"}
     # one record per document / question, saved as each is done: `resume` continues an interrupted run
-    done = Checkpoint(out, config, resume, log)
-    lm = load_model(model, dtype="float32")
+    done = Checkpoint(c.out, record, resume, log)
+    lm = load_model(c.model, dtype="float32")
     tok = lm.tokenizer
-    log(f"model {model} on {lm.device}; {docs} docs of {doc_tokens}+{continuation} tokens; ratios {ratios}; "
-        f"methods {names}")
+    log(f"model {c.model} on {lm.device}; {c.docs} docs of {c.doc_tokens}+{c.continuation} tokens; ratios "
+        f"{list(c.ratios)}; methods {names}")
 
-    windows, examples, chats = heldout_suite(tok, docs, doc_tokens, continuation, needles, qa, question_tokens, seed)
+    windows, examples, chats = heldout_suite(tok, c.docs, c.doc_tokens, c.continuation, c.needles, c.qa,
+                                             c.question_tokens, c.seed)
     methods_obj = {m: get_method(m) for m in names}
 
     def answer(cache, question_ids) -> str:
@@ -92,38 +117,32 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
     def score(text: str, ex) -> float:
         return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
 
-    def runs(m: str, n: int, r: float) -> bool:
-        """Whether method m runs at ratio r on an n-token context: slow methods only up to slow_max_slots."""
-        return round(n / r) <= SLOW.get(m, math.inf) * slow_max_slots
-
     def compact_all(ids: list[int]):
         """(key, cache, memory) for every (method, ratio) on one context, one at a time: its memoized prefill
         and reference queries serve them all. Slow methods run only up to slow_max_slots."""
         clear_memo()
         base = PeakRSS.rss()
         for m in names:
-            for r in ratios:
-                if not runs(m, len(ids), r):
+            for r in c.ratios:
+                if not runs(m, len(ids), r, c.slow_max_slots):
                     continue
                 with PeakRSS() as mem:
                     cache = methods_obj[m].compact(lm, ids, ratio=r)
                 yield f"{m}|{r:g}", cache, {"rss": mem.peak, "extra": mem.peak - base}
 
     def document(w) -> dict:
-        """The full cache's PPL and the plain prefill's seconds, then every compaction's PPL gap and time."""
+        """The plain prefill's seconds, the continuation NLL over every compaction with its time, and over the
+        full prefix (one uncached pass: the reference of `kvcat eval`'s gaps too)."""
         start = time.perf_counter()
-        pre = prefill(lm, list(w.prefix_ids))
+        prefill(lm, list(w.prefix_ids))
         prefill_s = time.perf_counter() - start
-        nll = continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids))
-        full = math.exp(nll.mean().item())
-        del pre
         rows = {}
         for key, cache, mem in compact_all(list(w.prefix_ids)):
-            ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
             # compact_s against the prefill of the same document inside it (robust to a busy machine)
-            rows[key] = {"gap": ppl - full, "compact_s": cache.info["compact_s"],
+            rows[key] = {"nll": window_nll(continuation_nll(lm, cache, list(w.continuation_ids))),
+                         "compact_s": cache.info["compact_s"],
                          "vs_prefill": cache.info["compact_s"] / cache.info["prefill_s"], **mem}
-        return {"full_ppl": full, "prefill_s": prefill_s, "rows": rows}
+        return {"full_nll": window_nll(full_prefix_nll(lm, w)), "prefill_s": prefill_s, "rows": rows}
 
     def question(p, ex) -> dict:
         full = score(answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p.question_ids), ex)
@@ -132,10 +151,11 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         return {"task": ex.task, "full": full, "rows": rows}
 
     warm_up(lm, list(windows[0].prefix_ids))
-    probes = ["prefill"] + [m for m in names if runs(m, doc_tokens, memory_ratio)] if memory_ratio else []
+    probes = (["prefill"] + [m for m in names if runs(m, c.doc_tokens, c.memory_ratio, c.slow_max_slots)]
+              if c.memory_ratio else [])
     units = [("docs", i, lambda w=w: document(w)) for i, w in enumerate(windows)]
     units += [("questions", j, lambda p=p, ex=ex: question(p, ex)) for j, (p, ex) in enumerate(zip(chats, examples))]
-    units += [("memory", k, lambda m=m: memory_alone(m, memory_ratio, doc_tokens, continuation, model))
+    units += [("memory", k, lambda m=m: memory_alone(m, c.memory_ratio, c.doc_tokens, c.continuation, c.model))
               for k, m in enumerate(probes)]
     for kind, i, work in units:
         if i < len(done[kind]):
@@ -143,13 +163,13 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256,
         done.add(kind, work())
         log(f"{kind} {i + 1}/{sum(u[0] == kind for u in units)} done")
 
-    result = {"model": model, **provenance(), **done.provenance(),
-              "config": {**config, "model_mb": round(sum(p.numel() * p.element_size()
+    result = {"model": c.model, **provenance(), **done.provenance(),
+              "config": {**record, "model_mb": round(sum(p.numel() * p.element_size()
                                                          for p in lm.model.parameters()) / 2**20, 1),
-                         "full_kv_mb_fp32": round(full_kv_mb(lm, doc_tokens), 1)},
-              "rows": aggregate(done["docs"], done["questions"], names, ratios, slow_max_slots),
+                         "full_kv_mb_fp32": round(full_kv_mb(lm, c.doc_tokens), 1)},
+              "rows": aggregate(done["docs"], done["questions"], names, list(c.ratios), c.slow_max_slots),
               "memory_alone": done["memory"]}
-    publish(result, out, table, plot, log)
+    publish(result, c.out, table, plot, log)
     done.finish()
     return result
 
@@ -166,6 +186,8 @@ def warm_up(lm, ids: list[int]) -> None:
 
 def full_kv_mb(lm, tokens: int) -> float:
     """The fp32 K/V of `tokens` tokens, in MiB: what the memory goal is stated against."""
+    import torch
+
     return lm.spec.kv_bytes_per_token(torch.float32) * tokens / 2**20
 
 
@@ -215,7 +237,8 @@ def memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int, 
 
 def aggregate(docs: list[dict], questions: list[dict], names: list[str], ratios: list[float],
               slow_max_slots: int) -> list[dict]:
-    """The result rows: the full cache, then per (method, ratio) the means over documents and questions."""
+    """The result rows: the full prefix, then per (method, ratio) the means over documents and questions (the
+    PPL gap: `kvcat.eval.metrics.ppl_gap`, as `kvcat eval` reports it)."""
     def mean(xs):
         return round(statistics.mean(xs), 4) if xs else None
 
@@ -224,27 +247,26 @@ def aggregate(docs: list[dict], questions: list[dict], names: list[str], ratios:
                 if q["task"] == name and (key is None or key in q["rows"])]
 
     prefill_s = mean([d["prefill_s"] for d in docs])
-    rows = [{"method": "full", "ratio": 1.0, "ppl": mean([d["full_ppl"] for d in docs]), "ppl_gap": 0.0,
-             "needle_acc": mean(task("needle")), "qa_f1": mean(task("squad")), "compact_s": None,
+    rows = [{"method": "full", "ratio": 1.0, "ppl": round(mean_ppl([d["full_nll"] for d in docs]), 4),
+             "ppl_gap": 0.0, "needle_acc": mean(task("needle")), "qa_f1": mean(task("squad")), "compact_s": None,
              "prefill_s": prefill_s, "peak_rss_mb": None, "peak_extra_mb": None}]
     for m in names:
         for r in ratios:
             key = f"{m}|{r:g}"
-            recs = [d["rows"][key] for d in docs if key in d["rows"]]
-            if not recs:
-                limit = int(SLOW.get(m, 0) * slow_max_slots)
-                rows.append({"method": m, "ratio": r, "skipped": f"t > {limit} slots: too slow on this machine"})
+            ran = [d for d in docs if key in d["rows"]]
+            if not ran:
+                rows.append({"method": m, "ratio": r, "skipped": too_slow(m, slow_max_slots)})
                 continue
+            recs = [d["rows"][key] for d in ran]
             mems = recs + [q["rows"][key] for q in questions if key in q["rows"]]
-            rows.append({"method": m, "ratio": r, "ppl_gap": mean([x["gap"] for x in recs]),
+            gap = ppl_gap([x["nll"] for x in recs], [d["full_nll"] for d in ran])
+            rows.append({"method": m, "ratio": r, "ppl_gap": round(gap, 4),
                          "needle_acc": mean(task("needle", key)), "qa_f1": mean(task("squad", key)),
                          "compact_s": mean([x["compact_s"] for x in recs]), "prefill_s": prefill_s,
                          "compact_over_prefill": mean([x["vs_prefill"] for x in recs]),
                          "peak_rss_mb": round(max(x["rss"] for x in mems), 1),
                          "peak_extra_mb": round(max(x["extra"] for x in mems), 1)})
     return rows
-
-
 
 
 def table(result: dict) -> str:

@@ -10,9 +10,11 @@ cache easier to compress afterwards, without hurting the uncompressed model?
    are reused (the trainer resumes or returns at once).
 2. Evaluate the base model and every checkpoint on HELD-OUT data, with each post-hoc compaction method
    (AM-HAK, SnapKV, truncation = keep the most recent tokens) at ratios 2, 4, 8:
-   - ppl_gap: continuation perplexity over the compacted prefix minus over the full prefix (lower = better);
+   - ppl_gap: continuation perplexity over the compacted prefix minus over the full prefix, the mean over
+     windows of each one's gap (kvcat.eval.metrics.ppl_gap, as `kvcat eval`; lower = better);
    - retrieval_acc: needle-in-a-haystack answers found after compacting the haystack;
-   - base_ppl: continuation perplexity over the full prefix (the uncompressed ability; per checkpoint);
+   - base_ppl: continuation perplexity over the full prefix, mean over windows (the uncompressed ability;
+     per checkpoint);
    - grad_steps_to_target (AM-HAK rows): Adam steps of gradient-based compaction (from AM-HAK) to reach
      a fixed target loss, the target being half of the base model's initial loss on the same window.
 3. Step time of KV-CAT training (router policy) against plain NTP training (`w_kl = 0`, no masked pass),
@@ -23,51 +25,63 @@ Writes benchmarks/results/kvcat.json and PNG plots beside it.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kvcat.console import option
+from kvcat.defaults import DEFAULT_MODEL
+from kvcat.eval.metrics import mean_ppl, ppl_gap, window_nll
+from kvcat.training.config import TrainConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"am-hak": ("am-hak", {}), "snapkv": ("snapkv", {}), "truncation": ("truncation", {})}
 
 
 @dataclass
-class BenchConfig:
-    model: str = "smollm2-135m"
-    policies: list[str] = field(default_factory=lambda: ["rand", "attn", "am", "router"])
-    retention: float = 0.5
+class KVCatTrainingConfig:
+    """The settings of `kvcat bench kvcat`, one command-line option each."""
+
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder: the base of every checkpoint")
+    policies: tuple[str, ...] = option(("rand", "attn", "am", "router"), help="policies to train")
+    retention: float = option(0.5, help="fraction of prefix KV slots a policy keeps while training")
     # training (identical for every policy)
-    steps: int = 60  # about 15 min per policy on 2 CPU cores: a small fraction of the paper's training
-    docs: int | None = None
-    seq_len: int = 512
-    batch_size: int = 2
-    grad_accum: int = 2
-    lr: float = 1e-4
-    corpora: tuple[str, ...] = ("paul_graham", "sotu", "moby_dick", "kjv")
+    steps: int = option(60, help="training steps per policy (about 15 min each on 2 CPU cores: a small fraction "
+                                 "of the paper's training)")
+    docs: int | None = option(None, help="training documents (default: the whole TRAIN split)")
+    seq_len: int = option(512, help="training sequence length")
+    batch_size: int = option(2, help="sequences per micro-batch")
+    grad_accum: int = option(2, help="micro-batches per step")
+    lr: float = option(1e-4, help="peak learning rate")
+    corpora: tuple[str, ...] = option(TrainConfig.corpora, help="training corpora (TRAIN split)")
     # evaluation (held-out split)
-    eval_windows: int = 8
-    prefix_tokens: int = 1024
-    continuation_tokens: int = 128
-    ratios: tuple[int, ...] = (2, 4, 8)
-    methods: tuple[str, ...] = ("am-hak", "snapkv", "truncation")
-    retrieval_examples: int = 8
-    retrieval_tokens: int = 1024
-    grad_windows: int = 2
-    grad_ratio: int = 4
-    grad_max_steps: int = 100
+    eval_windows: int = option(8, help="held-out PPL windows")
+    prefix_tokens: int = option(1024, help="tokens of each window's compacted prefix")
+    continuation_tokens: int = option(128, help="continuation tokens for the PPL gap")
+    ratios: tuple[int, ...] = option((2, 4, 8), help="compaction ratios")
+    methods: tuple[str, ...] = option(tuple(METHODS), help="post-hoc compaction methods")
+    retrieval_examples: int = option(8, flags=("--needles",), help="held-out needle examples for retrieval")
+    retrieval_tokens: int = option(1024, help="needle haystack length in tokens")
+    grad_windows: int = option(2, help="windows of the gradient-compaction measure")
+    grad_ratio: int = option(4, help="ratio of the gradient-compaction measure (AM-HAK rows)")
+    grad_max_steps: int = option(100, help="Adam steps the gradient-compaction measure gives up after")
     # step-time ratio
-    timing_steps: int = 3
-    work_dir: str = ""  # checkpoints; default $KVCAT_HOME/bench-kvcat/<config>
-    out: str = str(RESULTS / "kvcat.json")
+    timing_steps: int = option(3, help="steps timed for the step-time ratio")
+    work_dir: Path | None = option(None, help="checkpoints (default $KVCAT_HOME/bench-kvcat/<config>)")
+    out: Path = option(Path("benchmarks/results/kvcat.json"), help="result JSON (Markdown and plots beside it)")
 
 
+# --smoke: checks the pipeline in minutes
 SMOKE = dict(steps=2, docs=8, seq_len=128, batch_size=1, grad_accum=1, eval_windows=1, prefix_tokens=192,
              continuation_tokens=32, retrieval_examples=1, retrieval_tokens=192, grad_windows=1,
-             grad_max_steps=5, timing_steps=2, out=str(RESULTS / "kvcat-smoke.json"))
+             grad_max_steps=5, timing_steps=2, out=Path("benchmarks/results/kvcat-smoke.json"))
+
+
+def smoke_config(config: KVCatTrainingConfig) -> KVCatTrainingConfig:
+    """SMOKE's value for every field left at its default: options given beside --smoke still apply."""
+    default = KVCatTrainingConfig()
+    return replace(config, **{k: v for k, v in SMOKE.items() if getattr(config, k) == getattr(default, k)})
 
 
 def log(msg: str) -> None:
@@ -78,16 +92,14 @@ def log(msg: str) -> None:
 # 1. Training
 
 
-def train_config(bc: BenchConfig, policy: str, **over):
-    from kvcat.training.config import TrainConfig
-
+def train_config(bc: KVCatTrainingConfig, policy: str, **over):
     return TrainConfig(model=bc.model, policy=policy, retention=bc.retention, steps=bc.steps, seq_len=bc.seq_len,
                        batch_size=bc.batch_size, grad_accum=bc.grad_accum, lr=bc.lr, corpora=tuple(bc.corpora),
                        max_docs=bc.docs, warmup_steps=max(1, min(20, bc.steps // 10)),
                        save_every=max(1, bc.steps // 4), **over)
 
 
-def train_all(bc: BenchConfig, work: Path) -> dict[str, Path]:
+def train_all(bc: KVCatTrainingConfig, work: Path) -> dict[str, Path]:
     from kvcat.training.trainer import Trainer
 
     paths = {}
@@ -108,7 +120,7 @@ def training_curves(paths: dict[str, Path]) -> dict[str, list[dict]]:
     return {p: read_log(path) for p, path in paths.items()}
 
 
-def step_time_ratio(bc: BenchConfig) -> dict:
+def step_time_ratio(bc: KVCatTrainingConfig) -> dict:
     """Median step time of KV-CAT (router) over plain NTP training, same batch, length and machine."""
     from kvcat.training.trainer import Trainer
 
@@ -136,28 +148,18 @@ def get_compaction(label: str):
     return get_method(name, **params)
 
 
-def continuation_ppl(lm, cache, continuation) -> tuple[float, int]:
-    from kvcat.inference import continuation_nll
-
-    nll = continuation_nll(lm, cache, list(continuation))
-    return float(nll.sum()), nll.numel()
-
-
-def evaluate(bc: BenchConfig, label: str, path, policy: str, windows, needles, grad_targets: dict) -> list[dict]:
-    from kvcat.eval.harness import MAX_NEW_TOKENS
+def evaluate(bc: KVCatTrainingConfig, label: str, path, policy: str, windows, needles,
+             grad_targets: dict) -> list[dict]:
+    from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
     from kvcat.eval.metrics import retrieved
-    from kvcat.inference import CacheSession, full_cache, prefill
+    from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
     from kvcat.models import load_model
     from kvcat.prompts import context_and_question
 
     lm = load_model(path, dtype="float32")
     tok = lm.tokenizer
-    full_nll, count = 0.0, 0
-    for w in windows:
-        cache = full_cache(prefill(lm, list(w.prefix_ids)), lm.spec.fingerprint)
-        nll, n = continuation_ppl(lm, cache, w.continuation_ids)
-        full_nll, count = full_nll + nll, count + n
-    base_ppl = math.exp(full_nll / count)
+    full = [window_nll(full_prefix_nll(lm, w)) for w in windows]  # the reference of every gap, as `kvcat eval`'s
+    base_ppl = mean_ppl(full)
 
     def answer_ok(cache, question_ids, answers) -> float:
         out = CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])
@@ -174,14 +176,13 @@ def evaluate(bc: BenchConfig, label: str, path, policy: str, windows, needles, g
     # queries of that context (kvcat.compaction.queries) serve them all.
     combos = [(m, r) for m in bc.methods for r in bc.ratios]
     methods = {m: get_compaction(m) for m in bc.methods}
-    nll = {c: [0.0, 0] for c in combos}
+    nll: dict = {c: [] for c in combos}  # (sum NLL, tokens) per window
     hits: dict = {c: [] for c in combos}
     t0 = time.perf_counter()
     for w in windows:
         for m, r in combos:
-            x, n = continuation_ppl(lm, methods[m].compact(lm, list(w.prefix_ids), ratio=r), w.continuation_ids)
-            nll[(m, r)][0] += x
-            nll[(m, r)][1] += n
+            cache = methods[m].compact(lm, list(w.prefix_ids), ratio=r)
+            nll[(m, r)].append(window_nll(continuation_nll(lm, cache, list(w.continuation_ids))))
     for p, ex in zip(prompts, needles):
         for m, r in combos:
             hits[(m, r)].append(answer_ok(methods[m].compact(lm, p.context_ids, ratio=r), p.question_ids, ex.answers))
@@ -192,13 +193,13 @@ def evaluate(bc: BenchConfig, label: str, path, policy: str, windows, needles, g
             if m == "am-hak" and r == bc.grad_ratio else None
         acc = statistics.mean(hits[(m, r)]) if needles else None
         rows.append({"checkpoint": label, "policy": policy, "method": m, "ratio": r,
-                     "ppl_gap": round(math.exp(nll[(m, r)][0] / nll[(m, r)][1]) - base_ppl, 4),
+                     "ppl_gap": round(ppl_gap(nll[(m, r)], full), 4),
                      "retrieval_acc": acc, "base_ppl": round(base_ppl, 4), "grad_steps_to_target": grad})
         log(f"{label} {m} {r}x: gap {rows[-1]['ppl_gap']:.3f} retrieval {acc} grad steps {grad}")
     return rows
 
 
-def grad_steps(bc: BenchConfig, lm, windows, targets: dict, label: str) -> float | None:
+def grad_steps(bc: KVCatTrainingConfig, lm, windows, targets: dict, label: str) -> float | None:
     """Mean steps to the target over the windows (a window that never reaches it counts as max steps);
     the base model's initial loss fixes each window's target (half of it)."""
     from kvcat.compaction.optimize import steps_to_target
@@ -321,23 +322,20 @@ def summarise(result: dict) -> dict:
     return out
 
 
-def run(steps: int | None = None, docs: int | None = None, seq_len: int | None = None,
-         eval_windows: int | None = None, needles: int | None = None, policies: list[str] | None = None,
-         model: str | None = None, smoke: bool = False, out: str | Path | None = None) -> dict:
+def run(config: KVCatTrainingConfig, smoke: bool = False) -> dict:
+    """KV-CAT on SmolLM2: train each policy on the same data and compute, then evaluate base vs checkpoints
+    under AM-HAK, SnapKV and truncation (PPL gap, retrieval, base PPL, gradient-compaction steps), and the
+    step-time ratio of KV-CAT against plain NTP training."""
+    from kvcat.bench import config_record
     from kvcat.config import kvcat_home
     from kvcat.data import needle, token_windows
     from kvcat.models import load_model
 
-    bc = BenchConfig(**SMOKE) if smoke else BenchConfig()
-    given = {"steps": steps, "docs": docs, "seq_len": seq_len, "eval_windows": eval_windows,
-             "retrieval_examples": needles, "policies": policies, "model": model}
-    bc = replace(bc, **{k: v for k, v in given.items() if v is not None})
-    if out is not None:
-        bc = replace(bc, out=str(out))
+    bc = smoke_config(config) if smoke else config
     tag = f"{bc.model}-s{bc.steps}-l{bc.seq_len}-b{bc.batch_size * bc.grad_accum}-d{bc.docs or 'all'}-r{bc.retention:g}"
     work = Path(bc.work_dir) if bc.work_dir else kvcat_home() / "bench-kvcat" / tag
     started = time.time()
-    log(f"config: {json.dumps(asdict(bc))}")
+    log(f"config: {json.dumps(config_record(bc))}")
 
     # Every training/eval input is checked before the long part starts.
     for policy in bc.policies:
@@ -361,7 +359,7 @@ def run(steps: int | None = None, docs: int | None = None, seq_len: int | None =
     from kvcat.bench import provenance, write_result
 
     result = {"model": bc.model, **provenance(), "rows": rows, "step_time_ratio": timing["ratio"],
-              "step_time": timing, "config": asdict(bc), "checkpoints": {p: str(v) for p, v in paths.items()},
+              "step_time": timing, "config": config_record(bc), "checkpoints": {p: str(v) for p, v in paths.items()},
               "training_curves": training_curves(paths), "smoke": smoke,
               "wall_s": round(time.time() - started, 1)}
     result["summary"] = summarise(result)

@@ -24,11 +24,13 @@ import statistics
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvcat.defaults import DEFAULT_METHOD
+from kvcat.console import option
+from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
+from kvcat.eval.metrics import ppl_gap, window_nll
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = (
     "Who is speaking, and to whom?", "What is the main topic of the text?", "Name one country mentioned.",
     "What does the speaker ask Congress to do?", "Name one number mentioned in the text.",
@@ -46,11 +48,29 @@ def log(msg: str) -> None:
     print(f"[bench onthefly {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class OnTheFlyConfig:
+    """The settings of `kvcat bench onthefly`, one command-line option each."""
+
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    ratio: float = option(10.0, help="compaction ratio")
+    method: str = option(DEFAULT_METHOD, help="compaction method")
+    doc_tokens: int = option(8000, help="document length of the session")
+    turns: int = option(20, help="turns of the session")
+    threshold: int = option(2048, help="on-the-fly compaction threshold (tokens)")
+    answer_tokens: int = option(24, help="answer length per turn (tokens)")
+    dtype: str = option("bfloat16", help="engine dtype of the session")
+    quality_tokens: int = option(4096, help="prefix length of the quality comparison")
+    windows: int = option(4, help="held-out windows of the quality comparison")
+    needles: int = option(4, help="needles of the quality comparison")
+    out: Path = option(Path("benchmarks/results/onthefly.json"), help="JSON output (Markdown and PNG beside it)")
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. incremental vs from-scratch quality
 
 
-def quality(model: str, ratio: float, method: str, prefix_tokens: int, windows: int, needles: int) -> list[dict]:
+def quality(config: OnTheFlyConfig) -> list[dict]:
     from kvcat import data
     from kvcat.compaction import get_method
     from kvcat.compaction.incremental import extend
@@ -60,8 +80,10 @@ def quality(model: str, ratio: float, method: str, prefix_tokens: int, windows: 
     from kvcat.models import load_model
     from kvcat.prompts import context_and_question
 
-    lm = load_model(model, dtype="float32")
-    meth = get_method(method, budgets="uniform")  # as the server compacts
+    c = config
+    ratio = c.ratio
+    lm = load_model(c.model, dtype="float32")
+    meth = get_method(c.method, budgets="uniform")  # as the server compacts
 
     def both(ids: list[int]):
         half = len(ids) // 2
@@ -69,23 +91,25 @@ def quality(model: str, ratio: float, method: str, prefix_tokens: int, windows: 
         joined = extend(lm, meth.compact(lm, ids[:half], ratio=ratio), ids[half:], meth, ratio=ratio)
         return {"scratch": scratch, "incremental": joined}
 
-    gaps: dict[str, list[float]] = {"scratch": [], "incremental": []}
-    for i, w in enumerate(data.token_windows(lm.tokenizer, prefix_tokens, 256, windows, split="heldout")):
-        full = math.exp(full_prefix_nll(lm, w).mean().item())
+    full: list[tuple[float, int]] = []  # (sum NLL, tokens) per window, for metrics.ppl_gap
+    nlls: dict[str, list[tuple[float, int]]] = {"scratch": [], "incremental": []}
+    for i, w in enumerate(data.token_windows(lm.tokenizer, c.quality_tokens, 256, c.windows, split="heldout")):
+        full.append(window_nll(full_prefix_nll(lm, w)))
         for mode, cache in both(list(w.prefix_ids)).items():
-            gaps[mode].append(math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item()) - full)
-        log(f"quality window {i + 1}/{windows}: gaps {({k: round(v[-1], 3) for k, v in gaps.items()})}")
+            nlls[mode].append(window_nll(continuation_nll(lm, cache, list(w.continuation_ids))))
+        log(f"quality window {i + 1}/{c.windows}: gaps "
+            f"{({k: round(ppl_gap(v[-1:], full[-1:]), 3) for k, v in nlls.items()})}")
     hits: dict[str, list[float]] = {"scratch": [], "incremental": []}
-    examples = data.needle(lm.tokenizer, n=needles, length=prefix_tokens, depths=(0.25, 0.75), split="heldout")
+    examples = data.needle(lm.tokenizer, n=c.needles, length=c.quality_tokens, depths=(0.25, 0.75), split="heldout")
     for ex in examples:
         prompt = context_and_question(lm.tokenizer, ex.document, ex.question)
         for mode, cache in both(prompt.context_ids).items():
             out = CacheSession(lm, cache).generate(prompt.question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])
             hits[mode].append(retrieved(lm.tokenizer.decode(out, skip_special_tokens=True), ex.answers))
     mean = lambda xs: round(statistics.mean(xs), 4) if xs else None  # noqa: E731
-    return [{"mode": mode, "ratio": ratio, "method": method, "segments": 1 if mode == "scratch" else 2,
-             "prefix_tokens": prefix_tokens, "ppl_gap": mean(gaps[mode]), "needle_acc": mean(hits[mode]),
-             "windows": windows, "needles": len(examples)} for mode in gaps]
+    return [{"mode": mode, "ratio": ratio, "method": c.method, "segments": 1 if mode == "scratch" else 2,
+             "prefix_tokens": c.quality_tokens, "ppl_gap": round(ppl_gap(nlls[mode], full), 4) if full else None,
+             "needle_acc": mean(hits[mode]), "windows": c.windows, "needles": len(examples)} for mode in nlls]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,8 +128,7 @@ def _turn(client, served: str, messages: list[dict], tokens: int, **extra) -> di
             "answer": "".join(parts).strip()}
 
 
-def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, threshold: int,
-            answer_tokens: int, dtype: str) -> dict:
+def session(config: OnTheFlyConfig) -> dict:
     import httpx
     from transformers import AutoTokenizer
 
@@ -114,16 +137,18 @@ def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, 
     from kvcat.models import resolve
     from kvcat.server.launch import ServerProcess
 
+    c = config
+    model, ratio, method, turns, answer_tokens = c.model, c.ratio, c.method, c.turns, c.answer_tokens
     _, path = resolve(model)
     tok = AutoTokenizer.from_pretrained(path)
-    (w,) = data.token_windows(tok, doc_tokens, 2, 1, split="heldout", corpora=("sotu",))
+    (w,) = data.token_windows(tok, c.doc_tokens, 2, 1, split="heldout", corpora=("sotu",))
     document = " ".join(tok.decode(w.prefix_ids).split())  # one paragraph: "document\n\nquestion" splits once
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
     modes = ("full-warm", "full-cold", "onthefly", "compact")
     rows: list[dict] = []
-    args = ["--auto-compact-threshold", str(threshold), "--auto-compact-ratio", str(ratio),
+    args = ["--auto-compact-threshold", str(c.threshold), "--auto-compact-ratio", str(ratio),
             "--auto-compact-method", method]
-    with ServerProcess(model, dtype=dtype, max_model_len=8192, args=args) as srv:
+    with ServerProcess(model, dtype=c.dtype, max_model_len=8192, args=args) as srv:
         client = srv.openai()
         served = client.models.list().data[0].id
         info = client.models.list().data[0].model_extra
@@ -193,20 +218,15 @@ def session(model: str, ratio: float, method: str, doc_tokens: int, turns: int, 
 # --------------------------------------------------------------------------------------------------
 
 
-def run(model: str = "smollm2-135m", ratio: float = 10.0, method: str = DEFAULT_METHOD, doc_tokens: int = 8000,
-        turns: int = 20, threshold: int = 2048, answer_tokens: int = 24, dtype: str = "bfloat16",
-        quality_tokens: int = 4096, windows: int = 4, needles: int = 4,
-        out: Path | str = RESULTS / "onthefly.json") -> dict:
-    from kvcat.bench import provenance, publish
+def run(config: OnTheFlyConfig) -> dict:
+    """A multi-turn session with on-the-fly compaction vs full context, and incremental vs from-scratch."""
+    from kvcat.bench import config_record, provenance, publish
 
-    result = {"model": model, **provenance(),
-              "config": {"ratio": ratio, "method": method, "doc_tokens": doc_tokens, "turns": turns,
-                         "threshold": threshold, "answer_tokens": answer_tokens, "dtype": dtype,
-                         "quality_tokens": quality_tokens, "windows": windows, "needles": needles}}
+    result = {"model": config.model, **provenance(), "config": config_record(config)}
     # the session first: a server that refuses the configuration fails in a minute, not after the quality part
-    result["session"] = session(model, ratio, method, doc_tokens, turns, threshold, answer_tokens, dtype)
-    result["quality"] = quality(model, ratio, method, quality_tokens, windows, needles)
-    publish(result, out, table, plot, log)
+    result["session"] = session(config)
+    result["quality"] = quality(config)
+    publish(result, config.out, table, plot, log)
     return result
 
 

@@ -11,7 +11,7 @@ by kvcat.prompts.context_and_question), hands kvpress the very token ids, runs k
 process, and scores every system's outputs here with the same kvcat.eval.metrics functions:
 - ppl_gap: per window, exp(mean NLL of continuation[1:]) over the compressed prefix minus the full-prefix
   PPL of the same window (kvcat.eval.harness.full_prefix_nll: one uncached pass, the shared reference);
-  the mean over windows;
+  the mean over windows (kvcat.eval.metrics.ppl_gap, as `kvcat eval` and `kvcat bench compaction`);
 - needle_acc: metrics.retrieved of the greedy answer after compressing the haystack (chat prompt);
 - qa_f1: metrics.f1 of the first answer line on SQuAD-article questions;
 - compress_s: seconds from token ids to compressed cache, prefill included (kvcat: prefill + queries +
@@ -29,27 +29,47 @@ Writes benchmarks/results/peers.json, .md (table) and .png (PPL gap and needle a
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvcat.defaults import AM_METHODS
+from kvcat.console import option
+from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
+from kvcat.eval.metrics import mean_ppl, ppl, ppl_gap, window_nll
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".peers-venv" / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "kvpress_runner.py"
-
-KVCAT_METHODS = ("am-hak", "am-hak-fast", "am-omp-fast", "snapkv")
-# kvpress presses (names of benchmarks/kvpress_runner.py); adakv-X wraps press X in AdaKVPress
-PRESSES = ("snapkv", "expected-attention", "kvzip", "streaming-llm", "tova", "knorm", "pyramidkv",
-           "adakv-expected-attention")
-SLOW = {"am-omp": 0.5, "am-omp-fast": 1.0, "optimize": 1.0}  # as benchmarks/compaction.py: t <= limit only
 FAIRNESS_TOLERANCE = 0.01
+
+
+@dataclass
+class PeersConfig:
+    """The settings of `kvcat bench peers`, one command-line option each."""
+
+    docs: int = option(20, help="held-out PPL windows")
+    doc_tokens: int = option(4096, help="tokens of each window's prefix")
+    continuation: int = option(256, help="continuation tokens for the PPL gap")
+    ratios: tuple[float, ...] = option((2.0, 4.0, 8.0, 16.0, 32.0, 50.0),
+                                       help="compression ratios (1, the full cache, always runs)")
+    methods: tuple[str, ...] = option(("am-hak", "am-omp-fast", "snapkv"), help="kvcat methods")
+    presses: tuple[str, ...] = option(("snapkv", "expected-attention", "kvzip", "streaming-llm", "tova", "knorm",
+                                       "pyramidkv", "adakv-expected-attention"),
+                                      help="kvpress presses, as benchmarks/kvpress_runner.py names them (adakv-X: "
+                                           "press X inside AdaKVPress)")
+    needles: int = option(5, help="needle examples (0 to skip)")
+    qa: int = option(5, help="QA examples (0 to skip)")
+    question_tokens: int = option(2048, help="length of the needle haystacks and QA articles")
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    slow_max_slots: int = option(256, help="run OMP-fast only up to this many slots per head")
+    serving_docs: int = option(1, help="windows served by plain vLLM (full) and kvcat (compacted); 0 skips")
+    serving_ratios: tuple[float, ...] = option((10.0, 32.0), help="compaction ratios of the serving comparison")
+    seed: int = option(0, help="seed of the held-out sample")
+    out: Path = option(Path("benchmarks/results/peers.json"), help="JSON output (Markdown and PNG beside it)")
 
 
 def log(msg: str) -> None:
@@ -61,32 +81,25 @@ def _mean(xs):
     return round(statistics.mean(xs), 4) if xs else None
 
 
-def _split(value, default) -> list[str]:
-    if value is None:
-        return list(default)
-    return [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
-
-
-def run_kvpress(job: dict, python: Path | str = PEERS_PYTHON) -> dict:
+def run_kvpress(job: dict) -> dict:
     """The kvpress runner in the peers venv on `job`; returns its result (raises when it cannot run)."""
-    python = Path(python)
-    if not python.is_file():
-        raise RuntimeError(f"{python} is missing: make the peers venv first (bash scripts/peers_venv.sh)")
+    if not PEERS_PYTHON.is_file():
+        raise RuntimeError(f"{PEERS_PYTHON} is missing: make the peers venv first (bash scripts/peers_venv.sh)")
     with tempfile.TemporaryDirectory(prefix="kvcat-peers-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
-        proc = subprocess.run([str(python), str(RUNNER), str(job_file), str(result_file)], cwd=REPO)
+        proc = subprocess.run([str(PEERS_PYTHON), str(RUNNER), str(job_file), str(result_file)], cwd=REPO)
         if proc.returncode != 0 or not result_file.is_file():
             raise RuntimeError(f"the kvpress runner failed (exit {proc.returncode}); see its output above")
         return json.loads(result_file.read_text())
 
 
-def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=(2, 4, 8, 16, 32, 50),
-        methods: str | list[str] | None = None, presses: str | list[str] | None = None, needles: int = 5,
-        qa: int = 5, question_tokens: int = 2048, model: str = "smollm2-135m",
-        out: Path | str = RESULTS / "peers.json", seed: int = 0, slow_max_slots: int = 256,
-        peers_python: Path | str = PEERS_PYTHON, serving_docs: int = 1, serving_ratios=(10.0, 32.0)) -> dict:
-    from kvcat.bench import PeakRSS, heldout_suite, provenance, publish
+def run(config: PeersConfig) -> dict:
+    """kvcat vs NVIDIA kvpress on the same held-out data, and plain vLLM vs the kvcat server ->
+    benchmarks/results/peers.json + Pareto PNG.
+
+    kvpress runs in its own venv (.peers-venv/, made here by scripts/peers_venv.sh on first use)."""
+    from kvcat.bench import PeakRSS, config_record, heldout_suite, load_script, provenance, publish
     from kvcat.compaction import get_method
     from kvcat.compaction.queries import clear_memo
     from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
@@ -94,18 +107,18 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
     from kvcat.models import load_model
 
-    names = _split(methods, KVCAT_METHODS)
-    press_names = _split(presses, PRESSES)
-    all_ratios = sorted({float(r) for r in ratios})
+    c = config
+    compaction = load_script("compaction")  # its SLOW limits, the same here
+    names, press_names = list(c.methods), list(c.presses)
+    all_ratios = sorted({float(r) for r in c.ratios})
     ratios = [r for r in all_ratios if r > 1]  # ratio 1 is the full cache, run in both systems anyway
-    out = Path(out)
-    lm = load_model(model, dtype="float32")
+    lm = load_model(c.model, dtype="float32")
     tok = lm.tokenizer
-    log(f"model {model}; {docs} windows of {doc_tokens}+{continuation} tokens; ratios {ratios}; kvcat {names}; "
-        f"kvpress {press_names}; {needles} needles, {qa} QA")
+    log(f"model {c.model}; {c.docs} windows of {c.doc_tokens}+{c.continuation} tokens; ratios {ratios}; kvcat "
+        f"{names}; kvpress {press_names}; {c.needles} needles, {c.qa} QA")
 
-    windows, examples, prompts = heldout_suite(tok, docs, doc_tokens, continuation, needles, qa, question_tokens,
-                                               seed)
+    windows, examples, prompts = heldout_suite(tok, c.docs, c.doc_tokens, c.continuation, c.needles, c.qa,
+                                               c.question_tokens, c.seed)
     max_new = [MAX_NEW_TOKENS.get(ex.task, 32) for ex in examples]
 
     def score(text: str, ex) -> float:
@@ -123,21 +136,21 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
            "runs": [["none", 1.0]] + [[p, r] for p in press_names for r in ratios],
            "max_new_tokens": max(max_new, default=32), "stop_ids": [tok.eos_token_id]}
     start = time.perf_counter()
-    peer = run_kvpress(job, peers_python)
+    peer = run_kvpress(job)
     log(f"kvpress done in {time.perf_counter() - start:.0f} s")
 
-    # ---- kvcat, in this process ----
+    # ---- kvcat, in this process; every PPL is from (sum NLL, tokens) per window ----
     reference, kvcat_full, prefill_s, prefill_rss = [], [], [], []
     prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
     for w in windows:
-        reference.append(math.exp(full_prefix_nll(lm, w).mean().item()))
+        reference.append(window_nll(full_prefix_nll(lm, w)))
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             pre = prefill(lm, list(w.prefix_ids))
         prefill_s.append(time.perf_counter() - t0)
         prefill_rss.append(mem.peak)
-        kvcat_full.append(math.exp(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint),
-                                                    list(w.continuation_ids)).mean().item()))
+        kvcat_full.append(window_nll(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint),
+                                                      list(w.continuation_ids))))
 
     def answer(cache, p, m) -> str:
         return tok.decode(CacheSession(lm, cache).generate(p.question_ids, max_new_tokens=m), skip_special_tokens=True)
@@ -145,15 +158,15 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
     full_texts = [answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p, m)
                   for p, m in zip(prompts, max_new)]
     combos = [(m, r) for m in names for r in ratios]
-    acc = {c: {"gap": [], "ppl": [], "scores": [None] * len(examples), "compact_s": [], "rss": [], "ratio": [],
-               "skipped": False} for c in combos}
+    acc = {k: {"nll": {}, "scores": [None] * len(examples), "compact_s": [], "rss": [], "ratio": [],
+               "skipped": False} for k in combos}
     methods_obj = {m: get_method(m) for m in names}
 
     def compact_all(ids: list[int], use) -> None:
         """Every (method, ratio) on one context; the memoized prefill and queries serve them all."""
         clear_memo()
         for m, r in combos:
-            if round(len(ids) / r) > SLOW.get(m, math.inf) * slow_max_slots:
+            if not compaction.runs(m, len(ids), r, c.slow_max_slots):
                 acc[(m, r)]["skipped"] = True
                 continue
             with PeakRSS() as mem:
@@ -164,13 +177,11 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
             use(a, cache)
 
     for i, w in enumerate(windows):
-        def ppl_gap(a, cache, i=i, w=w):
-            ppl = math.exp(continuation_nll(lm, cache, list(w.continuation_ids)).mean().item())
-            a["gap"].append(ppl - reference[i])
-            a["ppl"].append(ppl)
+        def nll(a, cache, i=i, w=w):
+            a["nll"][i] = window_nll(continuation_nll(lm, cache, list(w.continuation_ids)))
             a["compact_s"].append(cache.info["compact_s"])
 
-        compact_all(list(w.prefix_ids), ppl_gap)
+        compact_all(list(w.prefix_ids), nll)
         log(f"kvcat: window {i + 1}/{len(windows)} done")
     for j, (p, ex, m) in enumerate(zip(prompts, examples, max_new)):
         def ask(a, cache, j=j, p=p, ex=ex, m=m):
@@ -180,16 +191,18 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
         log(f"kvcat: question {j + 1}/{len(prompts)} done")
 
     # ---- rows, all scored here ----
-    rows = [{"system": "kvcat", "method": "full", "ratio": 1.0, "ppl": _mean(kvcat_full),
-             "ppl_gap": _mean([a - b for a, b in zip(kvcat_full, reference)]),
+    rows = [{"system": "kvcat", "method": "full", "ratio": 1.0, "ppl": round(mean_ppl(kvcat_full), 4),
+             "ppl_gap": round(ppl_gap(kvcat_full, reference), 4),
              **tasks([score(t, ex) for t, ex in zip(full_texts, examples)]),
              "compress_s": _mean(prefill_s), "peak_rss_mb": round(max(prefill_rss), 1)}]
     for (m, r), a in acc.items():
-        if a["skipped"] and not a["gap"]:
+        if a["skipped"] and not a["nll"]:
             rows.append({"system": "kvcat", "method": m, "ratio": r,
-                         "skipped": f"t > {int(SLOW.get(m, 0) * slow_max_slots)} slots: too slow on this machine"})
+                         "skipped": compaction.too_slow(m, c.slow_max_slots)})
             continue
-        rows.append({"system": "kvcat", "method": m, "ratio": r, "ppl": _mean(a["ppl"]), "ppl_gap": _mean(a["gap"]),
+        nlls = list(a["nll"].values())
+        rows.append({"system": "kvcat", "method": m, "ratio": r, "ppl": round(mean_ppl(nlls), 4),
+                     "ppl_gap": round(ppl_gap(nlls, [reference[i] for i in a["nll"]]), 4),
                      **tasks(a["scores"]),
                      "compress_s": _mean(a["compact_s"]), "peak_rss_mb": round(max(a["rss"]), 1),
                      "achieved_ratio": _mean(a["ratio"])})
@@ -202,13 +215,12 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
         if rec.get("error"):
             rows.append({**row, "error": rec["error"]})
             continue
-        ppls = [math.exp(x["nll_sum"] / x["count"]) for x in rec["windows"]]
+        nlls = [(x["nll_sum"], x["count"]) for x in rec["windows"]]
         texts = [x["text"] for x in rec["prompts"]]
         if method == "full":
-            peer_full, peer_texts = ppls, texts
+            peer_full, peer_texts = nlls, texts
         kept = rec["kept_per_head"]
-        rows.append({**row, "ppl": _mean(ppls),
-                     "ppl_gap": _mean([a - b for a, b in zip(ppls, reference)]),
+        rows.append({**row, "ppl": round(mean_ppl(nlls), 4), "ppl_gap": round(ppl_gap(nlls, reference), 4),
                      **tasks([score(t, ex) for t, ex in zip(texts, examples)]),
                      "compress_s": _mean(rec["compress_s"][:n_win]), "peak_rss_mb": rec["peak_rss_mb"],
                      "achieved_ratio": _mean([n / k for n, k in zip(contexts, kept) if k])})
@@ -216,37 +228,33 @@ def run(docs: int = 20, doc_tokens: int = 4096, continuation: int = 256, ratios=
         raise RuntimeError("kvpress's full-cache run failed: no fairness check possible")
 
     serving, serving_info = [], {}
-    if serving_docs:
-        from kvcat.bench import load_script
+    if c.serving_docs:
+        log(f"serving: plain vLLM (full document) vs kvcat server (compacted), {c.serving_docs} window(s)")
+        docs_ = [(tok.decode(w.prefix_ids), len(w.prefix_ids)) for w in windows[:c.serving_docs]]
+        serve = load_script("serve")
+        serving, serving_info = serve.measure(serve.ServeConfig(model=c.model, ratios=c.serving_ratios), docs_,
+                                              plain_vllm=True)
 
-        log(f"serving: plain vLLM (full document) vs kvcat server (compacted), {serving_docs} window(s)")
-        docs_ = [(tok.decode(w.prefix_ids), len(w.prefix_ids)) for w in windows[:serving_docs]]
-        serving, serving_info = load_script("serve").measure(model, docs_, ratios=serving_ratios, plain_vllm=True)
-
-    kv_ppl, kp_ppl = statistics.mean(kvcat_full), statistics.mean(peer_full)
+    kv_ppl, kp_ppl = mean_ppl(kvcat_full), mean_ppl(peer_full)
     rel = abs(kp_ppl - kv_ppl) / kv_ppl
-    per_window = [abs(b - a) / a for a, b in zip(kvcat_full, peer_full)]
+    per_window = [abs(ppl(*b) - ppl(*a)) / ppl(*a) for a, b in zip(kvcat_full, peer_full)]
     fairness = {"kvcat_full_ppl": round(kv_ppl, 5), "kvpress_full_ppl": round(kp_ppl, 5),
                 "relative_difference": float(f"{rel:.3g}"),
                 "max_window_relative_difference": float(f"{max(per_window):.3g}"),
-                "reference_ppl": round(statistics.mean(reference), 5), "tolerance": FAIRNESS_TOLERANCE,
+                "reference_ppl": round(mean_ppl(reference), 5), "tolerance": FAIRNESS_TOLERANCE,
                 "ok": rel <= FAIRNESS_TOLERANCE,
                 "full_cache_answers_equal": f"{sum(a == b for a, b in zip(full_texts, peer_texts))}/{len(prompts)}",
                 "reference": "full-prefix PPL: kvcat.eval.harness.full_prefix_nll, one uncached pass"}
     if not fairness["ok"]:
         log(f"FAIRNESS CHECK FAILED: full-cache PPL kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.2%})")
-    result = {"model": model, **provenance(),
-              "config": {"docs": docs, "doc_tokens": doc_tokens, "continuation": continuation, "ratios": all_ratios,
-                         "methods": names, "presses": press_names, "needles": needles, "qa": qa,
-                         "question_tokens": question_tokens, "seed": seed, "split": "heldout",
-                         "slow_max_slots": slow_max_slots, "kvpress": peer["versions"],
-                         "serving_docs": serving_docs, "serving_ratios": list(serving_ratios),
+    result = {"model": c.model, **provenance(),
+              "config": {**config_record(c), "ratios": all_ratios, "split": "heldout", "kvpress": peer["versions"],
                          "serving": serving_info,
                          "ratio_convention": "kvcat ratio r = N / kept slots per head; kvpress compression_ratio "
                                              "= 1 - 1/r (fraction removed), kept count matched to round(N / r)"},
               "rows": rows, "fairness": fairness, "serving": serving}
     log(f"fairness: kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.4%})")
-    publish(result, out, table, plot, log)
+    publish(result, c.out, table, plot, log)
     return result
 
 

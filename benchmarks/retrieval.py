@@ -24,12 +24,12 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvcat.defaults import AM_METHODS
+from kvcat.console import option
+from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
 
-RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("am-hak", "am-hak-fast", "kvzip", "snapkv", "streaming-llm")
 MAX_NEW_TOKENS = 48  # small models echo the question first; a passage answer comes after it
 
 
@@ -37,13 +37,31 @@ def log(msg: str) -> None:
     print(f"[bench retrieval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cases: int = 42, ratios=(8, 16), methods: str | list[str] = ",".join(METHODS),
-        lengths=(2048, 3072), split: str = "heldout", model: str = "smollm2-135m",
-        out: Path | str = RESULTS / "retrieval.json", seed: int = 0, resume: bool = False) -> dict:
+@dataclass
+class RetrievalConfig:
+    """The settings of `kvcat bench retrieval`, one command-line option each."""
+
+    cases: int = option(42, help="retrieval cases (needle, multi-key, passage question, in turn)")
+    ratios: tuple[float, ...] = option((8.0, 16.0), help="compaction ratios")
+    methods: tuple[str, ...] = option(("am-hak", "am-hak-fast", "kvzip", "snapkv", "streaming-llm"),
+                                      help="compaction methods")
+    lengths: tuple[int, ...] = option((2048, 3072), help="document lengths in tokens")
+    split: str = option("heldout", help="heldout (reported figures) or tune (choosing defaults)")
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    seed: int = option(0, help="seed of the case sample")
+    out: Path = option(Path("benchmarks/results/retrieval.json"), help="JSON output (Markdown and PNG beside it)")
+
+    def __post_init__(self):
+        if self.split not in ("heldout", "tune"):
+            raise ValueError(f"--split is heldout or tune, not {self.split!r}")
+
+
+def run(config: RetrievalConfig, resume: bool = False) -> dict:
+    """Do planted facts survive compaction? -> benchmarks/results/retrieval.json + PNG, paired comparisons."""
     import torch
 
     from kvcat import data
-    from kvcat.bench import Checkpoint, provenance, publish
+    from kvcat.bench import Checkpoint, config_record, provenance, publish
     from kvcat.compaction import get_method
     from kvcat.compaction.queries import clear_memo, document_state
     from kvcat.eval.metrics import retrieved
@@ -51,16 +69,15 @@ def run(cases: int = 42, ratios=(8, 16), methods: str | list[str] = ",".join(MET
     from kvcat.models import load_model
     from kvcat.prompts import context_and_question
 
-    names = methods.split(",") if isinstance(methods, str) else list(methods)
-    ratios = [float(r) for r in ratios]
-    config = {"cases": cases, "ratios": ratios, "methods": names, "lengths": list(lengths), "split": split,
-              "model": model, "seed": seed, "max_new_tokens": MAX_NEW_TOKENS}
-    done = Checkpoint(out, config, resume, log)
-    lm = load_model(model, dtype="float32")
+    c = config
+    names, ratios = list(c.methods), list(c.ratios)
+    record = {**config_record(c), "max_new_tokens": MAX_NEW_TOKENS}
+    done = Checkpoint(c.out, record, resume, log)
+    lm = load_model(c.model, dtype="float32")
     tok = lm.tokenizer
-    suite = data.retrieval_suite(tok, n=cases, lengths=tuple(lengths), split=split, seed=seed)
+    suite = data.retrieval_suite(tok, n=c.cases, lengths=tuple(c.lengths), split=c.split, seed=c.seed)
     compactors = {m: get_method(m) for m in names}
-    log(f"model {model}; {cases} {split} cases; ratios {ratios}; methods {names}")
+    log(f"model {c.model}; {c.cases} {c.split} cases; ratios {ratios}; methods {names}")
     prefill(lm, context_and_question(tok, suite[0].document, suite[0].question).context_ids[:64])  # warm-up
 
     def ask(cache, question_ids) -> str:
@@ -98,12 +115,12 @@ def run(cases: int = 42, ratios=(8, 16), methods: str | list[str] = ",".join(MET
         rec = case(ex)
         done.add("cases", rec)
         hits = " ".join(f"{k}={int(v['correct'])}" for k, v in rec["rows"].items())
-        log(f"case {i + 1}/{cases} {ex.id}: full={int(rec['full'])} {hits}")
+        log(f"case {i + 1}/{c.cases} {ex.id}: full={int(rec['full'])} {hits}")
 
-    result = {"model": model, **provenance(), **done.provenance(), "config": config,
+    result = {"model": c.model, **provenance(), **done.provenance(), "config": record,
               "rows": aggregate(done["cases"], names, ratios), "paired": paired(done["cases"], names, ratios),
               "cases": done["cases"]}
-    publish(result, out, table, plot, log)
+    publish(result, c.out, table, plot, log)
     done.finish()
     return result
 

@@ -23,12 +23,28 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvcat.defaults import DEFAULT_METHOD
+from kvcat.console import option
+from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = ("Who is speaking, and to whom?", "Name one topic the text discusses.")
+
+
+@dataclass
+class ServeConfig:
+    """The settings of `kvcat bench serve`, one command-line option each (`measure` takes them too)."""
+
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    doc_tokens: int = option(8000, help="document length in tokens")
+    ratios: tuple[float, ...] = option((10.0, 32.0), help="compaction ratios")
+    method: str = option(DEFAULT_METHOD, help="compaction method")
+    dtype: str = option("bfloat16", help="engine dtype")
+    docs: int = option(3, help="held-out documents")
+    decode_tokens: int = option(32, help="tokens generated per request (min_tokens fixes the count)")
+    budget_gib: float = option(1.0, help="the fixed KV budget for contexts_in_budget")
+    out: Path = option(Path("benchmarks/results/serve.json"), help="JSON output (Markdown and PNG beside it)")
 
 
 def log(msg: str) -> None:
@@ -67,15 +83,16 @@ def _cache_block_size(srv) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method: str = DEFAULT_METHOD,
-            dtype: str = "bfloat16", decode_tokens: int = 32, budget_gib: float = 1.0,
-            plain_vllm: bool = False) -> tuple[list[dict], dict]:
-    """The rows of one serving comparison over `docs` ((text, token count) pairs). With `plain_vllm`, vLLM's
-    own OpenAI server (no kvcat connector or plugin, same engine settings) first answers the full documents
-    as the "vllm" system; it is then the reference of the ratio columns."""
+def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool = False) -> tuple[list[dict], dict]:
+    """The rows of one serving comparison over `docs` ((text, token count) pairs; config.docs and doc_tokens
+    are not read). With `plain_vllm`, vLLM's own OpenAI server (no kvcat connector or plugin, same engine
+    settings) first answers the full documents as the "vllm" system; it is then the reference of the ratio
+    columns."""
     import httpx
 
     from kvcat.server.launch import ServerProcess, StockVLLMProcess
+
+    model, dtype, decode_tokens, budget_gib = config.model, config.dtype, config.decode_tokens, config.budget_gib
 
     samples: dict[tuple[str, str, float], list[dict]] = {}
     slots: dict[tuple[str, float], list[int]] = {("full", 1.0): [n for _, n in docs]}
@@ -107,9 +124,9 @@ def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method
         _stream(client, served, "Hello!", None, 4)  # warm-up
         for i, (text, _) in enumerate(docs):
             full_chat("kvcat", client, served, text)
-            for r in ratios:
+            for r in config.ratios:
                 resp = httpx.post(srv.url("/v1/compact"), timeout=3600,
-                                  json={"text": text, "ratio": r, "method": method})
+                                  json={"text": text, "ratio": r, "method": config.method})
                 resp.raise_for_status()
                 ctx = resp.json()
                 for mode, q in (("compacted-cold", QUESTIONS[0]), ("compacted-warm", QUESTIONS[1])):
@@ -142,19 +159,14 @@ def measure(model: str, docs: list[tuple[str, int]], ratios=(10.0, 32.0), method
     return rows, info
 
 
-def run(model: str = "smollm2-135m", doc_tokens: int = 8000, ratios=(10.0, 32.0), method: str = DEFAULT_METHOD,
-        dtype: str = "bfloat16", docs: int = 3, decode_tokens: int = 32, budget_gib: float = 1.0,
-        out: Path | str = RESULTS / "serve.json") -> dict:
-    from kvcat.bench import provenance, publish
+def run(config: ServeConfig) -> dict:
+    """TTFT, decode speed, KV bytes and contexts per KV budget: compacted vs full-context chat."""
+    from kvcat.bench import config_record, provenance, publish
 
-    rows, info = measure(model, heldout_docs(model, doc_tokens, docs), ratios, method, dtype, decode_tokens,
-                         budget_gib)
-    result = {"model": model, **provenance(),
-              "config": {"doc_tokens": doc_tokens, "docs": docs, "ratios": list(ratios), "method": method,
-                         "dtype": dtype, "decode_tokens": decode_tokens, "budget_gib": budget_gib,
-                         "split": "heldout", **info},
-              "rows": rows}
-    publish(result, Path(out), table, plot, log)
+    rows, info = measure(config, heldout_docs(config.model, config.doc_tokens, config.docs))
+    result = {"model": config.model, **provenance(),
+              "config": {**config_record(config), "split": "heldout", **info}, "rows": rows}
+    publish(result, config.out, table, plot, log)
     return result
 
 

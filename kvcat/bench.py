@@ -360,3 +360,41 @@ class PeakRSS:
     def rss(pid: int | str = "self") -> float:
         with open(f"/proc/{pid}/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def config_record(config) -> dict:
+    """A benchmark's config dataclass as its result and Checkpoint record it: tuples as lists and paths as
+    strings, so that a resumed run's config equals the one read back from its partial JSON."""
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+            for k, v in dataclasses.asdict(config).items()}
+
+
+def bench_command(script: str, config: str, *, errors: tuple[type[Exception], ...] = (), prepare=None, **extra):
+    """The `kvcat bench` command of benchmarks/<script>.py: one option per field of its `config` dataclass
+    (`kvcat.console.config_command`), calling the script's `run(config, **extra options)`. The script is loaded
+    here, while the command line is built, which is why scripts import only light modules at their top.
+    `prepare()` runs first; ResumeError and `errors` end in a one-line error instead of a traceback."""
+    from kvcat.console import config_command, fail
+
+    try:
+        module = load_script(script)
+    except FileNotFoundError as exc:  # an installed kvcat without the checkout: say so when asked to run
+        message = str(exc)
+
+        def unavailable() -> None:
+            fail(message)
+
+        unavailable.__doc__ = message
+        return unavailable
+
+    def start(cfg, **options):
+        if prepare is not None:
+            prepare()
+        try:
+            return module.run(cfg, **options)
+        except (ResumeError, *errors) as exc:
+            fail(str(exc))
+
+    return config_command(getattr(module, config), start, doc=module.run.__doc__, **extra)

@@ -9,3 +9,6 @@ DEFAULT_METHOD = "am-hak-fast"
 
 # The Attention Matching methods, drawn bold and compared against the rest in every benchmark.
 AM_METHODS = ("am-hak", "am-hak-fast", "am-omp", "am-omp-fast")
+
+# The model every command and benchmark uses unless told otherwise: small enough for a 2-core CPU.
+DEFAULT_MODEL = "smollm2-135m"

@@ -97,41 +97,9 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                 timeout_keep_alive=keep_alive)
 
 
-def bench_serve(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
-                doc_tokens: int = typer.Option(8000, help="document length in tokens"),
-                ratios: str = typer.Option("10,32", help="compaction ratios, comma-separated"),
-                method: str = typer.Option(DEFAULT_METHOD, help="compaction method"),
-                dtype: str = typer.Option("bfloat16", help="engine dtype"),
-                docs: int = typer.Option(3, help="held-out documents"),
-                budget_gib: float = typer.Option(1.0, help="the fixed KV budget for contexts_in_budget"),
-                out: str = typer.Option("benchmarks/results/serve.json", help="JSON output (PNG beside it)")) -> None:
-    """TTFT, decode speed, KV bytes and contexts per KV budget: compacted vs full-context chat."""
-    from kvcat.bench import load_script
-
-    load_script("serve").run(model=model, doc_tokens=doc_tokens, ratios=[float(r) for r in ratios.split(",")],
-                             method=method, dtype=dtype, docs=docs, budget_gib=budget_gib, out=out)
-
-
-def bench_onthefly(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
-                   ratio: float = typer.Option(10.0, help="compaction ratio"),
-                   method: str = typer.Option(DEFAULT_METHOD, help="compaction method"),
-                   doc_tokens: int = typer.Option(8000, help="document length of the session"),
-                   turns: int = typer.Option(20, help="turns of the session"),
-                   threshold: int = typer.Option(2048, help="on-the-fly compaction threshold (tokens)"),
-                   quality_tokens: int = typer.Option(4096, help="prefix length of the quality comparison"),
-                   windows: int = typer.Option(4, help="held-out windows of the quality comparison"),
-                   needles: int = typer.Option(4, help="needles of the quality comparison"),
-                   out: str = typer.Option("benchmarks/results/onthefly.json", help="JSON output (PNG beside it)"),
-                   ) -> None:
-    """A multi-turn session with on-the-fly compaction vs full context, and incremental vs from-scratch."""
-    from kvcat.bench import load_script
-
-    load_script("onthefly").run(model=model, ratio=ratio, method=method, doc_tokens=doc_tokens, turns=turns,
-                                threshold=threshold, quality_tokens=quality_tokens, windows=windows,
-                                needles=needles, out=out)
-
-
 def register(app, bench) -> None:
     app.command("serve")(serve)
-    bench.command("serve")(bench_serve)
-    bench.command("onthefly")(bench_onthefly)
+    from kvcat.bench import bench_command
+
+    bench.command("serve")(bench_command("serve", "ServeConfig"))
+    bench.command("onthefly")(bench_command("onthefly", "OnTheFlyConfig"))

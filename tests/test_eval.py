@@ -4,6 +4,7 @@ reports serialize and plot, and bad input fails clearly."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -24,6 +25,34 @@ def test_metrics():
     assert metrics.retrieved("The number is 4829113.", ["4829113"]) == 1.0
     assert metrics.recalled("The number is 4829113.", ["4829113"]) == 1.0
     assert metrics.recalled("it is 2556991b-0000", ["2556991b-e5f7"]) == pytest.approx(9 / 13)
+    # the PPL gap is the mean of per-window gaps, not pooled over tokens (pooled: 4.04 here)
+    assert metrics.ppl_gap([(math.log(2), 1), (2 * math.log(8), 2)], [(0.0, 1), (0.0, 2)]) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="same windows"):
+        metrics.ppl_gap([(1.0, 1)], [])
+
+
+def test_eval_and_the_compaction_benchmark_report_the_same_ppl_gap(tiny):
+    """`kvcat eval` (the harness) and `kvcat bench compaction` (its aggregate) both report metrics.ppl_gap: on
+    the same windows, the mean of each window's compacted-minus-full-prefix perplexity."""
+    from kvcat.bench import load_script
+    from kvcat.inference import continuation_nll
+
+    windows = data.token_windows(tiny.tokenizer, 64, 16, n=3, split="heldout")
+    recent = resolve("recent", 4.0)
+    (res,) = harness.ppl_gap(tiny, [recent], windows, progress=False)
+    full = [metrics.window_nll(harness.full_prefix_nll(tiny, w)) for w in windows]
+    comp = [metrics.window_nll(continuation_nll(tiny, recent.fn(tiny, list(w.prefix_ids)), list(w.continuation_ids)))
+            for w in windows]
+    by_hand = sum(math.exp(c / n) - math.exp(f / m) for (c, n), (f, m) in zip(comp, full)) / len(windows)
+    assert metrics.ppl_gap(comp, full) == pytest.approx(by_hand)
+    assert res.gap == pytest.approx(by_hand, rel=1e-5)
+    assert res.gap == pytest.approx(res.compressed_ppl - res.full_ppl)
+    docs = [{"full_nll": f, "prefill_s": 1.0, "rows": {"recent|4": {"nll": c, "compact_s": 1.0, "vs_prefill": 1.0,
+                                                                  "rss": 0.0, "extra": 0.0}}}
+            for f, c in zip(full, comp)]
+    rows = load_script("compaction").aggregate(docs, [], ["recent"], [4.0], 256)
+    assert rows[1]["method"] == "recent" and rows[1]["ppl_gap"] == pytest.approx(res.gap, abs=1e-4)
+    assert rows[0]["ppl"] == pytest.approx(res.full_ppl, abs=1e-4)
 
 
 def test_identity_compression_has_zero_gap(small):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -14,8 +15,13 @@ _DEFAULTS = TrainConfig()
 
 
 def register(app, bench) -> None:
+    from kvcat.bench import bench_command
+
     app.command("train")(train_command)
-    bench.command("kvcat")(bench_command)
+    smoke = inspect.Parameter("smoke", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, help="a tiny configuration that checks the pipeline in minutes (it sets only the options left at "
+                    "their default)"))
+    bench.command("kvcat")(bench_command("kvcat_training", "KVCatTrainingConfig", smoke=smoke))
 
 
 def train_command(
@@ -35,7 +41,8 @@ def train_command(
     w_ntp: float = typer.Option(_DEFAULTS.w_ntp, help="weight of the NTP anchor on the full pass"),
     w_budget: float = typer.Option(_DEFAULTS.w_budget, help="weight of the router's budget loss"),
     corpora: str = typer.Option(",".join(_DEFAULTS.corpora), help="comma-separated corpora (TRAIN split)"),
-    docs: Optional[int] = typer.Option(None, help="use only this many training documents (seeded sample)"),
+    docs: Optional[int] = typer.Option(_DEFAULTS.max_docs, help="use only this many training documents (seeded "
+                                                                "sample)"),
     save_every: int = typer.Option(_DEFAULTS.save_every, help="checkpoint every N steps (and at the end)"),
     seed: int = typer.Option(_DEFAULTS.seed),
     precision: str = typer.Option(_DEFAULTS.precision, help="auto (bf16 autocast on CUDA), fp32, bf16"),
@@ -69,25 +76,3 @@ def train_command(
         import torch.distributed as dist
 
         dist.destroy_process_group()
-
-
-def bench_command(
-    steps: Optional[int] = typer.Option(None, help="training steps per policy (default 60; smoke 2)"),
-    docs: Optional[int] = typer.Option(None, help="training documents (default: the whole TRAIN split)"),
-    seq_len: Optional[int] = typer.Option(None, help="training sequence length (default 512)"),
-    eval_windows: Optional[int] = typer.Option(None, help="held-out PPL windows (default 8)"),
-    needles: Optional[int] = typer.Option(None, help="held-out needle examples for retrieval (default 8)"),
-    policies: str = typer.Option("rand,attn,am,router", help="comma-separated policies to train"),
-    model: Optional[str] = typer.Option(None, help="default smollm2-135m"),
-    smoke: bool = typer.Option(False, help="a tiny configuration that checks the pipeline in minutes"),
-    out: Optional[Path] = typer.Option(None, help="result JSON (default benchmarks/results/kvcat.json, or "
-                                                  "kvcat-smoke.json with --smoke); plots beside it"),
-) -> None:
-    """KV-CAT on SmolLM2: train each policy on the same data and compute, then evaluate base vs checkpoints
-    under AM-HAK, SnapKV and truncation (PPL gap, retrieval, base PPL, gradient-compaction steps), and the
-    step-time ratio of KV-CAT against plain NTP training."""
-    from kvcat.bench import load_script
-
-    load_script("kvcat_training").run(steps=steps, docs=docs, seq_len=seq_len, eval_windows=eval_windows,
-                                        needles=needles, policies=[p.strip() for p in policies.split(",") if p.strip()],
-                                        model=model, smoke=smoke, out=out)

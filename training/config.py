@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
+from kvcat.defaults import DEFAULT_MODEL
+
 
 class TrainConfigError(ValueError):
     """A training option is invalid; the message says which and how to fix it."""
@@ -19,7 +21,7 @@ class TrainConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # ---- what to train
-    model: str = "smollm2-135m"  # zoo name or a local HF folder
+    model: str = DEFAULT_MODEL  # zoo name or a local HF folder
     policy: str = "router"  # train-time KV sparsification policy: rand, attn, am, router
     retention: float = 0.5  # fraction of prefix KV slots a continuation query may see, per layer and KV head
     corpora: tuple[str, ...] = ("paul_graham", "sotu", "moby_dick", "kjv")  # TRAIN split only

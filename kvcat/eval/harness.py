@@ -1,7 +1,8 @@
 """The evaluation harness: method-independent metrics over any `(lm, context_ids) -> CompactCache` function.
 
 (a) `ppl_gap`: perplexity of a continuation given the full prefix (one uncached forward pass), the
-    compressed prefix and no prefix; gap = compressed - full.
+    compressed prefix and no prefix; gap = compressed - full, averaged as every benchmark does
+    (`metrics.ppl_gap`: the mean over windows of each window's gap).
 (b) `retrieval`: needle / key-value accuracy, greedy generation over compressed context + question.
 (c) `qa`: exact match, F1 and answer-contained over compressed contexts.
 (d) `base_ppl`: uncompressed perplexity of held-out text (the model's base ability).
@@ -35,7 +36,8 @@ MAX_NEW_TOKENS = {"needle": 24, "kv": 48, "hotpotqa": 32, "squad": 32}
 
 @dataclass
 class PPLResult:
-    """(a) Continuation perplexity with the full, the compressed and no prefix; gap = compressed - full."""
+    """(a) Continuation perplexity with the full, the compressed and no prefix (each the mean over windows of
+    the window's perplexity); gap = compressed - full (`metrics.ppl_gap`)."""
 
     method: str
     ratio: float | None
@@ -146,31 +148,27 @@ def ppl_gap(lm: LoadedModel, compressors: Sequence[NamedCompressor], windows: Se
         raise ValueError("no windows to evaluate")
     full_nll, none_nll = [], []
     for w in _bar(windows, "ppl: references", progress):
-        full_nll.append(full_prefix_nll(lm, w))
-        none_nll.append(continuation_nll(lm, None, list(w.continuation_ids)))
-    scored = sum(len(x) for x in full_nll)
-    full_ppl = metrics.ppl(sum(float(x.sum()) for x in full_nll), scored)
-    none_ppl = metrics.ppl(sum(float(x.sum()) for x in none_nll), scored)
+        full_nll.append(metrics.window_nll(full_prefix_nll(lm, w)))
+        none_nll.append(metrics.window_nll(continuation_nll(lm, None, list(w.continuation_ids))))
+    full_ppl, none_ppl = metrics.mean_ppl(full_nll), metrics.mean_ppl(none_nll)
     out = []
     for comp in compressors:
-        total, ratios, secs, rows = 0.0, [], [], []
+        nlls, ratios, secs, rows = [], [], [], []
         for w, f, z in zip(_bar(windows, f"ppl: {comp.label}", progress), full_nll, none_nll):
             cache, sec = _compress(lm, comp, list(w.prefix_ids))
-            nll = continuation_nll(lm, cache, list(w.continuation_ids))
-            total += float(nll.sum())
+            nlls.append(metrics.window_nll(continuation_nll(lm, cache, list(w.continuation_ids))))
             secs.append(sec)
             if cache is not None:
                 ratios.append(cache.ratio)
-            rows.append({"document_id": w.document_id, "start": w.start,
-                         "full_ppl": math.exp(float(f.mean())), "compressed_ppl": math.exp(float(nll.mean())),
-                         "no_context_ppl": math.exp(float(z.mean())),
+            rows.append({"document_id": w.document_id, "start": w.start, "full_ppl": metrics.ppl(*f),
+                         "compressed_ppl": metrics.ppl(*nlls[-1]), "no_context_ppl": metrics.ppl(*z),
                          "ratio": cache.ratio if cache is not None else None, "compress_s": sec})
-        comp_ppl = metrics.ppl(total, scored)
         out.append(PPLResult(method=comp.label, ratio=comp.ratio, n=len(windows),
                              prefix_tokens=len(windows[0].prefix_ids),
                              continuation_tokens=len(windows[0].continuation_ids), full_ppl=full_ppl,
-                             compressed_ppl=comp_ppl, no_context_ppl=none_ppl, gap=comp_ppl - full_ppl,
-                             achieved_ratio=_ratio_of(ratios), compress_s=sum(secs) / len(secs), examples=rows))
+                             compressed_ppl=metrics.mean_ppl(nlls), no_context_ppl=none_ppl,
+                             gap=metrics.ppl_gap(nlls, full_nll), achieved_ratio=_ratio_of(ratios),
+                             compress_s=sum(secs) / len(secs), examples=rows))
     return out
 
 

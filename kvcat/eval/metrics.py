@@ -1,4 +1,5 @@
-"""Answer scoring: SQuAD-style exact match and token F1, answer containment, retrieval hits and recall."""
+"""Scoring: SQuAD-style exact match and token F1, answer containment, retrieval hits and recall, and the
+continuation perplexity gap every evaluation and benchmark reports (`ppl_gap`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -76,3 +78,28 @@ def recalled(prediction: str, answers) -> float:
 
 def ppl(total_nll: float, tokens: int) -> float:
     return math.exp(total_nll / tokens) if tokens else float("nan")
+
+
+def window_nll(nll) -> tuple[float, int]:
+    """(sum, token count) of one window's per-token NLL tensor: the pair `mean_ppl` and `ppl_gap` take (JSON
+    keeps it as a two-item list, which they take too)."""
+    return float(nll.sum()), int(nll.numel())
+
+
+def mean_ppl(windows: Sequence[Sequence[float]]) -> float:
+    """Mean over windows of each window's perplexity exp(sum NLL / tokens), from (sum NLL, tokens) pairs."""
+    if not windows:
+        raise ValueError("no windows")
+    return sum(ppl(total, tokens) for total, tokens in windows) / len(windows)
+
+
+def ppl_gap(compacted: Sequence[Sequence[float]], full: Sequence[Sequence[float]]) -> float:
+    """The continuation perplexity gap: compacted-prefix minus full-prefix perplexity, the MEAN OVER WINDOWS OF
+    EACH WINDOW'S GAP (`compacted[i]` and `full[i]`: (sum NLL, tokens) of window i's continuation).
+
+    Per-window rather than pooled over all tokens: every window (document) weighs the same and the benchmarks'
+    published gaps keep their meaning. Being linear, it equals mean_ppl(compacted) - mean_ppl(full), so the
+    perplexities reported beside it add up."""
+    if len(compacted) != len(full):
+        raise ValueError(f"{len(compacted)} compacted windows against {len(full)} full ones: pair the same windows")
+    return mean_ppl(compacted) - mean_ppl(full)
