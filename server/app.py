@@ -1,7 +1,8 @@
-"""The FastAPI app: thin routes over `KvcatService`; the vLLM engine runs in the same process.
+"""The FastAPI app: middleware, error handlers and the start-up of the engine; the routes are in `routes`.
 
 `create_app(ServerConfig(...))` returns an app whose lifespan loads the model for compaction (transformers),
 starts the vLLM engine with the kvcat connector, runs the start-up self-test, and drains on shutdown.
+`create_app(config, serving)` serves an already built `Serving` instead (the tests' fake engine).
 """
 
 from __future__ import annotations
@@ -9,61 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import threading
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvcat.server import metrics
-from kvcat.server.auth import Auth
-from kvcat.server.onthefly import AutoCompaction
-from kvcat.server.protocol import ChatCompletionRequest, CompactRequest, error_body
-from kvcat.server.service import ApiError, KvcatService, Limits
+from kvcat.server.config import ServerConfig
+from kvcat.server.errors import ApiError
+from kvcat.server.protocol import ErrorResponse, error_body
+from kvcat.server.routes import AppState, router
+from kvcat.server.serving import Serving
 
 log = logging.getLogger("kvcat.server")
-
-
-@dataclass
-class ServerConfig:
-    model: str  # zoo name or HF folder
-    dtype: str = "auto"  # the engine's dtype
-    compaction_dtype: str = "float32"
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    beta: bool = True
-    kv_cache_gib: int | None = None
-    store: str | None = None  # a folder or an fsspec URL; default $KVCAT_HOME/contexts
-    self_test: bool = True
-    served_name: str | None = None
-    auto: AutoCompaction = field(default_factory=AutoCompaction)  # on-the-fly compaction (off by default)
-    auth: Auth = field(default_factory=Auth)  # no keys: one tenant, loopback only (see `kvcat serve`)
-    limits: Limits = field(default_factory=Limits)
-    max_body_bytes: int = 32 * 2**20
-    max_contexts_per_tenant: int | None = None
-    max_bytes_per_tenant: int | None = None
-    engine_extra: dict = field(default_factory=dict)
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error format: every 4xx and 5xx of this server."""
-
-    error: ErrorDetail
-
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     401: "missing or wrong API key", 404: "unknown model, context or job (or another tenant's)",
@@ -112,70 +73,29 @@ def _error(status: int, body: dict, headers: dict | None = None) -> JSONResponse
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@asynccontextmanager
-async def _watch_disconnect(request: Request):
-    """An Event set when the client disconnects while the block runs (the work then stops early)."""
-    cancel = threading.Event()
-
-    async def watch():
-        while not cancel.is_set():
-            if await request.is_disconnected():
-                cancel.set()
-                return
-            await asyncio.sleep(0.25)
-
-    task = asyncio.create_task(watch())
-    try:
-        yield cancel
-    finally:
-        task.cancel()
-
-
-def create_app(config: ServerConfig, service: KvcatService | None = None) -> FastAPI:
-    state: dict = {"service": service, "error": None, "started": time.time()}
-    auth = config.auth
+def create_app(config: ServerConfig, serving: Serving | None = None) -> FastAPI:
+    state = AppState(serving=serving)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = None
-        if state["service"] is None:
+        if state.serving is None:
             try:
                 engine = await _start(config, state)
             except Exception as exc:
-                state["error"] = f"{type(exc).__name__}: {exc}"
+                state.error = f"{type(exc).__name__}: {exc}"
                 log.exception("kvcat server failed to start")
                 raise
         try:
             yield
         finally:
-            svc = state["service"]
-            if svc is not None:
-                await svc.drain()
+            if state.serving is not None:
+                await state.serving.drain()
             if engine is not None:
                 engine.shutdown()
 
     app = FastAPI(title="kvcat", version="0.1.0", lifespan=lifespan, responses=ERRORS)
     app.state.kvcat = state
-
-    def svc() -> KvcatService:
-        s = state["service"]
-        if s is None or not s.ready:
-            raise ApiError(503, "the server is starting (engine loading or self-test running)",
-                           "service_unavailable", code="not_ready")
-        if s.closing:
-            raise ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
-        return s
-
-    def tenant(authorization: str | None = Header(None, include_in_schema=False)) -> str:
-        found = auth.tenant_of(authorization)
-        if found is None:
-            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                           "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return found
-
-    open_or_tenant = {"metrics": [Depends(tenant)] if auth.protect_metrics else [],
-                      "health": [Depends(tenant)] if auth.protect_health else []}
-
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     @app.exception_handler(BodyTooLarge)
@@ -210,74 +130,15 @@ def create_app(config: ServerConfig, service: KvcatService | None = None) -> Fas
         metrics.ERRORS.labels("internal").inc()
         return _error(500, error_body(f"internal error: {type(exc).__name__}", "server_error", 500))
 
-    # ---- probes and metrics --------------------------------------------------------------------------
-    @app.get("/health", dependencies=open_or_tenant["health"])
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/ready", dependencies=open_or_tenant["health"])
-    async def ready():
-        s = state["service"]
-        if s is not None and s.ready and not s.closing:
-            return {"status": "ready", "model": s.model_name, "beta": s.beta}
-        return _error(503, {"status": "failed" if state["error"] else "starting", "error": state["error"]})
-
-    @app.get("/metrics", dependencies=open_or_tenant["metrics"], include_in_schema=False)  # Prometheus text
-    async def prometheus():
-        body, ctype = metrics.render()
-        return Response(body, media_type=ctype)
-
-    # ---- API ------------------------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models(who: str = Depends(tenant)):
-        s = svc()
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": int(state["started"]),
-                                            "owned_by": "kvcat", "max_model_len": s.max_positions,
-                                            "kv_block_size": s.engine.block_size,
-                                            "kv_bytes_per_token": s.engine.kv_bytes_per_token()}
-                                           for m in s.model_ids()]}
-
-    @app.post("/v1/compact")
-    async def compact(req: CompactRequest, request: Request, who: str = Depends(tenant)):
-        s = svc()
-        if req.run_async:
-            job = s.submit_job(req, who)
-            return JSONResponse(job.public(), status_code=202,
-                                headers={"Location": f"/v1/compact/jobs/{job.id}"})
-        async with _watch_disconnect(request) as cancel:
-            return await s.compact(req, who, cancel)
-
-    @app.get("/v1/compact/jobs/{job_id}")
-    async def job(job_id: str, who: str = Depends(tenant)):
-        return svc().get_job(job_id, who).public()
-
-    @app.get("/v1/contexts")
-    async def contexts(who: str = Depends(tenant)):
-        return {"object": "list", "data": [r.public() for r in svc().list_contexts(who)]}
-
-    @app.get("/v1/contexts/{context_id}")
-    async def context(context_id: str, who: str = Depends(tenant)):
-        return svc().get_context(context_id, who).public()
-
-    @app.delete("/v1/contexts/{context_id}")
-    async def delete_context(context_id: str, who: str = Depends(tenant)):
-        return svc().delete_context(context_id, who)
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request, who: str = Depends(tenant)):
-        async with _watch_disconnect(request) as cancel:
-            result, headers = await svc().chat(req, who, cancel)
-        if isinstance(result, dict):
-            return JSONResponse(result, headers=headers)
-        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
-
+    app.include_router(router(state, config.auth))
     return app
 
 
-async def _start(config: ServerConfig, state: dict):
-    """Load the compaction model, start the engine, run the end-to-end self-test; sets state['service']."""
+async def _start(config: ServerConfig, state: AppState):
+    """Load the compaction model, start the engine, run the end-to-end self-test; sets `state.serving`."""
     from kvcat.config import kvcat_home
     from kvcat.models import load_model
+    from kvcat.server.selftest import self_test
     from kvcat.server.store import ContextStore, open_blobs
     from kvcat.server.vllm_adapter.engine import Engine, EngineConfig
 
@@ -292,55 +153,12 @@ async def _start(config: ServerConfig, state: dict):
     if store.quarantined:
         metrics.QUARANTINED.inc(len(store.quarantined))
     engine = await asyncio.to_thread(Engine.start, ecfg)
-    service = KvcatService(engine, lm, store, name, beta=config.beta, auto=config.auto, limits=config.limits)
-    service.auto_policy_check()
-    state["service"] = service
+    serving = Serving(engine, lm, store, name, beta=config.beta, auto=config.auto, limits=config.limits)
+    state.serving = serving
     if config.self_test:
-        await self_test(service)
-    service.ready = True
+        await self_test(serving)
+    serving.ready = True
     log.info("kvcat server ready: model %s, beta %s, store %s (%d contexts, %d quarantined), API keys %s",
              name, config.beta, location, len(store.list()), len(store.quarantined),
              f"for {len(config.auth.tenants)} tenants" if config.auth.enabled else "off")
     return engine
-
-
-SELF_TEST_TEXT = ("Mira keeps bees on the roof of the old library. Every spring she counts the hives, "
-                  "and this year there were seven.")
-
-
-async def self_test(service: KvcatService, tolerance: float | None = None) -> dict:
-    """End to end through the connector: an identity context (every token kept, beta 0) must give the
-    same first token and logprob as the same prompt prefilled by the engine. Also warms the engine up."""
-    from kvcat.inference import full_cache, prefill
-    from kvcat.server import prompting
-    from kvcat.server.vllm_adapter.engine import ContextHandle, GenParams
-
-    tok = service.tokenizer
-    source = {"text": SELF_TEST_TEXT}
-    ctx = prompting.context_ids(tok, source)
-    q = prompting.question_ids(tok, source, [{"role": "user", "content": "How many hives?"}])
-    cache = await asyncio.to_thread(lambda: full_cache(prefill(service.lm, ctx), service.lm.spec.fingerprint))
-    path = Path(service.store.root) / f".selftest-{os.getpid()}.kvc"
-    cache.save(path)
-    params = GenParams(max_tokens=1, temperature=0.0, logprobs=1)
-    try:
-        async def first(ids, handle):
-            async for chunk in service.engine.generate(ids, params, handle):
-                if chunk.token_ids:
-                    t = chunk.token_ids[0]
-                    return t, chunk.logprobs[0][t]
-            raise RuntimeError("no token generated")
-
-        plain = await first(ctx + q, None)
-        handle = ContextHandle("selftest", str(path), cache.num_slots, cache.num_tokens,
-                               f"kvcat-selftest-{time.time_ns()}")
-        injected = await first(q, handle)
-    finally:
-        path.unlink(missing_ok=True)
-    tol = tolerance if tolerance is not None else (1e-3 if service.engine.dtype == "float32" else 0.15)
-    diff = abs(plain[1] - injected[1])
-    if plain[0] != injected[0] or diff > tol:
-        raise RuntimeError(f"kvcat start-up self-test failed: a context injected through the KV connector "
-                           f"gave token {injected[0]} (logprob {injected[1]:.5f}) where the engine's own prefill "
-                           f"gave {plain[0]} ({plain[1]:.5f}); vLLM's internals may have changed")
-    return {"token": plain[0], "logprob_diff": diff}

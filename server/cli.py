@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from kvcat.defaults import DEFAULT_METHOD
+from kvcat.console import fail
+from kvcat.server.config import Limits, ServerConfig
+from kvcat.server.onthefly import AutoCompaction
 
 # uvicorn closes idle connections after 5 s, the very idle time after which httpx's pool stops reusing them:
 # a request sent on a connection the server is closing at that instant fails (ReadError, or a 502 behind a
@@ -19,11 +21,11 @@ KEEP_ALIVE_S = 75.0
 def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF folder (KV-CAT checkpoints too)"),
           host: str = typer.Option("127.0.0.1", help="bind address (loopback only unless API keys are configured)"),
           port: int = typer.Option(8000, help="port"),
-          beta: bool = typer.Option(True, "--beta/--no-beta",
+          beta: bool = typer.Option(ServerConfig.beta, "--beta/--no-beta",
                                     help="honour beta in attention (kvcat backend) or use stock kernels"),
-          dtype: str = typer.Option("auto", help="engine dtype: auto, float32, bfloat16, float16"),
+          dtype: str = typer.Option(ServerConfig.dtype, help="engine dtype: auto, float32, bfloat16, float16"),
           max_model_len: int = typer.Option(None, help="the engine's max tokens per request (slots + prompt)"),
-          tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp",
+          tensor_parallel_size: int = typer.Option(ServerConfig.tensor_parallel_size, "--tensor-parallel-size", "--tp",
                                                    help="vLLM tensor parallelism (GPUs)"),
           kv_cache_gib: int = typer.Option(None, min=1, help="CPU: whole GiB of paged KV memory "
                                                              "(VLLM_CPU_KVCACHE_SPACE)"),
@@ -31,7 +33,8 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                                     help="context store: a folder, or an fsspec URL shared by replicas "
                                          "(default $KVCAT_HOME/contexts)"),
           served_name: str = typer.Option(None, help="model id reported by /v1/models"),
-          self_test: bool = typer.Option(True, "--self-test/--no-self-test", help="end-to-end check at start"),
+          self_test: bool = typer.Option(ServerConfig.self_test, "--self-test/--no-self-test",
+                                         help="end-to-end check at start"),
           api_keys_file: Path = typer.Option(None, help="JSON/YAML file of API keys per tenant (also "
                                                         "KVCAT_API_KEYS='tenant:key,...')"),
           protect_metrics: bool = typer.Option(None, "--protect-metrics/--open-metrics",
@@ -40,19 +43,22 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                                               help="/health and /ready need an API key (default open)"),
           auto_compact_threshold: int = typer.Option(
               None, help="on-the-fly compaction: compact chat prompts longer than this many tokens (default off)"),
-          auto_compact_ratio: float = typer.Option(10.0, help="on-the-fly compaction ratio"),
-          auto_compact_method: str = typer.Option(DEFAULT_METHOD, help="on-the-fly compaction method"),
-          auto_compact_keep_turns: int = typer.Option(1, help="recent user turns kept uncompressed"),
+          auto_compact_ratio: float = typer.Option(AutoCompaction.ratio, help="on-the-fly compaction ratio"),
+          auto_compact_method: str = typer.Option(AutoCompaction.method, help="on-the-fly compaction method"),
+          auto_compact_keep_turns: int = typer.Option(AutoCompaction.keep_turns,
+                                                     help="recent user turns kept uncompressed"),
           max_document_tokens: int = typer.Option(None, help="longest document /v1/compact accepts (default: the "
                                                              "model's context)"),
           max_completion_tokens: int = typer.Option(None, help="largest max_tokens a chat may ask for"),
-          max_queued_compactions: int = typer.Option(8, help="compactions waiting or running; more get 429"),
-          request_timeout: float = typer.Option(600.0, help="seconds a chat completion may take"),
+          max_queued_compactions: int = typer.Option(Limits.max_queued_compactions,
+                                                    help="compactions waiting or running; more get 429"),
+          request_timeout: float = typer.Option(Limits.request_timeout_s, help="seconds a chat completion may take"),
           keep_alive: float = typer.Option(
               KEEP_ALIVE_S, help="seconds an idle HTTP connection stays open; keep it above the client pools' "
                                  "and load balancers' idle timeouts"),
-          compaction_timeout: float = typer.Option(1800.0, help="seconds a synchronous compaction may take"),
-          max_body_bytes: int = typer.Option(32 * 2**20, help="largest request body"),
+          compaction_timeout: float = typer.Option(Limits.compaction_timeout_s,
+                                                   help="seconds a synchronous compaction may take"),
+          max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="largest request body"),
           max_contexts_per_tenant: int = typer.Option(None, help="quota: stored contexts per tenant"),
           max_bytes_per_tenant: int = typer.Option(None, help="quota: compacted KV bytes per tenant"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
@@ -60,14 +66,8 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
     import uvicorn
 
     from kvcat.models import ModelError, resolve
-    from kvcat.server.app import ServerConfig, create_app
+    from kvcat.server.app import create_app
     from kvcat.server.auth import Auth, AuthConfigError, bind_host
-    from kvcat.server.onthefly import AutoCompaction
-    from kvcat.server.service import Limits
-
-    def fail(message: str) -> None:
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2)
 
     try:
         resolve(model)

@@ -1,12 +1,18 @@
-"""Request and response models of the HTTP API (pydantic). OpenAI's shapes where OpenAI has one."""
+"""Request and response models of the HTTP API (pydantic). OpenAI's shapes where OpenAI has one.
+
+The routes declare the response models, so the OpenAPI schema describes every successful body too (the schema
+fuzzing test checks responses against it). Optional fields that a response leaves unset are left out of it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvcat.defaults import DEFAULT_METHOD
+
+T = TypeVar("T")
 
 
 def _utf8(value: str | None) -> str | None:
@@ -115,6 +121,173 @@ class ChatCompletionRequest(BaseModel):
         if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+
+# ---- responses ------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error format: every 4xx and 5xx of this server."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvcat"
+    max_model_len: int
+    kv_block_size: int = Field(description="tokens per paged KV block")
+    kv_bytes_per_token: int = Field(description="paged KV bytes one token takes in the engine")
+
+
+class KvContext(BaseModel):
+    """A stored compacted context (POST /v1/compact, or on-the-fly compaction in chat)."""
+
+    id: str
+    object: Literal["kv_context"] = "kv_context"
+    model: str
+    method: str
+    original_tokens: int
+    compacted_tokens: int = Field(description="slots per head the context takes in the engine")
+    ratio: float
+    kv_bytes_full: int
+    kv_bytes_compacted: int
+    kv_bytes_saved: int
+    compaction_seconds: float
+    created: int
+    origin: Literal["compact", "auto"]
+
+
+class ObjectList(BaseModel, Generic[T]):
+    """OpenAI's list envelope."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+
+
+ModelList = ObjectList[ModelCard]
+KvContextList = ObjectList[KvContext]
+
+
+class KvContextDeleted(BaseModel):
+    id: str
+    object: Literal["kv_context.deleted"] = "kv_context.deleted"
+    deleted: bool = True
+
+
+class CompactionJob(BaseModel):
+    """An asynchronous compaction (POST /v1/compact with "async": true)."""
+
+    id: str
+    object: Literal["compaction.job"] = "compaction.job"
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float = Field(ge=0, le=1)
+    created: int
+    context: KvContext | None = None
+    error: ErrorDetail | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    kv_context_slots: int | None = Field(None, description="slots of the compacted context the answer used")
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class KvCompactionInfo(BaseModel):
+    """What on-the-fly compaction did for this request."""
+
+    outcome: Literal["hit", "prefix-hit", "incremental", "compacted"]
+    cache_hit: bool
+    context: str
+    original_tokens: int
+    compacted_tokens: int
+    compaction_seconds: float
+    uncompressed_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str
+    kv_context: str | None = Field(None, description="the compacted context the answer was generated over")
+    kv_compaction: KvCompactionInfo | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    kv_context: str | None = None
+    kv_compaction: KvCompactionInfo | None = None
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: str
+    beta: bool
 
 
 def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from kvcat.server.engine_api import Chunk, ContextHandle, GenParams
 from kvcat.server.vllm_adapter import check_version
 
 PLACEHOLDER_TOKEN = 0  # any id: the connector overwrites its K/V; it is never embedded for real
@@ -51,45 +52,6 @@ def stock_serve_command(config: EngineConfig, host: str, port: int) -> tuple[lis
     if config.kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(config.kv_cache_gib))
     return cmd, env
-
-
-@dataclass(frozen=True)
-class ContextHandle:
-    """What a request needs to run over a stored compacted context."""
-
-    context_id: str
-    path: str  # CompactCache file the worker loads
-    num_slots: int  # t
-    num_tokens: int  # N
-    salt: str  # covers everything that determines the injected K/V
-
-    @property
-    def shift(self) -> int:
-        return self.num_tokens - self.num_slots
-
-
-@dataclass
-class GenParams:
-    max_tokens: int = 64
-    min_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None
-    cache_salt: str | None = None  # plain requests: a separate prefix-cache namespace
-
-
-@dataclass
-class Chunk:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict[int, float]] | None = None  # per new token: token id -> logprob (top-k + chosen)
-    cached_tokens: int | None = None
 
 
 def beta_plugin_installed() -> bool:

@@ -1,0 +1,41 @@
+"""The server's settings: one dataclass per concern, the single source of every default `kvcat serve` shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvcat.server.auth import Auth
+from kvcat.server.onthefly import AutoCompaction
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; past these the server answers 413, 422, 429 or 504, never queues forever."""
+
+    max_document_tokens: int | None = None  # default: the model's context
+    max_completion_tokens: int | None = None  # default: what fits the context
+    max_queued_compactions: int = 8  # waiting + running; more get 429 with Retry-After
+    request_timeout_s: float | None = 600.0  # a chat completion, generation included
+    compaction_timeout_s: float | None = 1800.0  # one synchronous /v1/compact or on-the-fly compaction
+    max_jobs: int = 64  # finished async jobs remembered for GET /v1/compact/jobs/{id}
+
+
+@dataclass
+class ServerConfig:
+    model: str  # zoo name or HF folder
+    dtype: str = "auto"  # the engine's dtype
+    compaction_dtype: str = "float32"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    beta: bool = True
+    kv_cache_gib: int | None = None
+    store: str | None = None  # a folder or an fsspec URL; default $KVCAT_HOME/contexts
+    self_test: bool = True
+    served_name: str | None = None
+    auto: AutoCompaction = field(default_factory=AutoCompaction)  # on-the-fly compaction (off by default)
+    auth: Auth = field(default_factory=Auth)  # no keys: one tenant, loopback only (see `kvcat serve`)
+    limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int = 32 * 2**20
+    max_contexts_per_tenant: int | None = None
+    max_bytes_per_tenant: int | None = None
+    engine_extra: dict = field(default_factory=dict)

@@ -1,0 +1,138 @@
+"""The HTTP routes: thin, typed (`response_model`), each one call into `Serving`.
+
+Probes and metrics are open unless the API-key file protects them; every /v1 route resolves the caller's
+tenant from its API key first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvcat.server import metrics
+from kvcat.server.auth import Auth
+from kvcat.server.errors import ApiError
+from kvcat.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompactionJob, CompactRequest,
+                                   KvContext, KvContextDeleted, KvContextList, ModelList, Ready)
+from kvcat.server.serving import Serving
+
+
+@dataclass
+class AppState:
+    """What the routes see: the serving objects once started, or why the start failed."""
+
+    serving: Serving | None = None
+    error: str | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def live(self) -> Serving:
+        s = self.serving
+        if s is None or not s.ready:
+            raise ApiError(503, "the server is starting (engine loading or self-test running)",
+                           "service_unavailable", code="not_ready")
+        if s.closing:
+            raise ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+        return s
+
+
+@asynccontextmanager
+async def watch_disconnect(request: Request):
+    """An Event set when the client disconnects while the block runs (the work then stops early)."""
+    cancel = threading.Event()
+
+    async def watch():
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield cancel
+    finally:
+        task.cancel()
+
+
+def router(state: AppState, auth: Auth) -> APIRouter:
+    api = APIRouter()
+
+    def tenant(authorization: str | None = Header(None, include_in_schema=False)) -> str:
+        found = auth.tenant_of(authorization)
+        if found is None:
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    metrics_deps = [Depends(tenant)] if auth.protect_metrics else []
+    health_deps = [Depends(tenant)] if auth.protect_health else []
+
+    # ---- probes and metrics ------------------------------------------------------------------------------
+    @api.get("/health", dependencies=health_deps)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/ready", dependencies=health_deps, response_model=Ready,
+             responses={503: {"description": "starting, failed to start, or shutting down"}})
+    async def ready():
+        s = state.serving
+        if s is not None and s.ready and not s.closing:
+            return Ready(status="ready", model=s.model.name, beta=s.beta)
+        return JSONResponse({"status": "failed" if state.error else "starting", "error": state.error}, 503)
+
+    @api.get("/metrics", dependencies=metrics_deps, include_in_schema=False)  # Prometheus text format
+    async def prometheus():
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    # ---- API -------------------------------------------------------------------------------------------
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(who: str = Depends(tenant)):
+        return ModelList(data=state.live().model_cards(state.started))
+
+    @api.post("/v1/compact", response_model=KvContext | CompactionJob, response_model_exclude_unset=True,
+              responses={202: {"model": CompactionJob, "description": "accepted as a job (\"async\": true)"}})
+    async def compact(req: CompactRequest, request: Request, response: Response, who: str = Depends(tenant)):
+        compaction = state.live().compaction
+        if req.run_async:
+            job = compaction.submit_job(req, who)
+            response.status_code = 202
+            response.headers["Location"] = f"/v1/compact/jobs/{job.id}"
+            return job.public()
+        async with watch_disconnect(request) as cancel:
+            return await compaction.compact(req, who, cancel)
+
+    @api.get("/v1/compact/jobs/{job_id}", response_model=CompactionJob)
+    async def job(job_id: str, who: str = Depends(tenant)):
+        return state.live().compaction.get_job(job_id, who).public()
+
+    @api.get("/v1/contexts", response_model=KvContextList)
+    async def contexts(who: str = Depends(tenant)):
+        return KvContextList(data=state.live().contexts.list(who))
+
+    @api.get("/v1/contexts/{context_id}", response_model=KvContext)
+    async def context(context_id: str, who: str = Depends(tenant)):
+        return KvContext(**state.live().contexts.get(context_id, who).public())
+
+    @api.delete("/v1/contexts/{context_id}", response_model=KvContextDeleted)
+    async def delete_context(context_id: str, who: str = Depends(tenant)):
+        return state.live().contexts.delete(context_id, who)
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_unset=True,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the completion, or with \"stream\": true its server-sent events"}})
+    async def chat(req: ChatCompletionRequest, request: Request, response: Response, who: str = Depends(tenant)):
+        async with watch_disconnect(request) as cancel:
+            result, headers = await state.live().chat.chat(req, who, cancel)
+        if isinstance(result, ChatCompletionResponse):
+            response.headers.update(headers)
+            return result
+        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+
+    return api

@@ -1,0 +1,88 @@
+"""Stored contexts as the API sees them: per-tenant lookup, quotas, deletion that waits for the requests
+still reading a context, and the store's gauges."""
+
+from __future__ import annotations
+
+from kvcat.server import metrics
+from kvcat.server.errors import ApiError
+from kvcat.server.protocol import KvContext, KvContextDeleted
+from kvcat.server.store import ContextRecord, ContextStore, QuotaExceeded
+
+
+class ContextRegistry:
+    def __init__(self, store: ContextStore, kv_bytes_per_token: int):
+        self.store = store
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self._readers: dict[str, int] = {}  # context id -> requests generating over it now
+        self._deleted: set[str] = set()  # deleted while read: the file goes when the last reader ends
+        self.refresh_gauges()
+
+    def list(self, tenant: str) -> list[KvContext]:
+        return [KvContext(**rec.public()) for rec in self.store.list(tenant)]
+
+    def get(self, context_id: str, tenant: str) -> ContextRecord:
+        rec = self.store.get(context_id, tenant)
+        if rec is None:
+            raise ApiError(404, f"no kv_context {context_id!r} (unknown or deleted; compact the document "
+                           "again with POST /v1/compact)", "invalid_request_error", "kv_context",
+                           "context_not_found")
+        return rec
+
+    def find(self, context_id: str, tenant: str) -> ContextRecord | None:
+        return self.store.get(context_id, tenant)
+
+    def delete(self, context_id: str, tenant: str) -> KvContextDeleted:
+        self.get(context_id, tenant)
+        busy = self._readers.get(context_id, 0) > 0
+        self.store.delete(context_id, keep_file=busy)
+        if busy:
+            self._deleted.add(context_id)
+        self.refresh_gauges()
+        return KvContextDeleted(id=context_id)
+
+    def check_quota(self, tenant: str, slots: int, replacing: str | None = None) -> None:
+        try:
+            self.store.check_quota(tenant, slots * self.kv_bytes_per_token, replacing)
+        except QuotaExceeded as exc:
+            raise ApiError(429, str(exc), "insufficient_quota", code="quota_exceeded") from None
+
+    def add(self, cache, **record) -> ContextRecord:
+        try:
+            rec = self.store.add(cache, kv_bytes_per_token=self.kv_bytes_per_token, **record)
+        except QuotaExceeded as exc:
+            raise ApiError(429, str(exc), "insufficient_quota", code="quota_exceeded") from None
+        self.refresh_gauges()
+        return rec
+
+    def path(self, context_id: str) -> str:
+        return str(self.store.path(context_id))
+
+    # ---- readers ---------------------------------------------------------------------------------------
+    def acquire(self, context_id: str) -> None:
+        self._readers[context_id] = self._readers.get(context_id, 0) + 1
+
+    def release(self, context_id: str) -> None:
+        left = self._readers.get(context_id, 1) - 1
+        if left > 0:
+            self._readers[context_id] = left
+            return
+        self._readers.pop(context_id, None)
+        if context_id in self._deleted:
+            self._deleted.discard(context_id)
+            self.store.remove_file(context_id)
+
+    # ---- gauges ----------------------------------------------------------------------------------------
+    def refresh_gauges(self) -> None:
+        totals: dict[tuple[str, str], list[int]] = {}
+        for rec in self.store.list():
+            acc = totals.setdefault((rec.model, rec.method), [0, 0, 0, 0, 0])
+            for i, value in enumerate((1, rec.num_tokens, rec.num_slots, rec.kv_bytes_full, rec.kv_bytes_compacted)):
+                acc[i] += value
+        gauges = (metrics.CONTEXTS_STORED, metrics.ORIGINAL_TOKENS, metrics.COMPACTED_TOKENS,
+                  metrics.KV_BYTES_FULL, metrics.KV_BYTES_COMPACTED)
+        for gauge in (*gauges, metrics.KV_BYTES_SAVED):
+            gauge.clear()
+        for (model, method), values in totals.items():
+            for gauge, value in zip(gauges, values):
+                gauge.labels(model, method).set(value)
+            metrics.KV_BYTES_SAVED.labels(model, method).set(values[3] - values[4])

@@ -1,0 +1,119 @@
+"""On-the-fly compaction inside chat (the policy and the prompt splitting are in `onthefly`): find or make the
+compacted context a long prompt's leading part stands for."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from kvcat.server import metrics, onthefly, prompting
+from kvcat.server.errors import invalid
+from kvcat.server.onthefly import AutoCompaction, AutoCompactionError
+from kvcat.server.protocol import ChatCompletionRequest
+from kvcat.server.serving_compaction import CompactionServing
+from kvcat.server.store import ContextRecord
+
+
+@dataclass
+class Resolved:
+    """A prompt served over a compacted context: the context, the messages sent uncompressed after it, and what
+    on-the-fly compaction did (hit, prefix-hit, incremental or compacted)."""
+
+    context: ContextRecord
+    rest: list[dict]
+    outcome: str
+
+    def info(self) -> dict:
+        rec, fresh = self.context, self.outcome in ("compacted", "incremental")
+        return {"outcome": self.outcome, "cache_hit": self.outcome in ("hit", "prefix-hit"), "context": rec.id,
+                "original_tokens": rec.num_tokens, "compacted_tokens": rec.num_slots,
+                "compaction_seconds": round(rec.compaction_seconds, 4) if fresh else 0.0}
+
+
+class OnTheFlyServing:
+    def __init__(self, compaction: CompactionServing, policy: AutoCompaction, block_size: int):
+        self.compaction, self.policy, self.block_size = compaction, policy, block_size
+        self.model, self.contexts = compaction.model, compaction.contexts
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def check(self) -> None:
+        """Refuse a bad server-wide policy at start-up (raises AutoCompactionError)."""
+        from kvcat.compaction import method_names
+
+        self.policy.validate(self.block_size, method_names())
+
+    def policy_for(self, req: ChatCompletionRequest) -> AutoCompaction:
+        """The server's policy with the request's `kv_compaction` field applied (422 when that makes it bad)."""
+        from kvcat.compaction import method_names
+
+        override = req.kv_compaction
+        if override is not None and override != "off":
+            override = override.model_dump(exclude_none=True)
+        policy = self.policy.merged(override)
+        try:
+            policy.validate(self.block_size, method_names())
+        except AutoCompactionError as exc:
+            raise invalid(str(exc), "kv_compaction") from None
+        return policy
+
+    async def resolve(self, req: ChatCompletionRequest, messages: list[dict], tenant: str,
+                      cancel: threading.Event) -> Resolved | None:
+        """The compacted context for a long plain chat, or None to serve the prompt as it is."""
+        policy = self.policy_for(req)
+        if not policy.enabled:
+            return None
+        tokenizer = self.model.tokenizer
+        try:
+            if len(prompting.plain_ids(tokenizer, messages)) <= policy.threshold_tokens:
+                return None
+        except prompting.PromptError as exc:
+            raise invalid(str(exc), "messages") from None
+        cut = onthefly.split(messages, policy.keep_turns)
+        if cut is None:
+            return None
+        key = self._key(cut.source, policy, tenant)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # concurrent requests for one prefix compact it once
+                return await self._find_or_compact(cut, key, policy, tenant, cancel)
+        finally:
+            if not lock.locked():
+                self._locks.pop(key, None)
+
+    def _key(self, source: dict, policy: AutoCompaction, tenant: str) -> str:
+        return onthefly.context_key(self.model.fingerprint, source, policy, self.compaction.beta, tenant)
+
+    async def _find_or_compact(self, cut: onthefly.Split, key: str, policy: AutoCompaction, tenant: str,
+                               cancel: threading.Event) -> Resolved | None:
+        tokenizer = self.model.tokenizer
+        rec = self.contexts.find(key, tenant)
+        if rec is not None:
+            return Resolved(rec, cut.rest, "hit")
+        method = self.compaction.method(policy.method)
+        for src, rest in cut.prefixes:  # the longest stored prefix of this conversation
+            base = self.contexts.find(self._key(src, policy, tenant), tenant)
+            if base is None:
+                continue
+            if len(prompting.question_ids(tokenizer, src, rest)) <= policy.threshold_tokens:
+                return Resolved(base, rest, "prefix-hit")  # the turns since then still fit uncompressed
+            new = onthefly.new_tokens(tokenizer, src, cut.source)
+            if new is not None and len(new) >= 2:
+                self.contexts.check_quota(tenant, base.num_slots + round(len(new) / policy.ratio), replacing=key)
+                work = self.compaction.work(cut.source, new, method, policy.ratio, None, tenant=tenant,
+                                            context_id=key, origin="auto", base=base)
+                return self._compacted(await self.compaction.run(work, cancel), cut.rest, "incremental")
+            break
+        ids = prompting.context_ids(tokenizer, cut.source)
+        if len(ids) / policy.ratio < self.block_size:  # too little before the kept turns to compact
+            return None
+        self.compaction.check_length(len(ids), "messages")
+        self.contexts.check_quota(tenant, round(len(ids) / policy.ratio), replacing=key)
+        work = self.compaction.work(cut.source, ids, method, policy.ratio, None, tenant=tenant, context_id=key,
+                                    origin="auto")
+        return self._compacted(await self.compaction.run(work, cancel), cut.rest, "compacted")
+
+    def _compacted(self, rec: ContextRecord, rest: list[dict], outcome: str) -> Resolved:
+        mode = "scratch" if outcome == "compacted" else outcome
+        metrics.ONTHEFLY_COMPACTIONS.labels(self.model.name, rec.method, mode).inc()
+        return Resolved(rec, rest, outcome)
