@@ -7,17 +7,28 @@ The default goes through `kvcat serve`, `/v1/compact` and the official openai cl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import typer
-from rich.console import Console
 
-from kvcat.defaults import DEFAULT_METHOD
-
-console = Console()
+from kvcat.console import config_command, console, option
+from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
 
 
-def offline_demo(model: str = "smollm2-135m", method: str = DEFAULT_METHOD, ratio: float = 10.0,
-                 context_tokens: int = 3000, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class DemoConfig:
+    """Serve a model, compact a long document through /v1/compact, answer questions over it."""
+
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    method: str = option(DEFAULT_METHOD, help="compaction method")
+    ratio: float = option(10.0, help="compaction ratio N/t")
+    context_tokens: int = option(4000, help="length of the document (essays with one planted fact)")
+    dtype: str = option("bfloat16", help="the served engine's dtype (the offline demo runs float32)")
+    seed: int = option(0, help="which document and fact")
+    offline: bool = option(False, help="transformers only, no server")
+
+
+def offline_demo(config: DemoConfig = DemoConfig()) -> dict:
     """Compact a needle-in-a-haystack document, then ask for the needle; returns the figures printed."""
     from kvcat.compaction import get_method
     from kvcat.data import needle_example
@@ -25,8 +36,9 @@ def offline_demo(model: str = "smollm2-135m", method: str = DEFAULT_METHOD, rati
     from kvcat.models import load_model
     from kvcat.prompts import context_and_question
 
+    model, method, ratio = config.model, config.method, config.ratio
     lm = load_model(model, dtype="float32")
-    example = needle_example(lm.tokenizer, length=context_tokens, depth=0.4, seed=seed)
+    example = needle_example(lm.tokenizer, length=config.context_tokens, depth=0.4, seed=config.seed)
     ctx_ids, q_ids = context_and_question(lm.tokenizer, example.document, example.question)
     console.print(f"[bold]document[/]: {len(ctx_ids)} tokens of Paul Graham essays with a hidden fact")
     start = time.perf_counter()
@@ -44,16 +56,14 @@ def offline_demo(model: str = "smollm2-135m", method: str = DEFAULT_METHOD, rati
             "compact_bytes": cache.kv_bytes(), "seconds": seconds, "answer": answer}
 
 
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    @app.command("demo")
-    def demo(model: str = typer.Option("smollm2-135m", help="zoo name or HF folder"),
-             method: str = typer.Option(DEFAULT_METHOD, help="compaction method"),
-             ratio: float = typer.Option(10.0, help="compaction ratio N/t"),
-             offline: bool = typer.Option(False, help="transformers only, no server")) -> None:
-        """Serve a model, compact a long document through /v1/compact, answer questions over it."""
-        if offline:
-            offline_demo(model=model, method=method, ratio=ratio)
-            return
-        from kvcat.server.demo import served_demo
+def run(config: DemoConfig) -> None:
+    if config.offline:
+        offline_demo(config)
+        return
+    from kvcat.server.demo import served_demo
 
-        served_demo(model=model, method=method, ratio=ratio)
+    served_demo(config)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("demo")(config_command(DemoConfig, run))

@@ -86,9 +86,12 @@ def create_app(config: ServerConfig, serving: Serving | None = None) -> FastAPI:
                 state.error = f"{type(exc).__name__}: {exc}"
                 log.exception("kvcat server failed to start")
                 raise
+        watchdog = asyncio.create_task(_watch_engine(config, state)) if config.health_check_s else None
         try:
             yield
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if state.serving is not None:
                 await state.serving.drain()
             if engine is not None:
@@ -132,6 +135,18 @@ def create_app(config: ServerConfig, serving: Serving | None = None) -> FastAPI:
 
     app.include_router(router(state, config.auth))
     return app
+
+
+async def _watch_engine(config: ServerConfig, state: AppState) -> None:
+    """Check the engine every `health_check_s`; when it has died, call `state.on_engine_death` (`kvcat serve`
+    stops uvicorn and exits with status 3, so that Docker or Kubernetes restarts it)."""
+    while True:
+        await asyncio.sleep(config.health_check_s)
+        if state.serving is not None and not await state.check_engine():
+            log.error("the engine died (%s)", state.error)
+            if state.on_engine_death is not None:
+                state.on_engine_death()
+            return
 
 
 async def _start(config: ServerConfig, state: AppState):

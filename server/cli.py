@@ -93,8 +93,13 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                           max_bytes_per_tenant=max_bytes_per_tenant,
                           auto=AutoCompaction(auto_compact_threshold, auto_compact_ratio, auto_compact_method,
                                               auto_compact_keep_turns))
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60,
-                timeout_keep_alive=keep_alive)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_keep_alive=keep_alive, timeout_graceful_shutdown=60))
+    app.state.kvcat.on_engine_death = lambda: setattr(server, "should_exit", True)  # drain, then exit 3 below
+    server.run()
+    if app.state.kvcat.engine_dead:
+        fail(f"the vLLM engine died ({app.state.kvcat.error}); exiting so that the server is restarted", code=3)
 
 
 def register(app, bench) -> None:

@@ -39,3 +39,4 @@ class ServerConfig:
     max_contexts_per_tenant: int | None = None
     max_bytes_per_tenant: int | None = None
     engine_extra: dict = field(default_factory=dict)
+    health_check_s: float | None = 5.0  # how often the engine's health is checked (None: never)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import time
 
-from rich.console import Console
 from rich.table import Table
 
-from kvcat.defaults import DEFAULT_METHOD
-
-console = Console()
+from kvcat.console import console
+from kvcat.demo import DemoConfig
 
 
 def _ask(client, model: str, question: str, context: str | None = None, document: str | None = None,
@@ -35,8 +33,7 @@ def _ask(client, model: str, question: str, context: str | None = None, document
     return "".join(parts).strip(), first if first is not None else float("nan")
 
 
-def served_demo(model: str = "smollm2-135m", method: str = DEFAULT_METHOD, ratio: float = 10.0,
-                context_tokens: int = 4000, dtype: str = "bfloat16") -> dict:
+def served_demo(config: DemoConfig = DemoConfig()) -> dict:
     import httpx
     from transformers import AutoTokenizer
 
@@ -44,14 +41,15 @@ def served_demo(model: str = "smollm2-135m", method: str = DEFAULT_METHOD, ratio
     from kvcat.models import resolve
     from kvcat.server.launch import ServerProcess
 
+    model, method, ratio, dtype = config.model, config.method, config.ratio, config.dtype
     _, path = resolve(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    example = needle_example(tokenizer, length=context_tokens, depth=0.4, seed=0)
+    example = needle_example(tokenizer, length=config.context_tokens, depth=0.4, seed=config.seed)
     console.print(f"[bold]starting[/] kvcat serve --model {model} --dtype {dtype} (vLLM engine, tens of seconds)")
     with ServerProcess(model, dtype=dtype, max_model_len=8192) as srv:
         console.print(f"server ready at {srv.base} in {srv.startup_s:.0f} s")
         client = srv.openai()
-        console.print(f"[bold]POST /v1/compact[/]: {context_tokens}-token document, {method}, ratio {ratio:g}")
+        console.print(f"[bold]POST /v1/compact[/]: {config.context_tokens}-token document, {method}, ratio {ratio:g}")
         resp = httpx.post(srv.url("/v1/compact"), timeout=1800,
                           json={"text": example.document, "ratio": ratio, "method": method})
         if resp.status_code != 200:

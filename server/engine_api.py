@@ -36,7 +36,7 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
-    cache_salt: str | None = None  # plain requests: a separate prefix-cache namespace
+    cache_salt: str | None = None  # plain requests: their prefix-cache namespace (tenant and client salt)
 
 
 @dataclass
@@ -65,5 +65,8 @@ class EngineClient(Protocol):
                  request_id: str | None = None) -> AsyncIterator[Chunk]: ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None:
+        """Raise when the engine can no longer serve (its core process died)."""
 
     def shutdown(self) -> None: ...

@@ -106,11 +106,14 @@ def split(messages: list[dict], keep_turns: int) -> Split | None:
     return None
 
 
-def context_key(fingerprint: str, source: dict, policy: AutoCompaction, beta: bool, tenant: str) -> str:
+def context_key(fingerprint: str, source: dict, policy: AutoCompaction, beta: bool, tenant: str,
+                versions: dict | None = None) -> str:
     """The store id of the compacted form of `source` under `policy` for `tenant`: a content hash (one tenant's
-    prompts never hit another's contexts)."""
+    prompts never hit another's contexts). `versions` names whatever else decides the compacted K/V (tokenizer,
+    chat template, the method's parameters, kvcat's version), so an upgrade never serves a stale context."""
     blob = json.dumps({"fingerprint": fingerprint, "source": source, "method": policy.method,
-                       "ratio": policy.ratio, "beta": beta, "tenant": tenant}, sort_keys=True, ensure_ascii=False)
+                       "ratio": policy.ratio, "beta": beta, "tenant": tenant, "versions": versions or {}},
+                      sort_keys=True, ensure_ascii=False, default=str)
     return "ctx-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

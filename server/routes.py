@@ -7,8 +7,10 @@ tenant from its API key first.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -22,23 +24,44 @@ from kvcat.server.protocol import (ChatCompletionRequest, ChatCompletionResponse
                                    KvContext, KvContextDeleted, KvContextList, ModelList, Ready)
 from kvcat.server.serving import Serving
 
+log = logging.getLogger("kvcat.server")
+
 
 @dataclass
 class AppState:
     """What the routes see: the serving objects once started, or why the start failed."""
 
     serving: Serving | None = None
-    error: str | None = None
+    error: str | None = None  # why the start failed, or why the engine died
+    engine_dead: bool = False
+    on_engine_death: Callable[[], None] | None = None  # what the process does then (`kvcat serve`: exit 3)
     started: int = field(default_factory=lambda: int(time.time()))
 
     def live(self) -> Serving:
         s = self.serving
+        if self.engine_dead:
+            raise ApiError(503, f"the engine died ({self.error}); the server is stopping", "service_unavailable",
+                           code="engine_dead")
         if s is None or not s.ready:
             raise ApiError(503, "the server is starting (engine loading or self-test running)",
                            "service_unavailable", code="not_ready")
         if s.closing:
             raise ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
         return s
+
+
+    async def check_engine(self) -> bool:
+        """Ask the engine whether it can serve; the first failure marks it dead for good."""
+        if self.engine_dead:
+            return False
+        try:
+            await self.serving.engine.check_health()
+            return True
+        except Exception as exc:  # noqa: BLE001  (vLLM's EngineDeadError, or whatever the engine raises)
+            if not self.engine_dead:
+                self.engine_dead, self.error = True, f"{type(exc).__name__}: {exc}"
+                log.error("the engine is dead: %s", self.error)
+            return False
 
 
 @asynccontextmanager
@@ -74,15 +97,19 @@ def router(state: AppState, auth: Auth) -> APIRouter:
     health_deps = [Depends(tenant)] if auth.protect_health else []
 
     # ---- probes and metrics ------------------------------------------------------------------------------
-    @api.get("/health", dependencies=health_deps)
+    @api.get("/health", dependencies=health_deps,
+             responses={503: {"description": "the engine died (the process then exits)"}})
     async def health() -> dict[str, str]:
+        """Liveness: the process answers and its engine (once started) can serve."""
+        if state.engine_dead or (state.serving is not None and not await state.check_engine()):
+            return JSONResponse({"status": "engine_dead", "error": state.error}, 503)
         return {"status": "ok"}
 
     @api.get("/ready", dependencies=health_deps, response_model=Ready,
              responses={503: {"description": "starting, failed to start, or shutting down"}})
     async def ready():
         s = state.serving
-        if s is not None and s.ready and not s.closing:
+        if s is not None and s.ready and not s.closing and await state.check_engine():
             return Ready(status="ready", model=s.model.name, beta=s.beta)
         return JSONResponse({"status": "failed" if state.error else "starting", "error": state.error}, 503)
 

@@ -3,6 +3,8 @@ response and streaming formats, limits, cancellation and the latency metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import threading
@@ -39,6 +41,7 @@ class Turn:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
     context_id: str | None = None
+    version: str | None = None  # of the context's record when the request started
     compaction: KvCompactionInfo | None = None
 
     @property
@@ -67,7 +70,7 @@ class ChatServing:
             found = await self.onthefly.resolve(req, messages, tenant, cancel)
             if found is not None:
                 rec, messages, outcome = found.context, found.rest, found.info()
-        turn = self._turn(req, messages, rec)
+        turn = self._turn(req, messages, rec, tenant)
         if outcome is not None:
             turn.compaction = KvCompactionInfo(**outcome, uncompressed_tokens=len(turn.ids))
             headers = {"X-Kvcat-Compaction": outcome["outcome"], "X-Kvcat-Context": rec.id}
@@ -80,11 +83,13 @@ class ChatServing:
         return await self._complete(turn, chunks, cancel), headers
 
     # ---- the prompt --------------------------------------------------------------------------------------
-    def _turn(self, req: ChatCompletionRequest, messages: list[dict], rec: ContextRecord | None) -> Turn:
+    def _turn(self, req: ChatCompletionRequest, messages: list[dict], rec: ContextRecord | None, tenant: str
+              ) -> Turn:
         """Prompt ids, generation parameters and the context handle of a request (over `rec` when given)."""
         tokenizer, handle = self.model.tokenizer, None
         try:
             if rec is not None:
+                self.contexts.check_file(rec)
                 ids = prompting.question_ids(tokenizer, rec.source, messages)
                 salt = f"kvcat:{rec.id}:{rec.version}:{'beta' if self.beta else 'nobeta'}"
                 handle = ContextHandle(rec.id, self.contexts.path(rec.id), rec.num_slots, rec.num_tokens, salt)
@@ -105,9 +110,9 @@ class ChatServing:
                            temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop or [],
                            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                           cache_salt=req.cache_salt if handle is None else None)
+                           cache_salt=prefix_salt(tenant, req.cache_salt) if handle is None else None)
         return Turn(req, ids, params, handle, rec.method if rec else "none",
-                    context_id=handle.context_id if handle else None)
+                    context_id=handle.context_id if handle else None, version=rec.version if rec else None)
 
     def _max_tokens(self, req: ChatCompletionRequest, used: int, limit: int) -> int:
         room, cap = limit - used, self.limits.max_completion_tokens
@@ -123,20 +128,24 @@ class ChatServing:
 
     # ---- generation --------------------------------------------------------------------------------------
     async def _generate(self, turn: Turn, start: float, cancel: threading.Event) -> AsyncIterator[Chunk]:
-        """The engine's chunks, stopped by `cancel` or the request timeout; the engine request is aborted and
-        the context released however it ends."""
+        """The engine's chunks, stopped by `cancel` or the request timeout (counted from the request's arrival,
+        time in the engine's queue included); the engine request is aborted and the context released however
+        it ends."""
         timeout = self.limits.request_timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else start + timeout
         labels = (self.model.name, *turn.labels)
         if turn.handle:
             self.contexts.acquire(turn.handle.context_id)
         finished, first = False, True
+        stream = aiter(self.engine.generate(turn.ids, turn.params, turn.handle, turn.id))
         try:
-            async for chunk in self.engine.generate(turn.ids, turn.params, turn.handle, turn.id):
-                if cancel.is_set():
-                    raise Cancelled("the client went away")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise Cancelled(f"the request took longer than {timeout:g} s")
+            while True:
+                try:
+                    chunk = await _next_or_stop(stream, cancel, deadline, timeout)
+                except StopAsyncIteration:
+                    break
+                if chunk.finish_reason == "error":  # vLLM's request-level failure (a context that cannot load)
+                    raise self._engine_failure(turn)
                 if first and chunk.token_ids:
                     first = False
                     metrics.TTFT_SECONDS.labels(*labels).observe(time.perf_counter() - start)
@@ -146,12 +155,18 @@ class ChatServing:
             metrics.REQUESTS.labels(*labels).inc()
         finally:
             if not finished:
+                await stream.aclose()
                 try:
                     await self.engine.abort(turn.id)
                 except Exception:  # noqa: BLE001  (the request may be gone already)
                     pass
             if turn.handle:
                 self.contexts.release(turn.handle.context_id)
+
+    def _engine_failure(self, turn: Turn) -> ApiError:
+        if turn.handle is not None:
+            return self.contexts.load_failure(turn.handle.context_id, turn.version)
+        return ApiError(500, "the engine failed this request", "server_error", code="engine_error")
 
     async def _complete(self, turn: Turn, chunks: AsyncIterator[Chunk], cancel: threading.Event
                         ) -> ChatCompletionResponse:
@@ -222,6 +237,34 @@ class ChatServing:
         if last is not None and last.cached_tokens is not None:
             usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=int(last.cached_tokens))
         return usage
+
+
+async def _next_or_stop(stream: AsyncIterator[Chunk], cancel: threading.Event, deadline: float | None,
+                        timeout: float | None, poll_s: float = 0.25) -> Chunk:
+    """The stream's next chunk; Cancelled as soon as the client goes away or the deadline passes, even while the
+    request still waits in the engine's queue and no chunk comes."""
+    step = asyncio.ensure_future(anext(stream))
+    try:
+        while True:
+            wait = poll_s if deadline is None else min(poll_s, deadline - time.perf_counter())
+            if cancel.is_set():
+                raise Cancelled("the client went away")
+            if wait <= 0:
+                raise Cancelled(f"the request took longer than {timeout:g} s")
+            done, _ = await asyncio.wait({step}, timeout=wait)
+            if done:
+                return step.result()
+    except BaseException:
+        step.cancel()  # the engine's generator ends at its pending await (and can then be closed)
+        await asyncio.wait({step})
+        raise
+
+
+def prefix_salt(tenant: str, client_salt: str | None) -> str:
+    """The prefix-cache namespace of a plain request: its tenant's, split further by the client's `cache_salt`.
+    Without it, a tenant could learn from `cached_tokens` that another tenant sent the same prompt. (Requests
+    over a context are salted by the context, which belongs to one tenant.)"""
+    return json.dumps([tenant, client_salt])
 
 
 def _error_event(exc: Exception) -> str:

@@ -3,6 +3,8 @@ still reading a context, and the store's gauges."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvcat.server import metrics
 from kvcat.server.errors import ApiError
 from kvcat.server.protocol import KvContext, KvContextDeleted
@@ -53,6 +55,26 @@ class ContextRegistry:
             raise ApiError(429, str(exc), "insufficient_quota", code="quota_exceeded") from None
         self.refresh_gauges()
         return rec
+
+    def check_file(self, rec: ContextRecord) -> None:
+        """404 when a context's file is gone although its record is here (deleted by another replica, or a lost
+        disk): checked before the request reaches the engine."""
+        if not Path(self.path(rec.id)).is_file():
+            raise ApiError(404, f"the stored file of kv_context {rec.id!r} is gone (deleted elsewhere or lost); "
+                           "compact the document again", "invalid_request_error", "kv_context", "context_gone")
+
+    def load_failure(self, context_id: str, version: str) -> ApiError:
+        """The error for a request whose context the engine could not load: gone (404), rewritten under the same
+        id since the request started (409), or unreadable (500)."""
+        rec = self.store.get(context_id)
+        if rec is None or not Path(self.path(context_id)).is_file():
+            return ApiError(404, f"kv_context {context_id!r} was deleted while the request waited",
+                            "invalid_request_error", "kv_context", "context_gone")
+        if rec.version != version:
+            return ApiError(409, f"kv_context {context_id!r} was rewritten while the request waited; ask again",
+                            "invalid_request_error", "kv_context", "context_changed")
+        return ApiError(500, f"the stored file of kv_context {context_id!r} could not be loaded (truncated or "
+                        "corrupt?); compact the document again", "server_error", "kv_context", "context_unreadable")
 
     def path(self, context_id: str) -> str:
         return str(self.store.path(context_id))

@@ -4,8 +4,10 @@ compacted context a long prompt's leading part stands for."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 
 from kvcat.server import metrics, onthefly, prompting
 from kvcat.server.errors import invalid
@@ -36,6 +38,10 @@ class OnTheFlyServing:
         self.compaction, self.policy, self.block_size = compaction, policy, block_size
         self.model, self.contexts = compaction.model, compaction.contexts
         self._locks: dict[str, asyncio.Lock] = {}
+        tok = self.model.tokenizer
+        template = getattr(tok, "chat_template", None) or ""
+        self._versions = {"kvcat": version("kvcat"), "vocab": len(tok),
+                          "template": hashlib.sha256(str(template).encode()).hexdigest()[:16]}
 
     def check(self) -> None:
         """Refuse a bad server-wide policy at start-up (raises AutoCompactionError)."""
@@ -82,7 +88,8 @@ class OnTheFlyServing:
                 self._locks.pop(key, None)
 
     def _key(self, source: dict, policy: AutoCompaction, tenant: str) -> str:
-        return onthefly.context_key(self.model.fingerprint, source, policy, self.compaction.beta, tenant)
+        versions = {**self._versions, "params": self.compaction.method(policy.method).params}
+        return onthefly.context_key(self.model.fingerprint, source, policy, self.compaction.beta, tenant, versions)
 
     async def _find_or_compact(self, cut: onthefly.Split, key: str, policy: AutoCompaction, tenant: str,
                                cancel: threading.Event) -> Resolved | None:

@@ -29,10 +29,12 @@ class Call:
 class FakeEngine:
     tokenizer: object
     step_delay_s: float = 0.0  # seconds per generated token
+    queue_delay_s: float = 0.0  # seconds before the first token (a request waiting in the engine's queue)
     block_size: int = 16
     max_model_len: int = 4096
     dtype: str = "float32"
     fail_after: int | None = None  # raise after this many tokens (an engine error mid-stream)
+    dead: bool = False  # check_health raises, as vLLM's does once its engine core died
     calls: list[Call] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
@@ -46,6 +48,10 @@ class FakeEngine:
         self.calls.append(Call(list(token_ids), params, context, request_id))
         self.running.add(request_id)
         try:
+            await asyncio.sleep(self.queue_delay_s)
+            if context is not None and not _loads(context.path):  # as vLLM's KV-load failure path ends it
+                yield Chunk([], "", "error", len(token_ids), 0)
+                return
             text, finish = "", None
             for i in range(params.max_tokens):
                 if self.step_delay_s:
@@ -74,8 +80,22 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    async def check_health(self) -> None:
+        if self.dead:
+            raise RuntimeError("EngineDeadError: the fake engine core died")
+
     def shutdown(self) -> None:
         pass
+
+
+def _loads(path: str) -> bool:
+    from kvcat.cache import CompactCache
+
+    try:
+        CompactCache.load(path)
+        return True
+    except Exception:  # noqa: BLE001  (missing, truncated, corrupt)
+        return False
 
 
 class FakeServer:
@@ -96,7 +116,7 @@ class FakeServer:
         self.store = ContextStore(root, lm.spec.fingerprint, max_contexts_per_tenant=quota)
         self.serving = Serving(self.engine, lm, self.store, lm.spec.name, auto=auto, limits=limits or Limits())
         self.serving.ready = True
-        config = ServerConfig(model=lm.spec.name, auth=auth or Auth())
+        config = ServerConfig(model=lm.spec.name, auth=auth or Auth(), health_check_s=0.2)
         if max_body_bytes is not None:
             config.max_body_bytes = max_body_bytes
         self.port = free_port()

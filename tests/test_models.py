@@ -64,4 +64,4 @@ def test_models_list_cli_shows_prepared(tmp_path):
     assert "smollm2-135m" in out and "yes" in out
     res = subprocess.run([sys.executable, "-m", "kvcat.cli", "models", "prepare", "nope"], capture_output=True,
                          text=True)
-    assert res.returncode == 2 and "known models" in res.stdout
+    assert res.returncode == 2 and "known models" in res.stderr

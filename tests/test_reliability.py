@@ -5,8 +5,11 @@ fuzzing run over the fake engine in tests/test_serving.py."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +102,19 @@ def test_keys_tenants_and_protected_metrics(secure, alpha_context):
     assert httpx.get(secure.base + "/health").status_code == 200
     log = secure.srv.log_path.read_text()
     assert not any(key in log for key in KEYS.values()), "an API key reached the log"
+
+
+def test_the_prefix_cache_is_not_shared_between_tenants(secure):
+    prompt = {"max_tokens": 2, "messages": [{"role": "user", "content": "Confidential. " + NOTE * 6}]}
+
+    def cached(tenant):
+        r = secure.post("/v1/chat/completions", tenant, json=prompt)
+        assert r.status_code == 200, r.text
+        return (r.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+
+    cached("alpha")
+    assert cached("alpha") > 0  # the same tenant hits its own prefix cache
+    assert cached("beta") == 0  # another tenant learns nothing from it
 
 
 def test_without_keys_only_loopback_is_served():
@@ -194,3 +210,56 @@ def test_kill_9_during_compaction_and_chat_then_restart(secure, alpha_context):
     assert "kvcat_store_quarantined_total 1.0" in secure.get("/metrics").text
     assert {cid: secure.answer(cid) for cid in answers if cid != victim} == \
         {cid: a for cid, a in answers.items() if cid != victim}
+
+
+def test_a_context_that_cannot_load_fails_only_its_own_requests(secure):
+    gone, truncated, replaced, fine = (secure.compact(f"Report {i}. " + NOTE * (2 + i), "delta")["id"]
+                                       for i in range(4))
+    store = secure.srv.store_dir
+    (store / f"{gone}.kvc").unlink()
+    data = (store / f"{truncated}.kvc").read_bytes()
+    (store / f"{truncated}.kvc").write_bytes(data[: len(data) // 2])
+    (store / f"{replaced}.kvc").write_bytes((store / f"{fine}.kvc").read_bytes())  # another context's slots
+    for cid, status, code in ((gone, 404, "context_gone"), (truncated, 500, "context_unreadable"),
+                              (replaced, 500, "context_unreadable")):
+        r = secure.post("/v1/chat/completions", "delta", json={
+            "max_tokens": 4, "kv_context": cid, "messages": [{"role": "user", "content": "Who?"}]})
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert secure.answer(fine, "delta")  # other contexts and plain chats are still served
+    r = secure.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200, r.text
+    assert httpx.get(secure.base + "/ready").status_code == 200
+
+
+def _engine_core_pids(server_pid: int) -> list[int]:
+    """vLLM's engine core processes in the server's process group (it runs in a session of its own)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) == server_pid and b"EngineCore" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_engine_death_fails_health_and_the_server_exits_to_be_restarted(secure):
+    """Runs last in the module: it leaves the secure server dead."""
+    assert secure.get("/health").status_code == 200
+    cores = _engine_core_pids(secure.srv.proc.pid)
+    assert cores, "no engine core process found under the server"
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    seen = set()
+    deadline = time.time() + 120
+    while secure.srv.proc.poll() is None and time.time() < deadline:
+        try:
+            seen.add((secure.get("/health").status_code, httpx.get(secure.base + "/ready").status_code))
+        except httpx.HTTPError:
+            pass  # shutting down
+        time.sleep(0.2)
+    assert secure.srv.proc.poll() == 3, (secure.srv.proc.returncode, secure.srv.log_tail())
+    assert (503, 503) in seen, seen
+    assert "the engine died" in secure.srv.log_tail()

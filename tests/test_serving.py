@@ -22,7 +22,7 @@ from kvcat.server.onthefly import AutoCompaction
 from kvcat.server.protocol import ChatCompletionChunk, ChatCompletionResponse, CompactionJob, KvContext
 
 KEYS = {"alpha": "alpha-key-0123456789", "beta": "beta-key-0123456789", "gamma": "gamma-key-0123456789",
-        "delta": "delta-key-0123456789"}
+        "delta": "delta-key-0123456789", "epsilon": "epsilon-key-0123456789"}
 QUOTA, MAX_DOC, MAX_BODY, MAX_COMPLETION = 8, 3000, 200_000, 64
 THRESHOLD, RATIO = 256, 4.0  # on-the-fly compaction
 NOTE = ("The lighthouse keeper counted ships every night. On the ninth night a red ship called Aurora arrived, "
@@ -229,6 +229,12 @@ def test_timeouts_answer_504_and_free_the_engine(tiny, tmp_path):
                        json={"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 30})
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_cancelled", r.text
         assert srv.engine.aborted == [srv.engine.calls[-1].request_id] and not srv.engine.running
+        srv.engine.step_delay_s, srv.engine.queue_delay_s = 0.0, 30.0  # stuck in the engine's queue
+        start = time.monotonic()
+        r = httpx.post(srv.base + "/v1/chat/completions", timeout=30,
+                       json={"messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 3, "stream": True})
+        assert time.monotonic() - start < 5 and "request_cancelled" in r.text, r.text
+        assert srv.engine.aborted[-1] == srv.engine.calls[-1].request_id and not srv.engine.running
         r = httpx.post(srv.base + "/v1/compact", timeout=30, json={"text": NOTE, "ratio": 4, "method": "test-slow"})
         assert r.status_code == 504 and r.json()["error"]["code"] == "compaction_cancelled", r.text
         assert srv.store.list() == []
@@ -292,6 +298,15 @@ def test_engine_error_mid_stream_is_an_error_event(tiny, tmp_path):
         assert not srv.engine.running
 
 
+def test_prefix_cache_is_split_by_tenant_then_by_client_salt(api):
+    prompt = [{"role": "user", "content": NOTE}]
+    salts = []
+    for tenant, salt in (("alpha", None), ("alpha", None), ("beta", None), ("alpha", "mine")):
+        assert api.chat(prompt, tenant, **({"cache_salt": salt} if salt else {})).status_code == 200
+        salts.append(api.srv.engine.calls[-1].params.cache_salt)
+    assert salts[0] == salts[1] and len({salts[0], salts[2], salts[3]}) == 3
+
+
 def test_client_disconnect_aborts_the_generation(api):
     api.srv.engine.step_delay_s = 0.2
     try:
@@ -308,6 +323,32 @@ def test_client_disconnect_aborts_the_generation(api):
         assert request_id in api.srv.engine.aborted and request_id not in api.srv.engine.running
     finally:
         api.srv.engine.step_delay_s = 0.0
+
+
+def test_a_context_file_that_cannot_load_fails_only_its_own_requests(api):
+    gone, truncated, fine = (api.compact(f"{i} {NOTE * 2}", "epsilon") for i in range(3))
+    api.srv.store.path(gone.id).unlink()  # as another replica's delete or a lost disk would
+    r = api.chat([{"role": "user", "content": "Who?"}], "epsilon", kv_context=gone.id)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "context_gone", r.text
+    path = api.srv.store.path(truncated.id)
+    path.write_bytes(path.read_bytes()[:100])
+    r = api.chat([{"role": "user", "content": "Who?"}], "epsilon", kv_context=truncated.id)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "context_unreadable", r.text
+    api.srv.engine.queue_delay_s = 0.5  # deleted while the request waits in the engine's queue
+    try:
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("r", api.chat(
+            [{"role": "user", "content": "Who?"}], "epsilon", kv_context=fine.id, stream=True)))
+        thread.start()
+        while not api.srv.engine.running:
+            time.sleep(0.01)
+        api.srv.store.path(fine.id).unlink()
+        thread.join(30)
+    finally:
+        api.srv.engine.queue_delay_s = 0.0
+    assert "context_gone" in result["r"].text and result["r"].text.endswith("data: [DONE]\n\n")
+    assert api.chat([{"role": "user", "content": "hi"}]).status_code == 200  # everyone else is served
+    assert httpx.get(api.base + "/ready").status_code == 200
 
 
 def test_a_context_deleted_while_answering_keeps_its_file_until_the_answer_ends(api):
@@ -428,3 +469,18 @@ def test_openapi_fuzzing_no_5xx_and_schema_conformance(api):
             pass
     assert cases >= 80
     assert not failures, "\n".join(failures[:10])
+
+
+def test_a_dead_engine_fails_health_and_readiness(tiny, tmp_path):
+    with fake_server(tiny, tmp_path) as srv:
+        assert httpx.get(srv.base + "/health").json() == {"status": "ok"}
+        assert httpx.get(srv.base + "/ready").status_code == 200
+        srv.engine.dead = True
+        deadline = time.time() + 10
+        while httpx.get(srv.base + "/ready").status_code == 200 and time.time() < deadline:
+            time.sleep(0.1)  # the watchdog notices within health_check_s
+        r = httpx.get(srv.base + "/ready")
+        assert r.status_code == 503 and "EngineDeadError" in r.json()["error"]
+        assert httpx.get(srv.base + "/health").status_code == 503
+        r = httpx.post(srv.base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"

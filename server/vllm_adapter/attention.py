@@ -50,7 +50,10 @@ class KvcatCPUAttentionImpl(CPUAttentionBackendImpl):
             a, b = qsl[r], qsl[r + 1]
             if b <= a:
                 continue
-            ctx = WORKER_CONTEXTS.get(ref.path, ref.shift)
+            try:
+                ctx = WORKER_CONTEXTS.get(ref.path, ref.key, ref.shift)
+            except Exception:  # noqa: BLE001  (the connector reported its blocks invalid: the request fails)
+                continue
             if not ctx.has_bias:
                 continue
             if li is None:

@@ -66,6 +66,7 @@ def request_params(request: "Request") -> dict | None:
 @dataclass
 class LoadSpec:
     path: str
+    key: str  # the request's cache salt: context id, version and beta mode
     block_ids: list[int]
     start: int  # first slot to write (the local prefix-cache hit)
     end: int  # t
@@ -75,6 +76,7 @@ class LoadSpec:
 @dataclass
 class ContextRef:
     path: str
+    key: str
     slots: int
     shift: int
 
@@ -103,7 +105,8 @@ class LoadedContext:
 
 
 class ContextCache:
-    """LRU of LoadedContext per worker process, keyed by (path, shift)."""
+    """LRU of LoadedContext per worker process, keyed by (path, key, shift): a context rewritten under the same
+    id (a new version) is a new entry."""
 
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
@@ -114,8 +117,8 @@ class ContextCache:
         self.heads = slice(None)
         self.layout = None  # PagedLayout, set by the worker connector after its self-test
 
-    def get(self, path: str, shift: int) -> LoadedContext:
-        key = (path, shift)
+    def get(self, path: str, version: str, shift: int) -> LoadedContext:
+        key = (path, version, shift)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -145,6 +148,7 @@ class KvcatConnector(KVConnectorBase_V1):
         self._running: dict[str, tuple[int, ContextRef]] = {}
         # worker state
         self.kv_caches: dict[str, torch.Tensor] = {}
+        self._load_errors: set[int] = set()  # blocks of this step whose context could not be loaded
         self.layout = None
         self.isa = None
         if role == KVConnectorRole.WORKER:
@@ -196,10 +200,17 @@ class KvcatConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvcatConnectorMetadata) or not meta.loads:
             return
         for req_id, load in meta.loads.items():
-            ctx = WORKER_CONTEXTS.get(load.path, load.shift)
-            if ctx.num_slots != load.end:
-                raise RuntimeError(f"kvcat: context {load.path} has {ctx.num_slots} slots, request "
-                                   f"{req_id} expected {load.end}")
+            try:
+                ctx = WORKER_CONTEXTS.get(load.path, load.key, load.shift)
+                if ctx.num_slots != load.end:
+                    raise ValueError(f"it has {ctx.num_slots} slots where the request expects {load.end}")
+            except Exception as exc:  # noqa: BLE001  (one bad file must fail its own requests only)
+                # vLLM's KV-load failure path: these blocks are reported invalid and, under the default
+                # kv_load_failure_policy "fail", the request ends with finish_reason "error"; the engine goes on
+                logger.warning("kvcat: cannot load context %s for request %s: %s", load.path, req_id, exc)
+                first, last = load.start // self.block_size, (load.end - 1) // self.block_size
+                self._load_errors.update(load.block_ids[first:last + 1])
+                continue
             pos = torch.arange(load.start, load.end)
             table = torch.tensor(load.block_ids, dtype=torch.long)
             slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -208,6 +219,10 @@ class KvcatConnector(KVConnectorBase_V1):
                 k = ctx.keys[i][:, load.start:load.end].transpose(0, 1)
                 v = ctx.values[i][:, load.start:load.end].transpose(0, 1)
                 write_slots(kv, k, v, slots, self.isa)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._load_errors = self._load_errors, set()
+        return failed
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -238,11 +253,11 @@ class KvcatConnector(KVConnectorBase_V1):
         block_ids = list(blocks.get_block_ids()[0])
         if not block_ids:
             return
-        ref = ContextRef(path=p["path"], slots=int(p["slots"]), shift=int(p["shift"]))
+        ref = ContextRef(path=p["path"], key=p["key"], slots=int(p["slots"]), shift=int(p["shift"]))
         if num_external_tokens > 0:
             start = self._local_hit.get(request.request_id, 0)
-            self._pending[request.request_id] = LoadSpec(ref.path, block_ids, start, start + num_external_tokens,
-                                                         ref.shift)
+            self._pending[request.request_id] = LoadSpec(ref.path, ref.key, block_ids, start,
+                                                         start + num_external_tokens, ref.shift)
         if self.beta_enabled and p.get("beta", True):
             self._running[request.request_id] = (block_ids[0], ref)
 

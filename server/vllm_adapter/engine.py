@@ -130,7 +130,7 @@ class Engine:
         extra = None
         if context is not None:
             extra = {"kv_transfer_params": {"kvcat": {
-                "context": context.context_id, "path": context.path, "slots": context.num_slots,
+                "context": context.context_id, "path": context.path, "key": context.salt, "slots": context.num_slots,
                 "shift": context.shift, "beta": self.config.beta}}}
         sp = SamplingParams(max_tokens=params.max_tokens, min_tokens=params.min_tokens,
                             temperature=params.temperature, top_p=params.top_p,
@@ -154,6 +154,9 @@ class Engine:
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()  # EngineDeadError once the engine core process is gone
 
     async def reset_prefix_cache(self) -> None:
         await self.llm.reset_prefix_cache()
