@@ -4,8 +4,8 @@ prefill of the same tokens does, or the server refuses to start (vLLM's internal
 from __future__ import annotations
 
 import asyncio
-import os
 import time
+import uuid
 from pathlib import Path
 
 from kvcat.inference import full_cache, prefill
@@ -25,7 +25,7 @@ async def self_test(serving: Serving, tolerance: float | None = None) -> dict:
     ctx = prompting.context_ids(tok, source)
     q = prompting.question_ids(tok, source, [{"role": "user", "content": "How many hives?"}])
     cache = await asyncio.to_thread(lambda: full_cache(prefill(lm, ctx), lm.spec.fingerprint))
-    path = Path(serving.contexts.store.root) / f".selftest-{os.getpid()}.kvc"
+    path = Path(serving.contexts.store.root) / f".selftest-{uuid.uuid4().hex}.kvc"  # unique across replicas
     cache.save(path)
     params = GenParams(max_tokens=1, temperature=0.0, logprobs=1)
     try:

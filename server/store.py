@@ -16,6 +16,7 @@ contexts by local path). Tenants: each record names its tenant; lookups for anot
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from kvcat.cache import CacheError, CompactCache, atomic_write
 log = logging.getLogger("kvcat.server")
 _ID = re.compile(r"^ctx-[0-9a-f]{8,32}$")
 QUARANTINE = "quarantine"
+IN_FLIGHT_S = 600.0  # a temporary or record-less file younger than this may be another replica's write in progress
 
 
 class QuotaExceeded(Exception):
@@ -85,6 +87,7 @@ class BlobStore(Protocol):
     def names(self) -> list[str]: ...  # every blob name, temporary ones (".name.xxxx") included
     def quarantine(self, name: str) -> None: ...  # move aside, never delete
     def local_path(self, name: str) -> Path: ...  # a local file with the blob's content (for vLLM's workers)
+    def age_s(self, name: str) -> float | None: ...  # seconds since the blob was written (None: unknown)
 
     local_root: Path  # the local folder those files are in
 
@@ -117,6 +120,12 @@ class LocalDisk:
 
     def local_path(self, name: str) -> Path:
         return self.root / name
+
+    def age_s(self, name: str) -> float | None:
+        try:
+            return time.time() - (self.root / name).stat().st_mtime
+        except OSError:
+            return None
 
 
 class FsspecStore:
@@ -164,6 +173,15 @@ class FsspecStore:
             self.local.put(name, self.get(name))
         return self.local.local_path(name)
 
+    def age_s(self, name: str) -> float | None:
+        try:
+            modified = self.fs.modified(self._p(name))
+        except (NotImplementedError, OSError, AttributeError):
+            return None
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=datetime.timezone.utc)
+        return time.time() - modified.timestamp()
+
 
 def open_blobs(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> BlobStore:
     """A folder path, or an fsspec URL (scheme://...) mirrored into `cache_dir`."""
@@ -178,11 +196,18 @@ def open_blobs(location: str | os.PathLike, cache_dir: str | os.PathLike | None 
 
 
 class ContextStore:
+    """Every acknowledged context of this model. Several replicas may share one store: a lookup that misses
+    and every listing read what the others wrote or deleted since, quotas count the shared store, and the
+    clean-up at start leaves files young enough to be another replica's write in progress."""
+
     def __init__(self, blobs: BlobStore | str | os.PathLike, fingerprint: str | None = None,
-                 max_contexts_per_tenant: int | None = None, max_bytes_per_tenant: int | None = None):
+                 max_contexts_per_tenant: int | None = None, max_bytes_per_tenant: int | None = None,
+                 in_flight_s: float = IN_FLIGHT_S):
         self.blobs = blobs if not isinstance(blobs, (str, os.PathLike)) else LocalDisk(blobs)
         self.fingerprint = fingerprint
         self.max_contexts, self.max_bytes = max_contexts_per_tenant, max_bytes_per_tenant
+        self.in_flight_s = in_flight_s
+        self._foreign: set[str] = set()  # ids of records another model's server wrote
         self._records: dict[str, ContextRecord] = {}
         self._lock = threading.Lock()
         self.quarantined: list[str] = []
@@ -205,6 +230,7 @@ class ContextStore:
                 if rec.id != cid or not self.valid_id(cid):
                     raise ValueError(f"record names {rec.id!r}")
                 if self.fingerprint is not None and rec.fingerprint != self.fingerprint:
+                    self._foreign.add(cid)
                     continue  # another model's context: left alone, not served by this one
                 cache = CompactCache.from_bytes(self.blobs.get(f"{cid}.kvc"), expect_fingerprint=rec.fingerprint,
                                                 where=f"{cid}.kvc")
@@ -218,6 +244,10 @@ class ContextStore:
                 continue
             self._records[cid] = rec
         for name in names:
+            if name.startswith(".") or (name.endswith(".kvc") and name not in known):
+                age = self.blobs.age_s(name)
+                if age is None or age < self.in_flight_s:
+                    continue  # maybe another replica's write in progress: left alone
             if name.startswith("."):  # an interrupted atomic write: never acknowledged
                 self.blobs.delete(name)
             elif name.endswith(".kvc") and name not in known:  # a cache whose record was never written
@@ -238,7 +268,8 @@ class ContextStore:
         return self.blobs.local_path(f"{context_id}.kvc")
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(contexts, compacted KV bytes) held by a tenant."""
+        """(contexts, compacted KV bytes) held by a tenant, over the whole (shared) store."""
+        self.sync()
         with self._lock:
             mine = [r for r in self._records.values() if r.tenant == tenant]
         return len(mine), sum(r.kv_bytes_compacted for r in mine)
@@ -275,9 +306,46 @@ class ContextStore:
     def get(self, context_id: str, tenant: str | None = None) -> ContextRecord | None:
         with self._lock:
             rec = self._records.get(context_id)
+        if rec is None:
+            rec = self._discover(context_id)  # written by another replica since this one started
+        elif not self.blobs.exists(f"{context_id}.json"):  # deleted by another replica
+            with self._lock:
+                self._records.pop(context_id, None)
+            rec = None
         return rec if rec is not None and (tenant is None or rec.tenant == tenant) else None
 
+    def _discover(self, context_id: str) -> ContextRecord | None:
+        """A context another replica stored: its record, once its cache file is there too (the file is written
+        first). Its checksum is verified when the engine loads it."""
+        if not self.valid_id(context_id) or not self.blobs.exists(f"{context_id}.json"):
+            return None
+        try:
+            rec = ContextRecord.from_json(self.blobs.get(f"{context_id}.json").decode())
+        except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            log.warning("unreadable record of context %s (%s): not served", context_id, exc)
+            return None
+        if rec.id != context_id or (self.fingerprint is not None and rec.fingerprint != self.fingerprint):
+            self._foreign.add(context_id)  # another model's: never served here, not read again
+            return None
+        if not self.blobs.exists(f"{context_id}.kvc"):
+            return None
+        with self._lock:
+            self._records[context_id] = rec
+        return rec
+
+    def sync(self) -> None:
+        """See the other replicas' writes and deletes: one listing of the store."""
+        ids = {n[:-5] for n in self.blobs.names() if n.startswith("ctx-") and n.endswith(".json")}
+        with self._lock:
+            gone = [cid for cid in self._records if cid not in ids]
+            for cid in gone:
+                del self._records[cid]
+            new = ids - set(self._records) - self._foreign
+        for cid in new:
+            self._discover(cid)
+
     def list(self, tenant: str | None = None) -> list[ContextRecord]:
+        self.sync()
         with self._lock:
             recs = [r for r in self._records.values() if tenant is None or r.tenant == tenant]
         return sorted(recs, key=lambda r: (r.created, r.id))

@@ -484,3 +484,18 @@ def test_a_dead_engine_fails_health_and_readiness(tiny, tmp_path):
         assert httpx.get(srv.base + "/health").status_code == 503
         r = httpx.post(srv.base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+def test_two_replicas_share_one_store(tiny, tmp_path):
+    with fake_server(tiny, tmp_path) as a, fake_server(tiny, tmp_path) as b:
+        ctx = KvContext(**httpx.post(a.base + "/v1/compact", timeout=60,
+                                     json={"text": NOTE * 2, "ratio": 4, "method": "snapkv"}).json())
+        chat = {"messages": [{"role": "user", "content": "Who?"}], "kv_context": ctx.id, "max_tokens": 3}
+        r = httpx.post(b.base + "/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and b.engine.calls[-1].context.context_id == ctx.id, r.text
+        assert [c["id"] for c in httpx.get(b.base + "/v1/contexts").json()["data"]] == [ctx.id]
+        assert httpx.delete(a.base + f"/v1/contexts/{ctx.id}").status_code == 200
+        r = httpx.post(b.base + "/v1/chat/completions", json=chat)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "context_not_found", r.text
+        assert httpx.get(b.base + "/v1/contexts").json()["data"] == []
+        assert httpx.post(b.base + "/v1/chat/completions", json={**chat, "kv_context": None}).status_code == 200

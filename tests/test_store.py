@@ -54,13 +54,28 @@ def test_corrupt_and_orphaned_files_are_quarantined_not_deleted(blobs):
     store.blobs.put(f"{bad.id}.kvc", bytes(raw))
     store.blobs.put("ctx-0123456789abcdef.kvc", _cache(seed=2).to_bytes())  # a cache without its record
     store.blobs.put(".ctx-half-written.kvc.tmp", b"partial")  # an interrupted write
-    again = ContextStore(blobs(), fingerprint="fp0")
+    assert ContextStore(blobs(), fingerprint="fp0").quarantined == [bad.id]  # young files: maybe in flight
+    assert store.blobs.exists("ctx-0123456789abcdef.kvc") and store.blobs.exists(".ctx-half-written.kvc.tmp")
+    again = ContextStore(blobs(), fingerprint="fp0", in_flight_s=0)
     assert [r.id for r in again.list()] == [good.id]
-    assert sorted(again.quarantined) == sorted([bad.id, "ctx-0123456789abcdef"])
+    assert again.quarantined == ["ctx-0123456789abcdef"]  # now old enough
     names = again.blobs.names()
     assert not any(n.startswith(".") for n in names) and f"{bad.id}.kvc" not in names
     if isinstance(again.blobs, LocalDisk):
         assert len(list((again.blobs.root / "quarantine").iterdir())) == 3  # record + cache + orphan, all kept
+
+
+def test_replicas_see_each_others_writes_and_deletes(blobs):
+    a, b = ContextStore(blobs(), fingerprint="fp0"), ContextStore(blobs(), fingerprint="fp0", max_contexts_per_tenant=2)
+    first = _add(a, "t", 0)
+    assert b.get(first.id, "t") == first and [r.id for r in b.list("t")] == [first.id]
+    _add(a, "t", 1)
+    with pytest.raises(QuotaExceeded, match="holds 2 contexts"):  # counted over the shared store
+        _add(b, "t", 2)
+    a.delete(first.id)
+    assert b.get(first.id, "t") is None and first.id not in {r.id for r in b.list()}
+    foreign = ContextStore(blobs(), fingerprint="fp1")
+    assert foreign.list() == [] and foreign.get(a.list()[0].id) is None  # another model's contexts
 
 
 def test_quotas_per_tenant(tmp_path):
