@@ -47,6 +47,9 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           auto_compact_method: str = typer.Option(AutoCompaction.method, help="on-the-fly compaction method"),
           auto_compact_keep_turns: int = typer.Option(AutoCompaction.keep_turns,
                                                      help="recent user turns kept uncompressed"),
+          auto_compact_max_contexts: int = typer.Option(
+              AutoCompaction.max_contexts, help="on-the-fly contexts kept per tenant (least recently used "
+                                                "evicted; not counted in the tenant's quota)"),
           max_document_tokens: int = typer.Option(None, help="longest document /v1/compact accepts (default: the "
                                                              "model's context)"),
           max_completion_tokens: int = typer.Option(None, help="largest max_tokens a chat may ask for"),
@@ -92,7 +95,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                           max_body_bytes=max_body_bytes, max_contexts_per_tenant=max_contexts_per_tenant,
                           max_bytes_per_tenant=max_bytes_per_tenant,
                           auto=AutoCompaction(auto_compact_threshold, auto_compact_ratio, auto_compact_method,
-                                              auto_compact_keep_turns))
+                                              auto_compact_keep_turns, auto_compact_max_contexts))
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_keep_alive=keep_alive, timeout_graceful_shutdown=60))

@@ -37,6 +37,8 @@ ONTHEFLY_COMPACTIONS = Counter("kvcat_onthefly_compactions", "On-the-fly compact
 ONTHEFLY_BYTES_SAVED = Counter("kvcat_onthefly_kv_bytes_saved", "KV bytes not held by requests served over "
                                "on-the-fly compacted prefixes (full minus compacted, summed over requests)",
                                ["model", "method"])
+ONTHEFLY_EVICTIONS = Counter("kvcat_onthefly_evictions", "On-the-fly contexts evicted (least recently used) to "
+                             "keep a tenant under the on-the-fly context bound", ["model", "method"])
 REQUESTS = Counter("kvcat_chat_requests", "Chat completions served", ["model", "method", "mode"])
 QUARANTINED = Counter("kvcat_store_quarantined", "Context files found corrupt or orphaned at start and moved "
                       "to the store's quarantine folder")

@@ -37,6 +37,7 @@ class AutoCompaction:
     ratio: float = 10.0
     method: str = DEFAULT_METHOD
     keep_turns: int = 1
+    max_contexts: int = 64  # on-the-fly contexts kept per tenant (least recently used evicted; not in the quota)
 
     @property
     def enabled(self) -> bool:
@@ -67,6 +68,8 @@ class AutoCompaction:
         if self.method not in method_names:
             raise AutoCompactionError(f"unknown compaction method {self.method!r}; choose one of "
                                       f"{', '.join(method_names)}")
+        if self.max_contexts < 1:
+            raise AutoCompactionError(f"max_contexts must be at least 1, got {self.max_contexts}")
         if self.keep_turns < 1:
             raise AutoCompactionError(f"keep_turns must be at least 1, got {self.keep_turns}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -38,6 +39,7 @@ class OnTheFlyServing:
         self.compaction, self.policy, self.block_size = compaction, policy, block_size
         self.model, self.contexts = compaction.model, compaction.contexts
         self._locks: dict[str, asyncio.Lock] = {}
+        self._last_used: dict[str, float] = {}  # on-the-fly context id -> when a request last used it here
         tok = self.model.tokenizer
         template = getattr(tok, "chat_template", None) or ""
         self._versions = {"kvcat": version("kvcat"), "vocab": len(tok),
@@ -96,17 +98,17 @@ class OnTheFlyServing:
         tokenizer = self.model.tokenizer
         rec = self.contexts.find(key, tenant)
         if rec is not None:
-            return Resolved(rec, cut.rest, "hit")
+            return self._used(Resolved(rec, cut.rest, "hit"))
         method = self.compaction.method(policy.method)
         for src, rest in cut.prefixes:  # the longest stored prefix of this conversation
             base = self.contexts.find(self._key(src, policy, tenant), tenant)
             if base is None:
                 continue
             if len(prompting.question_ids(tokenizer, src, rest)) <= policy.threshold_tokens:
-                return Resolved(base, rest, "prefix-hit")  # the turns since then still fit uncompressed
+                return self._used(Resolved(base, rest, "prefix-hit"))  # the turns since then still fit as they are
             new = onthefly.new_tokens(tokenizer, src, cut.source)
             if new is not None and len(new) >= 2:
-                self.contexts.check_quota(tenant, base.num_slots + round(len(new) / policy.ratio), replacing=key)
+                self._make_room(tenant, key)
                 work = self.compaction.work(cut.source, new, method, policy.ratio, None, tenant=tenant,
                                             context_id=key, origin="auto", base=base)
                 return self._compacted(await self.compaction.run(work, cancel), cut.rest, "incremental")
@@ -115,7 +117,7 @@ class OnTheFlyServing:
         if len(ids) / policy.ratio < self.block_size:  # too little before the kept turns to compact
             return None
         self.compaction.check_length(len(ids), "messages")
-        self.contexts.check_quota(tenant, round(len(ids) / policy.ratio), replacing=key)
+        self._make_room(tenant, key)
         work = self.compaction.work(cut.source, ids, method, policy.ratio, None, tenant=tenant, context_id=key,
                                     origin="auto")
         return self._compacted(await self.compaction.run(work, cancel), cut.rest, "compacted")
@@ -123,4 +125,18 @@ class OnTheFlyServing:
     def _compacted(self, rec: ContextRecord, rest: list[dict], outcome: str) -> Resolved:
         mode = "scratch" if outcome == "compacted" else outcome
         metrics.ONTHEFLY_COMPACTIONS.labels(self.model.name, rec.method, mode).inc()
-        return Resolved(rec, rest, outcome)
+        return self._used(Resolved(rec, rest, outcome))
+
+    def _used(self, found: Resolved) -> Resolved:
+        self._last_used[found.context.id] = time.time()
+        return found
+
+    def _make_room(self, tenant: str, key: str) -> None:
+        """Evict the tenant's least recently used on-the-fly contexts (used on this replica; else the oldest)
+        until a new one fits under `max_contexts`; a context still being read keeps its file until it is done."""
+        autos = [r for r in self.contexts.store.list(tenant) if r.origin == "auto" and r.id != key]
+        autos.sort(key=lambda r: self._last_used.get(r.id, r.created))
+        for rec in autos[: max(0, len(autos) + 1 - self.policy.max_contexts)]:
+            self.contexts.delete(rec.id, tenant)
+            self._last_used.pop(rec.id, None)
+            metrics.ONTHEFLY_EVICTIONS.labels(self.model.name, rec.method).inc()

@@ -268,10 +268,11 @@ class ContextStore:
         return self.blobs.local_path(f"{context_id}.kvc")
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(contexts, compacted KV bytes) held by a tenant, over the whole (shared) store."""
+        """(contexts, compacted KV bytes) a tenant holds against its quota, over the whole (shared) store. On-the-fly
+        contexts do not count: the server evicts them itself (least recently used, `AutoCompaction.max_contexts`)."""
         self.sync()
         with self._lock:
-            mine = [r for r in self._records.values() if r.tenant == tenant]
+            mine = [r for r in self._records.values() if r.tenant == tenant and r.origin != "auto"]
         return len(mine), sum(r.kv_bytes_compacted for r in mine)
 
     def check_quota(self, tenant: str, new_bytes: int = 0, replacing: str | None = None) -> None:
@@ -289,7 +290,8 @@ class ContextStore:
             kv_bytes_per_token: int, context_id: str | None = None, origin: str = "compact",
             tenant: str = "default") -> ContextRecord:
         cid = context_id or self.new_id()
-        self.check_quota(tenant, cache.num_slots * kv_bytes_per_token, replacing=cid)
+        if origin != "auto":
+            self.check_quota(tenant, cache.num_slots * kv_bytes_per_token, replacing=cid)
         rec = ContextRecord(
             id=cid, model=model, fingerprint=cache.model_fingerprint, method=cache.method,
             num_tokens=cache.num_tokens, num_slots=cache.num_slots, ratio=cache.num_tokens / cache.num_slots,

@@ -499,3 +499,25 @@ def test_two_replicas_share_one_store(tiny, tmp_path):
         assert r.status_code == 404 and r.json()["error"]["code"] == "context_not_found", r.text
         assert httpx.get(b.base + "/v1/contexts").json()["data"] == []
         assert httpx.post(b.base + "/v1/chat/completions", json={**chat, "kv_context": None}).status_code == 200
+
+
+def test_onthefly_contexts_are_evicted_lru_and_kept_out_of_the_quota(tiny, tmp_path, docs):
+    auto = AutoCompaction(THRESHOLD, RATIO, "snapkv", max_contexts=2)
+    with fake_server(tiny, tmp_path, auto=auto, quota=1) as srv:
+        assert httpx.post(srv.base + "/v1/compact", json={"text": NOTE, "ratio": 4, "method": "snapkv"},
+                          timeout=60).status_code == 200  # the tenant's quota is now full
+
+        def ask(i):
+            r = httpx.post(srv.base + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
+                {"role": "user", "content": f"Note {i}. {docs[i % 2]}\n\nWhat is this?"}]})
+            assert r.status_code == 200, r.text
+            return r.json()["kv_compaction"]
+
+        first, second = ask(0), ask(1)
+        assert first["outcome"] == second["outcome"] == "compacted"
+        assert ask(0)["outcome"] == "hit"  # the first is now the most recently used
+        third = ask(2)
+        autos = {c["id"] for c in httpx.get(srv.base + "/v1/contexts").json()["data"] if c["origin"] == "auto"}
+        assert autos == {first["context"], third["context"]}  # the second, least recently used, evicted
+        assert ask(1)["outcome"] == "compacted"
+        assert "kvcat_onthefly_evictions_total" in httpx.get(srv.base + "/metrics").text
