@@ -47,5 +47,10 @@ for _type in ("compaction_failed", "engine_error", "internal"):  # exported at 0
     ERRORS.labels(_type)
 
 
+BEFORE_SCRAPE: list = []  # callables run before each scrape (the store gauges read the shared store then)
+
+
 def render() -> tuple[bytes, str]:
+    for refresh in BEFORE_SCRAPE:
+        refresh()
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

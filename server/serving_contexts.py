@@ -17,7 +17,7 @@ class ContextRegistry:
         self.kv_bytes_per_token = kv_bytes_per_token
         self._readers: dict[str, int] = {}  # context id -> requests generating over it now
         self._deleted: set[str] = set()  # deleted while read: the file goes when the last reader ends
-        self.refresh_gauges()
+        metrics.BEFORE_SCRAPE[:] = [self.refresh_gauges]  # the whole shared store, as of each scrape
 
     def list(self, tenant: str) -> list[KvContext]:
         return [KvContext(**rec.public()) for rec in self.store.list(tenant)]
@@ -39,7 +39,6 @@ class ContextRegistry:
         self.store.delete(context_id, keep_file=busy)
         if busy:
             self._deleted.add(context_id)
-        self.refresh_gauges()
         return KvContextDeleted(id=context_id)
 
     def check_quota(self, tenant: str, slots: int, replacing: str | None = None) -> None:
@@ -53,7 +52,6 @@ class ContextRegistry:
             rec = self.store.add(cache, kv_bytes_per_token=self.kv_bytes_per_token, **record)
         except QuotaExceeded as exc:
             raise ApiError(429, str(exc), "insufficient_quota", code="quota_exceeded") from None
-        self.refresh_gauges()
         return rec
 
     def check_file(self, rec: ContextRecord) -> None:

@@ -23,6 +23,12 @@ MODEL = 'model=~"$model"'
 VLLM = 'model_name=~"$model"'
 
 
+def store(series: str) -> str:
+    """A store gauge summed over models and methods. Every replica of a shared store reports the whole store,
+    so replicas are combined with max, never summed."""
+    return f"sum(max by (model, method) ({series}{{{KV}}}))"
+
+
 @dataclass(frozen=True)
 class Query:
     expr: str
@@ -56,17 +62,17 @@ def _quantiles(metric: str, by: str, sel: str, qs=(0.5, 0.95)) -> tuple[Query, .
 ROWS: tuple[Row, ...] = (
     Row("KV memory", (
         Panel("KV cache bytes: full vs compacted", "timeseries", "bytes", (
-            Query(f"sum(kvcat_kv_bytes_full{{{KV}}})", "full context"),
-            Query(f"sum(kvcat_kv_bytes_compacted{{{KV}}})", "compacted"),
+            Query(store("kvcat_kv_bytes_full"), "full context"),
+            Query(store("kvcat_kv_bytes_compacted"), "compacted"),
         ), "KV bytes the stored contexts take compacted, against what they would take in full."),
         Panel("Share of KV memory saved", "stat", "percentunit", (
-            Query(f"1 - sum(kvcat_kv_bytes_compacted{{{KV}}}) / sum(kvcat_kv_bytes_full{{{KV}}})", "saved"),
+            Query(f"1 - {store('kvcat_kv_bytes_compacted')} / {store('kvcat_kv_bytes_full')}", "saved"),
         ), "1 - compacted / full over all stored contexts.", width=4),
         Panel("KV bytes saved", "stat", "bytes", (
-            Query(f"sum(kvcat_kv_bytes_saved{{{KV}}})", "saved"),
+            Query(store("kvcat_kv_bytes_saved"), "saved"),
         ), width=4),
         Panel("Contexts stored", "timeseries", "short", (
-            Query(f"sum by (model, method) (kvcat_contexts_stored{{{KV}}})", "{{model}} {{method}}"),
+            Query(f"max by (model, method) (kvcat_contexts_stored{{{KV}}})", "{{model}} {{method}}"),
         ), "Compacted contexts held by the server."),
     )),
     Row("Compaction", (
@@ -75,7 +81,7 @@ ROWS: tuple[Row, ...] = (
                   instant=True),
         ), "Compactions in the time range by ratio N/t (upper bucket bound)."),
         Panel("Mean compaction ratio of stored contexts", "stat", "short", (
-            Query(f"sum(kvcat_context_original_tokens{{{KV}}}) / sum(kvcat_context_compacted_tokens{{{KV}}})",
+            Query(f"{store('kvcat_context_original_tokens')} / {store('kvcat_context_compacted_tokens')}",
                   "original / compacted tokens"),
         ), width=4),
         Panel("Compactions per second", "stat", "reqps", (
