@@ -313,12 +313,12 @@ def test_crd_validation_rejects_broken_servicemonitors(mutate):
         validate_k8s(doc)
 
 
-def test_deployment_serves_on_gpu_with_probes_and_the_shared_store():
+def test_deployment_serves_the_verified_cpu_path_with_probes_and_the_shared_store():
     docs = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_documents()}
     dep = docs[("Deployment", "kvcat")]
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"] == "kvcat:cpu" and "nvidia.com/gpu" not in str(dep)  # CUDA cannot start yet (issue 25)
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["args"][0] == "serve"
