@@ -27,7 +27,8 @@ from kvcat.server.serving import Serving
 log = logging.getLogger("kvcat.server")
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    401: "missing or wrong API key", 404: "unknown model, context or job (or another tenant's)",
+    400: "a field this server does not honour", 401: "missing or wrong API key",
+    404: "unknown model, context or job (or another tenant's)",
     413: "document, prompt or body too large", 422: "invalid request", 429: "queue full or quota exceeded",
     499: "the client went away", 500: "internal error", 503: "starting or shutting down", 504: "timed out",
 }.items()}
@@ -123,6 +124,11 @@ def create_app(config: ServerConfig, serving: Serving | None = None) -> FastAPI:
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        if errs and all(e.get("type") == "extra_forbidden" for e in errs):  # a field this server does not honour
+            names = ", ".join(".".join(str(x) for x in e["loc"] if x != "body") for e in errs)
+            return _error(400, error_body(f"unsupported field(s): {names}; this server does not honour them (they "
+                                          "are refused, never ignored)", "invalid_request_error",
+                                          "unsupported_field", ".".join(loc)))
         msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []) if x != 'body') or 'body'}: {e.get('msg')}"
                         for e in errs)
         return _error(422, error_body(msg, "invalid_request_error", 422, ".".join(loc) or None))

@@ -28,20 +28,31 @@ class ContextHandle:
 
 @dataclass
 class GenParams:
+    """vLLM's SamplingParams, the fields kvcat passes on (defaults: vLLM's)."""
+
     max_tokens: int = 64
     min_tokens: int = 0
+    n: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    structured: dict | None = None  # vLLM StructuredOutputsParams fields: {"json": schema} or {"json_object": True}
     logprobs: int | None = None
     cache_salt: str | None = None  # plain requests: their prefix-cache namespace (tenant and client salt)
 
 
 @dataclass
 class Chunk:
-    """One engine step's new tokens."""
+    """One engine step's new tokens of one completion (`index`, when n > 1)."""
 
     token_ids: list[int]
     text: str
@@ -50,6 +61,7 @@ class Chunk:
     completion_tokens: int
     logprobs: list[dict[int, float]] | None = None  # per new token: token id -> logprob (top-k + chosen)
     cached_tokens: int | None = None
+    index: int = 0
 
 
 class EngineClient(Protocol):

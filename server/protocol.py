@@ -37,6 +37,10 @@ class ChatMessage(BaseModel):
             _utf8(text)
         return v
 
+    def for_template(self) -> dict:
+        """The message as the chat template sees it: text content plus any other fields (name, tool_call_id...)."""
+        return {**(self.model_extra or {}), "role": self.role, "content": self.text()}
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.get("text", "") for part in self.content if part.get("type", "text") == "text")
@@ -85,21 +89,57 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the answer follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema (vLLM's structured
+    outputs constrain the decoding)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is given with, and only with, type "json_schema"')
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """OpenAI's chat request with the vLLM sampling fields kvcat honours. A field not listed here is refused
+    (400, naming it), never ignored: tools, for one, need a parser for the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: what the model's context has room for")
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, description="default: the model's generation_config, else 1")
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension: -1 or 0 for all tokens")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM extension")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM extension")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias added to its logit (-100..100)")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM extension")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token")
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=16, description="completions per request")
+    user: str | None = Field(None, max_length=256, description="the end user, for the client's records (not used)")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: generate at least this many tokens")
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="vLLM extension: isolates this request's prefix-cache entries")
@@ -113,6 +153,16 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("give kv_context (an existing compacted context) or kv_compaction options, not both")
         return self
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are in -100..100, got {bias}")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -123,7 +173,45 @@ class ChatCompletionRequest(BaseModel):
         return v
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
 # ---- responses ------------------------------------------------------------------------------------------
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    version: str = Field(description="kvcat's version")
+    vllm_version: str = Field(description="the vLLM version kvcat is pinned to")
 
 
 class ErrorDetail(BaseModel):

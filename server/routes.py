@@ -21,7 +21,8 @@ from kvcat.server import metrics
 from kvcat.server.auth import Auth
 from kvcat.server.errors import ApiError
 from kvcat.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompactionJob, CompactRequest,
-                                   KvContext, KvContextDeleted, KvContextList, ModelList, Ready)
+                                   DetokenizeRequest, DetokenizeResponse, KvContext, KvContextDeleted, KvContextList,
+                                   ModelList, Ready, TokenizeRequest, TokenizeResponse, Version)
 from kvcat.server.serving import Serving
 
 log = logging.getLogger("kvcat.server")
@@ -122,6 +123,22 @@ def router(state: AppState, auth: Auth) -> APIRouter:
     @api.get("/v1/models", response_model=ModelList)
     async def models(who: str = Depends(tenant)):
         return ModelList(data=state.live().model_cards(state.started))
+
+    @api.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(req: TokenizeRequest, who: str = Depends(tenant)):
+        return state.live().model.tokenize(req)
+
+    @api.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(req: DetokenizeRequest, who: str = Depends(tenant)):
+        return state.live().model.detokenize(req)
+
+    @api.get("/version", response_model=Version)
+    async def version():
+        from importlib.metadata import version as installed
+
+        from kvcat.server.vllm_adapter import PINNED_VLLM
+
+        return Version(version=installed("kvcat"), vllm_version=PINNED_VLLM)
 
     @api.post("/v1/compact", response_model=KvContext | CompactionJob, response_model_exclude_unset=True,
               responses={202: {"model": CompactionJob, "description": "accepted as a job (\"async\": true)"}})

@@ -26,7 +26,7 @@ from kvcat.server.serving_onthefly import OnTheFlyServing
 from kvcat.server.store import ContextRecord
 
 log = logging.getLogger("kvcat.server")
-DEFAULT_MAX_TOKENS = 512  # when neither the request nor the server's limit says
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ChatServing:
         start = time.perf_counter()
         cancel = cancel or threading.Event()
         self.model.check(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.for_template() for m in req.messages]
         rec, outcome, headers = None, None, {}
         if req.kv_context is not None:
             rec = self.contexts.get(req.kv_context, tenant)
@@ -106,17 +106,32 @@ class ChatServing:
         if used >= limit:
             raise invalid(f"the prompt needs {used} positions but the model's context holds {limit}", "messages",
                           413, "context_length_exceeded")
-        params = GenParams(max_tokens=self._max_tokens(req, used, limit), min_tokens=req.min_tokens,
-                           temperature=1.0 if req.temperature is None else req.temperature,
-                           top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop or [],
-                           logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        params = GenParams(max_tokens=self._max_tokens(req, used, limit), min_tokens=req.min_tokens, n=req.n,
+                           **self._sampling(req), seed=req.seed, stop=req.stop or [],
+                           stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                           structured=_structured(req), logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                            cache_salt=prefix_salt(tenant, req.cache_salt) if handle is None else None)
         return Turn(req, ids, params, handle, rec.method if rec else "none",
                     context_id=handle.context_id if handle else None, version=rec.version if rec else None)
 
+    def _sampling(self, req: ChatCompletionRequest) -> dict:
+        """The request's sampling fields; those it leaves out come from the model's generation_config (as vLLM
+        does), then vLLM's defaults (temperature 1)."""
+        given = {name: getattr(req, name) for name in SAMPLING if getattr(req, name) is not None}
+        out = {**self.model.sampling_defaults, **given}
+        out.setdefault("temperature", 1.0)
+        if req.logit_bias:
+            vocab = len(self.model.tokenizer)
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+            if max(bias) >= vocab:
+                raise invalid(f"logit_bias names token {max(bias)}, beyond the vocabulary of {vocab}", "logit_bias")
+            out["logit_bias"] = bias
+        return out
+
     def _max_tokens(self, req: ChatCompletionRequest, used: int, limit: int) -> int:
+        """The request's max_tokens, else the room its prompt leaves in the context (as vLLM)."""
         room, cap = limit - used, self.limits.max_completion_tokens
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(room, cap or DEFAULT_MAX_TOKENS)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(room, cap or room)
         if cap is not None and max_tokens > cap:
             raise invalid(f"max_tokens {max_tokens} is above this server's limit of {cap}", "max_tokens")
         if max_tokens > room:
@@ -170,22 +185,23 @@ class ChatServing:
 
     async def _complete(self, turn: Turn, chunks: AsyncIterator[Chunk], cancel: threading.Event
                         ) -> ChatCompletionResponse:
-        text, count, finish, last, logprobs = "", 0, None, None, []
+        n = turn.params.n
+        texts, finish, logprobs, count, last = [""] * n, [None] * n, [[] for _ in range(n)], 0, None
         try:
             async for chunk in chunks:
-                text += chunk.text
-                count += len(chunk.token_ids)
-                finish = chunk.finish_reason or finish
-                last = chunk
-                logprobs += self._logprobs(turn, chunk)
+                texts[chunk.index] += chunk.text
+                finish[chunk.index] = chunk.finish_reason or finish[chunk.index]
+                logprobs[chunk.index] += self._logprobs(turn, chunk)
+                count, last = count + len(chunk.token_ids), chunk
         except Cancelled as exc:
             metrics.ERRORS.labels("request_cancelled").inc()
             raise ApiError(499 if cancel.is_set() else 504, f"generation stopped: {exc}", "timeout_error",
                            code="request_cancelled") from None
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish or "stop",
-                            logprobs=ChoiceLogprobs(content=logprobs) if turn.req.logprobs else None)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i] or "stop",
+                              logprobs=ChoiceLogprobs(content=logprobs[i]) if turn.req.logprobs else None)
+                   for i in range(n)]
         extra = {k: v for k, v in (("kv_context", turn.context_id), ("kv_compaction", turn.compaction)) if v}
-        return ChatCompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=[choice],
+        return ChatCompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=choices,
                                       usage=self._usage(turn, last, count), system_fingerprint=self.model.fingerprint,
                                       **extra)
 
@@ -196,16 +212,16 @@ class ChatServing:
             return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
 
         extra = {k: v for k, v in (("kv_context", turn.context_id), ("kv_compaction", turn.compaction)) if v}
-        yield event(choices=[ChunkChoice(delta=Delta(role="assistant", content=""), logprobs=None,
-                                         finish_reason=None)], **extra)
+        yield event(choices=[ChunkChoice(index=i, delta=Delta(role="assistant", content=""), logprobs=None,
+                                         finish_reason=None) for i in range(turn.params.n)], **extra)
         last, count = None, 0
         try:
             async for chunk in chunks:
                 last, count = chunk, count + len(chunk.token_ids)
                 logprobs = ChoiceLogprobs(content=self._logprobs(turn, chunk)) if turn.req.logprobs else None
                 if chunk.text or chunk.finish_reason or logprobs:
-                    yield event(choices=[ChunkChoice(delta=Delta(content=chunk.text), logprobs=logprobs,
-                                                     finish_reason=chunk.finish_reason)])
+                    yield event(choices=[ChunkChoice(index=chunk.index, delta=Delta(content=chunk.text),
+                                                     logprobs=logprobs, finish_reason=chunk.finish_reason)])
         except Exception as exc:  # noqa: BLE001  (the status line is sent: errors go in the stream)
             yield _error_event(exc)
         if turn.req.stream_options and turn.req.stream_options.include_usage:
@@ -258,6 +274,14 @@ async def _next_or_stop(stream: AsyncIterator[Chunk], cancel: threading.Event, d
         step.cancel()  # the engine's generator ends at its pending await (and can then be closed)
         await asyncio.wait({step})
         raise
+
+
+def _structured(req: ChatCompletionRequest) -> dict | None:
+    """vLLM structured-output parameters for the request's response_format."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema.schema_}
 
 
 def prefix_salt(tenant: str, client_salt: str | None) -> str:

@@ -35,6 +35,7 @@ class FakeEngine:
     dtype: str = "float32"
     fail_after: int | None = None  # raise after this many tokens (an engine error mid-stream)
     dead: bool = False  # check_health raises, as vLLM's does once its engine core died
+    eos_after: int = 24  # the "model" ends its answer after this many tokens (unless ignore_eos)
     calls: list[Call] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
@@ -52,27 +53,33 @@ class FakeEngine:
             if context is not None and not _loads(context.path):  # as vLLM's KV-load failure path ends it
                 yield Chunk([], "", "error", len(token_ids), 0)
                 return
-            text, finish = "", None
+            texts, done = [""] * params.n, [False] * params.n
             for i in range(params.max_tokens):
                 if self.step_delay_s:
                     await asyncio.sleep(self.step_delay_s)
                 if self.fail_after is not None and i >= self.fail_after:
                     raise RuntimeError("the fake engine failed on purpose")
-                tid = token_ids[i % len(token_ids)]
-                before, piece = len(text), self.tokenizer.decode([tid])
-                text += piece
-                hits = [text.index(s) for s in params.stop if s in text]
-                if hits and i + 1 >= params.min_tokens:  # as vLLM: the stop string is not returned
-                    piece, finish = text[before:max(before, min(hits))], "stop"
-                elif i + 1 == params.max_tokens:
-                    finish = "length"
-                logprobs = None
-                if params.logprobs is not None:
-                    logprobs = [{tid: -0.25, **{t: -1.0 - j for j, t in enumerate((1, 2, 3)[:params.logprobs])
-                                                if t != tid}}]
-                yield Chunk([tid], piece, finish, len(token_ids), i + 1, logprobs,
-                            cached_tokens=0 if i == 0 else None)
-                if finish:
+                for j in range(params.n):  # completion j echoes the prompt from token j on
+                    if done[j]:
+                        continue
+                    tid = token_ids[(i + j) % len(token_ids)]
+                    before, piece, finish = len(texts[j]), self.tokenizer.decode([tid]), None
+                    texts[j] += piece
+                    hits = [texts[j].index(s) for s in params.stop if s in texts[j]]
+                    if i + 1 >= params.min_tokens and (hits or tid in params.stop_token_ids):
+                        piece, finish = texts[j][before:min(hits)] if hits else piece, "stop"  # as vLLM
+                    elif i + 1 >= params.min_tokens and i + 1 == self.eos_after and not params.ignore_eos:
+                        finish = "stop"  # the model ends its answer
+                    elif i + 1 == params.max_tokens:
+                        finish = "length"
+                    logprobs = None
+                    if params.logprobs is not None:
+                        logprobs = [{tid: -0.25, **{t: -1.0 - k for k, t in enumerate((1, 2, 3)[:params.logprobs])
+                                                    if t != tid}}]
+                    done[j] = finish is not None
+                    yield Chunk([tid], piece, finish, len(token_ids), i + 1, logprobs,
+                                cached_tokens=0 if i == 0 else None, index=j)
+                if all(done):
                     return
         finally:
             self.running.discard(request_id)

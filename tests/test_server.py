@@ -232,3 +232,32 @@ def test_idle_connection_outlives_the_client_pools_keep_alive(server):
         assert b" 200 " in health(sock)
         time.sleep(6)
         assert b" 200 " in health(sock)
+
+
+def test_vllm_sampling_fields_are_honoured_with_the_openai_client(server, contexts, smollm2):
+    import json
+
+    import openai
+
+    client, cid = server["client"], contexts["beta"]["id"]
+    messages = [{"role": "user", "content": QUESTION}]
+    two = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6, temperature=1.0, seed=3,
+                                         extra_body={"kv_context": cid})
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens <= 12
+    token = smollm2.tokenizer.encode(" lentils", add_special_tokens=False)[0]
+    forced = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
+                                            logit_bias={str(token): 100}, extra_body={"kv_context": cid})
+    assert forced.choices[0].message.content == smollm2.tokenizer.decode([token] * 3)
+    long = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                          max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"],
+              "additionalProperties": False}
+    named = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Who is the keeper? Answer in JSON."}], max_tokens=60,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "who", "schema": schema}},
+        extra_body={"kv_context": cid})
+    assert set(json.loads(named.choices[0].message.content)) == {"name"}
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])

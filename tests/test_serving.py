@@ -109,7 +109,7 @@ BAD = [  # (name, method, path, body: dict | bytes | None, tenant or None, statu
     ("ratio 1", "POST", "/v1/compact", {"text": "a b c d", "ratio": 1}, "alpha", 422),
     ("infinite ratio", "POST", "/v1/compact", b'{"text": "a b c d e f", "ratio": Infinity}', "alpha", 422),
     ("huge target", "POST", "/v1/compact", {"text": "a b c d", "target_tokens": 10**12}, "alpha", 422),
-    ("unknown field", "POST", "/v1/compact", {"text": "a b", "ratio": 4, "color": "red"}, "alpha", 422),
+    ("unknown field", "POST", "/v1/compact", {"text": "a b", "ratio": 4, "color": "red"}, "alpha", 400),
     ("unknown method", "POST", "/v1/compact", {"text": "a b c d", "ratio": 2, "method": "zip"}, "alpha", 422),
     ("bad method parameter", "POST", "/v1/compact", {"text": NOTE, "ratio": 2, "params": {"nope": 1}}, "alpha", 422),
     ("unknown query mode", "POST", "/v1/compact", {"text": NOTE, "ratio": 2, "query_mode": "psychic"}, "alpha", 422),
@@ -128,7 +128,15 @@ BAD = [  # (name, method, path, body: dict | bytes | None, tenant or None, statu
     ("negative max_tokens", "POST", "/v1/chat/completions", {**CHAT, "max_tokens": -1}, "alpha", 422),
     ("temperature as text", "POST", "/v1/chat/completions", {**CHAT, "temperature": "hot"}, "alpha", 422),
     ("five stops", "POST", "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, "alpha", 422),
-    ("n = 2", "POST", "/v1/chat/completions", {**CHAT, "n": 2}, "alpha", 422),
+    ("n = 17", "POST", "/v1/chat/completions", {**CHAT, "n": 17}, "alpha", 422),
+    ("tools", "POST", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "alpha", 400),
+    ("unknown chat field", "POST", "/v1/chat/completions", {**CHAT, "best_of": 2}, "alpha", 400),
+    ("logit_bias beyond the vocabulary", "POST", "/v1/chat/completions", {**CHAT, "logit_bias": {"999999": 5}},
+     "alpha", 422),
+    ("logit_bias by word", "POST", "/v1/chat/completions", {**CHAT, "logit_bias": {"hello": 5}}, "alpha", 422),
+    ("json_schema without a schema", "POST", "/v1/chat/completions",
+     {**CHAT, "response_format": {"type": "json_schema"}}, "alpha", 422),
     ("unknown context", "POST", "/v1/chat/completions", {**CHAT, "kv_context": "ctx-00000000deadbeef"}, "alpha", 404),
     ("unknown model", "POST", "/v1/chat/completions", {**CHAT, "model": "gpt-9"}, "alpha", 404),
     ("odd unicode is fine", "POST", "/v1/chat/completions",
@@ -276,6 +284,46 @@ def test_streaming_format(api):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert all(c.choices[0].logprobs is not None for c in chunks[1:-1])
+
+
+def test_every_sampling_field_reaches_the_engine(api):
+    r = api.chat([{"role": "user", "content": "Name a colour."}], max_tokens=6, temperature=0.7, top_p=0.9,
+                 top_k=20, min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+                 logit_bias={"42": 3.5}, seed=7, stop_token_ids=[2], ignore_eos=True, user="u-1",
+                 response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}})
+    assert r.status_code == 200, r.text
+    p = api.srv.engine.calls[-1].params
+    assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.7, 0.9, 20, 0.05)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (p.logit_bias, p.seed, p.stop_token_ids, p.ignore_eos) == ({42: 3.5}, 7, [2], True)
+    assert p.structured == {"json": {"type": "object"}}
+    api.chat([{"role": "user", "content": "hi"}], response_format={"type": "json_object"})
+    assert api.srv.engine.calls[-1].params.structured == {"json_object": True}
+    api.chat([{"role": "user", "content": "hi"}], max_tokens=None)
+    p = api.srv.engine.calls[-1].params  # vLLM's defaults: temperature 1, max_tokens = the server's cap
+    assert (p.temperature, p.max_tokens, p.structured) == (1.0, MAX_COMPLETION, None)
+
+
+def test_n_completions(api):
+    r = api.chat([{"role": "user", "content": "alpha beta gamma"}], n=3, max_tokens=4, logprobs=True)
+    body = ChatCompletionResponse(**r.json())
+    assert [c.index for c in body.choices] == [0, 1, 2] and body.usage.completion_tokens == 12
+    assert len({c.message.content for c in body.choices}) == 3 and all(len(c.logprobs.content) == 4
+                                                                         for c in body.choices)
+    with httpx.stream("POST", api.base + "/v1/chat/completions", headers=auth("alpha"), timeout=60, json={
+            "messages": [{"role": "user", "content": "alpha beta gamma"}], "n": 3, "max_tokens": 4,
+            "stream": True}) as s:
+        chunks = [ChatCompletionChunk(**json.loads(e)) for e in _events(s.iter_lines())[:-1]]
+    streamed = ["", "", ""]
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [c.message.content for c in body.choices]
+
+
+def test_message_fields_reach_the_chat_template(api):
+    r = api.chat([{"role": "user", "content": "hi", "name": "ines"}])
+    assert r.status_code == 200, r.text
 
 
 def test_stop_strings_and_min_tokens(api):
@@ -521,3 +569,15 @@ def test_onthefly_contexts_are_evicted_lru_and_kept_out_of_the_quota(tiny, tmp_p
         assert autos == {first["context"], third["context"]}  # the second, least recently used, evicted
         assert ask(1)["outcome"] == "compacted"
         assert "kvcat_onthefly_evictions_total" in httpx.get(srv.base + "/metrics").text
+
+
+def test_tokenize_detokenize_and_version(api):
+    r = api.post("/tokenize", json={"prompt": "Hello there"})
+    body = r.json()
+    assert r.status_code == 200 and body["count"] == len(body["tokens"]) > 0, r.text
+    assert api.post("/detokenize", json={"tokens": body["tokens"]}).json()["prompt"].endswith("Hello there")
+    chat = api.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > body["count"] and chat["max_model_len"] == api.srv.serving.model.max_positions
+    assert api.post("/detokenize", json={"tokens": [10**9]}).status_code == 422
+    assert api.post("/tokenize", json={"prompt": "x", "messages": []}).status_code == 422
+    assert httpx.get(api.base + "/version").json()["vllm_version"] == "0.32.0"

@@ -123,7 +123,7 @@ class Engine:
     async def generate(self, token_ids: list[int], params: GenParams, context: ContextHandle | None = None,
                        request_id: str | None = None) -> AsyncIterator[Chunk]:
         """Stream the completion of `token_ids` (over `context` when given), one Chunk per engine step."""
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         if not token_ids:
             raise ValueError("a request needs at least one real token after the context")
@@ -132,25 +132,29 @@ class Engine:
             extra = {"kv_transfer_params": {"kvcat": {
                 "context": context.context_id, "path": context.path, "key": context.salt, "slots": context.num_slots,
                 "shift": context.shift, "beta": self.config.beta}}}
-        sp = SamplingParams(max_tokens=params.max_tokens, min_tokens=params.min_tokens,
-                            temperature=params.temperature, top_p=params.top_p,
-                            seed=params.seed, stop=params.stop or None,
-                            stop_token_ids=params.stop_token_ids or None, logprobs=params.logprobs,
+        structured = StructuredOutputsParams(**params.structured) if params.structured else None
+        sp = SamplingParams(max_tokens=params.max_tokens, min_tokens=params.min_tokens, n=params.n,
+                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            min_p=params.min_p, presence_penalty=params.presence_penalty,
+                            frequency_penalty=params.frequency_penalty,
+                            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+                            seed=params.seed, stop=params.stop or None, stop_token_ids=params.stop_token_ids or None,
+                            ignore_eos=params.ignore_eos, structured_outputs=structured, logprobs=params.logprobs,
                             output_kind=RequestOutputKind.DELTA, extra_args=extra)
         prompt = self.prompt_for(token_ids, context, params.cache_salt)
         request_id = request_id or uuid.uuid4().hex
         n_prompt = len(prompt["prompt_token_ids"])
-        completion = 0
+        completion = [0] * params.n
         async for out in self.llm.generate(prompt, sp, request_id):
-            comp = out.outputs[0]
-            completion += len(comp.token_ids)
-            lps = None
-            if comp.logprobs is not None:
-                lps = [{tid: lp.logprob for tid, lp in step.items()} for step in comp.logprobs]
-            yield Chunk(token_ids=list(comp.token_ids), text=comp.text, finish_reason=comp.finish_reason,
-                        prompt_tokens=n_prompt - (context.num_slots if context else 0),
-                        completion_tokens=completion, logprobs=lps,
-                        cached_tokens=getattr(out, "num_cached_tokens", None))
+            for comp in out.outputs:
+                completion[comp.index] += len(comp.token_ids)
+                lps = None
+                if comp.logprobs is not None:
+                    lps = [{tid: lp.logprob for tid, lp in step.items()} for step in comp.logprobs]
+                yield Chunk(token_ids=list(comp.token_ids), text=comp.text, finish_reason=comp.finish_reason,
+                            prompt_tokens=n_prompt - (context.num_slots if context else 0),
+                            completion_tokens=completion[comp.index], logprobs=lps,
+                            cached_tokens=getattr(out, "num_cached_tokens", None), index=comp.index)
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
