@@ -81,7 +81,7 @@ def served_demo(config: DemoConfig = DemoConfig()) -> dict:
                       f"({full_ttft:.1f} s to the first token); each question over the compacted context saves "
                       f"{full_ttft - answers[0]['ttft_s']:.1f} s of it")
         saved = httpx.get(srv.url("/metrics"), timeout=30).text
-        line = next((ln for ln in saved.splitlines() if ln.startswith("kvcat_kv_bytes_saved{")), "")
+        line = next((ln for ln in saved.splitlines() if ln.startswith("kvcat_kv_saved_bytes{")), "")
         console.print(f"/metrics: {line}")
     console.print("server stopped")
     return {"context": ctx, "answers": answers, "expected": example.answers[0]}

@@ -151,6 +151,8 @@ class ChatServing:
         labels = (self.model.name, *turn.labels)
         if turn.handle:
             self.contexts.acquire(turn.handle.context_id)
+        in_flight = metrics.CHATS_IN_FLIGHT.labels(self.model.name, turn.labels[1])
+        in_flight.inc()
         finished, first = False, True
         stream = aiter(self.engine.generate(turn.ids, turn.params, turn.handle, turn.id))
         try:
@@ -175,6 +177,7 @@ class ChatServing:
                     await self.engine.abort(turn.id)
                 except Exception:  # noqa: BLE001  (the request may be gone already)
                     pass
+            in_flight.dec()
             if turn.handle:
                 self.contexts.release(turn.handle.context_id)
 
@@ -193,8 +196,7 @@ class ChatServing:
                 finish[chunk.index] = chunk.finish_reason or finish[chunk.index]
                 logprobs[chunk.index] += self._logprobs(turn, chunk)
                 count, last = count + len(chunk.token_ids), chunk
-        except Cancelled as exc:
-            metrics.ERRORS.labels("request_cancelled").inc()
+        except Cancelled as exc:  # counted once, by the error handler, under its code
             raise ApiError(499 if cancel.is_set() else 504, f"generation stopped: {exc}", "timeout_error",
                            code="request_cancelled") from None
         choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i] or "stop",

@@ -131,7 +131,7 @@ class CompactionServing:
             rec = self.contexts.add(cache, model=self.model.name, compaction_seconds=seconds, source=source,
                                     context_id=context_id, origin=origin, tenant=tenant)
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
-            metrics.COMPACTION_RATIO.labels(self.model.name, rec.method).observe(rec.ratio)
+            metrics.COMPACTION_FACTOR.labels(self.model.name, rec.method).observe(rec.ratio)
             metrics.COMPACTION_SECONDS.labels(self.model.name, rec.method).observe(seconds)
             return rec
 
@@ -148,10 +148,19 @@ class CompactionServing:
                            f"{wait} s", "rate_limit_error", code="compaction_queue_full",
                            headers={"Retry-After": str(wait)})
         self._queued += 1
+        metrics.COMPACTIONS_QUEUED.inc()
 
     def _submit(self, work: Work, progress: Progress | None) -> asyncio.Future:
         """Run `work` on the compaction thread (after `_admit`); its queue place is freed when it ends."""
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, work, progress)
+        def running(progress: Progress | None) -> ContextRecord:
+            metrics.COMPACTIONS_QUEUED.dec()
+            metrics.COMPACTIONS_RUNNING.inc()
+            try:
+                return work(progress)
+            finally:
+                metrics.COMPACTIONS_RUNNING.dec()
+
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, running, progress)
 
         def done(_):
             self._queued -= 1
@@ -176,8 +185,7 @@ class CompactionServing:
             return await self._submit(work, progress)
         except ApiError:
             raise
-        except Cancelled as exc:
-            metrics.ERRORS.labels("compaction_cancelled").inc()
+        except Cancelled as exc:  # counted once, by the error handler, under its code
             raise ApiError(499 if cancel.is_set() else 504, f"compaction stopped: {exc}", "timeout_error",
                            code="compaction_cancelled") from None
         except Exception as exc:  # noqa: BLE001  (a failed compaction never takes the server down)
@@ -237,7 +245,7 @@ def _finish(job: Job, fut: asyncio.Future) -> None:
     else:
         log.error("compaction job %s failed: %r", job.id, exc)
         job.error = ErrorDetail(message=f"compaction failed: {exc}", type="server_error", code="compaction_failed")
-    metrics.ERRORS.labels("compaction_failed").inc()
+    metrics.ERRORS.labels(str(job.error.code)).inc()
 
 
 def _drop_beta(cache) -> None:

@@ -79,8 +79,8 @@ def test_dashboard_json_structure():
 
 def test_dashboard_covers_the_issue_panels():
     exprs = " ".join(q.expr for p in dashboard.PANELS for q in p.queries)
-    for needle in ("kvcat_kv_bytes_full", "kvcat_kv_bytes_compacted", "kvcat_kv_bytes_saved", "kvcat_contexts_stored",
-                   "kvcat_compaction_ratio_bucket", "kvcat_compaction_seconds_bucket",
+    for needle in ("kvcat_kv_full_bytes", "kvcat_kv_compacted_bytes", "kvcat_kv_saved_bytes", "kvcat_contexts_stored",
+                   "kvcat_compaction_factor_bucket", "kvcat_compaction_seconds_bucket",
                    "kvcat_time_to_first_token_seconds_bucket", "kvcat_e2e_request_latency_seconds_bucket",
                    "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
                    "kvcat_chat_requests_total", "kvcat_errors_total", "$model", "$method"):

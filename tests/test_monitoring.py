@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 
 MODEL = os.environ.get("KVCAT_MONITORING_MODEL", "smollm2-135m")
 RATIO = 8.0
+AUTO_THRESHOLD = 1024  # on-the-fly compaction of the prompts longer than this (DOCS[1] * 8 with its question)
 DOCS = [
     ("Field notes, day twelve. The expedition reached the northern glacier at noon. Dr. Okafor measured the "
      "ice at 41 meters thick, and the cook, a man called Teodor, lost the last bag of lentils in a crevasse. "
@@ -77,7 +78,8 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 def server(tmp_path_factory):
     """`kvcat serve` on a free loopback port (the same launch as tests/test_server.py)."""
     root = tmp_path_factory.mktemp("kvcat-monitoring")
-    with kvcat_server(root, MODEL) as srv:
+    with kvcat_server(root, MODEL, args=["--auto-compact-threshold", str(AUTO_THRESHOLD),
+                                         "--auto-compact-ratio", str(RATIO)]) as srv:
         yield {"base": srv.base, "port": srv.port, "proc": srv.proc, "log": srv.log_path, "srv": srv,
                "client": srv.openai(timeout=300)}
 
@@ -137,8 +139,12 @@ def traffic(server, prometheus):
                                            max_tokens=8, temperature=0, extra_body={"kv_context": ctx["id"]})
             _pause()
     for _ in range(2):  # the same full document twice: the second is a prefix-cache hit
-        client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+        client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, extra_body={"kv_compaction": "off"},
                                        messages=[{"role": "user", "content": DOCS[0] + "\n\n" + QUESTIONS[0]}])
+        _pause()
+    for _ in range(2):  # a long prompt compacted on the fly, then a hit
+        client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                       messages=[{"role": "user", "content": DOCS[1] * 8 + "\n\n" + QUESTIONS[1]}])
         _pause()
     for _ in range(2):
         with pytest.raises(openai.NotFoundError):
@@ -146,7 +152,9 @@ def traffic(server, prometheus):
                                            extra_body={"kv_context": "ctx-does-not-exist"})
         _pause()
     _pause(3)  # last scrape, then one more rule evaluation
-    return {"contexts": compacted, "window": f"{int(time.time() - prometheus['started']) + 60}s"}
+    stored = httpx.get(server["base"] + "/v1/contexts", timeout=60).json()["data"]  # on-the-fly one included
+    assert len(stored) == len(compacted) + 1
+    return {"contexts": stored, "window": f"{int(time.time() - prometheus['started']) + 60}s"}
 
 
 def _values(result: list[dict]) -> list[float]:
@@ -174,7 +182,7 @@ def _check_panel(title: str, results: list[list[dict]], traffic) -> None:
     elif title == "KV bytes saved":
         assert first == [pytest.approx(full_bytes - comp_bytes)] and first[0] > 0
     elif title == "Contexts stored":
-        assert sum(first) == len(DOCS)
+        assert sum(first) == len(traffic["contexts"])
     elif title == "Compaction ratio distribution":
         buckets = sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in results[0])
         assert buckets[-1][1] > 0, "no compaction in the range"
@@ -199,6 +207,16 @@ def _check_panel(title: str, results: list[list[dict]], traffic) -> None:
         local, external = first[0], _values(results[1])[0]
         assert 0 < local <= 1, "the repeated full-document chat should hit the prefix cache"
         assert 0 < external <= 1, "chats over compacted contexts load their KV through the connector"
+    elif title == "On-the-fly requests by outcome":
+        assert set(_by(results[0], "outcome")) == {"compacted", "hit"}, results[0]
+    elif title == "On-the-fly compactions":
+        assert set(_by(results[0], "kind")) == {"scratch"}, results[0]
+    elif title == "KV bytes not held by on-the-fly requests":
+        assert first[0] > 0
+    elif title == "Compactions queued and running":
+        assert first == [0] and _values(results[1]) == [0]  # all done by now
+    elif title == "Chats in flight":
+        assert set(_by(results[0], "mode")) == {"compacted", "full"} and sum(first) == 0
     elif title == "Chat requests per second":
         modes = _by(results[0], "mode")
         assert set(modes) == {"compacted", "full"} and all(v > 0 for v in modes.values()), modes
@@ -247,9 +265,9 @@ def test_every_rule_is_loaded_healthy_and_has_data(prometheus, traffic):
                         result = prom.query(expr)
                         assert result and all(math.isfinite(v) and v >= 0 for v in _values(result)), \
                             f"{expr} -> {result}"
-                    if name == "kvcat:compaction_ratio:mean":
+                    if name == "kvcat:compaction_factor:mean":
                         assert _close(_values(prom.query(name))[0], RATIO, 0.1)
-                    if name == "kvcat:kv_bytes_saved:ratio":
+                    if name == "kvcat:kv_saved_bytes:ratio":
                         assert 0.5 < _values(prom.query(name))[0] < 1
                 else:
                     signal_ = generate.alert_signal(rule["expr"])

@@ -62,14 +62,14 @@ def _quantiles(metric: str, by: str, sel: str, qs=(0.5, 0.95)) -> tuple[Query, .
 ROWS: tuple[Row, ...] = (
     Row("KV memory", (
         Panel("KV cache bytes: full vs compacted", "timeseries", "bytes", (
-            Query(store("kvcat_kv_bytes_full"), "full context"),
-            Query(store("kvcat_kv_bytes_compacted"), "compacted"),
+            Query(store("kvcat_kv_full_bytes"), "full context"),
+            Query(store("kvcat_kv_compacted_bytes"), "compacted"),
         ), "KV bytes the stored contexts take compacted, against what they would take in full."),
         Panel("Share of KV memory saved", "stat", "percentunit", (
-            Query(f"1 - {store('kvcat_kv_bytes_compacted')} / {store('kvcat_kv_bytes_full')}", "saved"),
+            Query(f"1 - {store('kvcat_kv_compacted_bytes')} / {store('kvcat_kv_full_bytes')}", "saved"),
         ), "1 - compacted / full over all stored contexts.", width=4),
         Panel("KV bytes saved", "stat", "bytes", (
-            Query(store("kvcat_kv_bytes_saved"), "saved"),
+            Query(store("kvcat_kv_saved_bytes"), "saved"),
         ), width=4),
         Panel("Contexts stored", "timeseries", "short", (
             Query(f"max by (model, method) (kvcat_contexts_stored{{{KV}}})", "{{model}} {{method}}"),
@@ -77,7 +77,7 @@ ROWS: tuple[Row, ...] = (
     )),
     Row("Compaction", (
         Panel("Compaction ratio distribution", "histogram", "short", (
-            Query(f"sum by (le) (increase(kvcat_compaction_ratio_bucket{{{KV}}}[$__range]))", "{{le}}",
+            Query(f"sum by (le) (increase(kvcat_compaction_factor_bucket{{{KV}}}[$__range]))", "{{le}}",
                   instant=True),
         ), "Compactions in the time range by ratio N/t (upper bucket bound)."),
         Panel("Mean compaction ratio of stored contexts", "stat", "short", (
@@ -108,6 +108,29 @@ ROWS: tuple[Row, ...] = (
                   "compacted contexts (KV connector)"),
         ), "Prompt tokens found in vLLM's prefix cache, and tokens loaded from compacted contexts through "
            "kvcat's KV connector, as a share of prompt tokens looked up.", width=12),
+    )),
+    Row("On-the-fly compaction", (
+        Panel("On-the-fly requests by outcome", "timeseries", "reqps", (
+            Query(f"sum by (outcome) (rate(kvcat_onthefly_requests_total{{{KV}}}[$__rate_interval]))",
+                  "{{outcome}}"),
+        ), "Long chat prompts served over a compacted prefix: compacted now, a stored hit, a stored prefix, "
+           "or compacted incrementally.", width=8),
+        Panel("On-the-fly compactions", "timeseries", "short", (
+            Query(f"sum by (kind) (increase(kvcat_onthefly_compactions_total{{{KV}}}[$__rate_interval]))",
+                  "{{kind}}"),
+        ), "Compactions made inside chat requests, from scratch or joined to a stored prefix.", width=8),
+        Panel("KV bytes not held by on-the-fly requests", "timeseries", "Bps", (
+            Query(f"sum(rate(kvcat_onthefly_kv_saved_bytes_total{{{KV}}}[$__rate_interval]))", "saved"),
+        ), "Full minus compacted KV bytes of the requests served over on-the-fly prefixes, per second.", width=8),
+    )),
+    Row("Work in progress", (
+        Panel("Compactions queued and running", "timeseries", "short", (
+            Query("sum(kvcat_compactions_queued)", "queued"),
+            Query("sum(kvcat_compactions_running)", "running"),
+        ), "Compactions waiting for a server's compaction thread, and running on it.", width=12),
+        Panel("Chats in flight", "timeseries", "short", (
+            Query(f"sum by (mode) (kvcat_chats_in_flight{{{MODEL}}})", "{{mode}}"),
+        ), "Chat completions being generated now.", width=12),
     )),
     Row("Traffic", (
         Panel("Chat requests per second", "timeseries", "reqps", (
