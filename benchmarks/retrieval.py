@@ -193,7 +193,7 @@ def table(result: dict) -> str:
              + " | ".join(f"{k} {x:g}x" for x in ratios for k in kinds) + " | compaction / prefill | served ratio |",
              "|---|" + "---|" * (len(ratios) * (1 + len(kinds)) + 2)]
     for m in methods:
-        acc = [f"{cell[(m, x)]['accuracy']:.2f} ({cell[(m, x)]['of_full']:.2f})" for x in ratios]
+        acc = [f"{cell[(m, x)]['accuracy']:.2f} ({_of_full(cell[(m, x)])})" for x in ratios]
         per = [f"{cell[(m, x)]['acc_' + k]:.2f}" for x in ratios for k in kinds]
         speed = "/".join(f"{cell[(m, x)]['compact_over_prefill']:.2f}" for x in ratios)
         served = "/".join("-" if cell[(m, x)].get("served_ratio") is None else f"{cell[(m, x)]['served_ratio']:.1f}"
@@ -208,6 +208,11 @@ def table(result: dict) -> str:
             lines.append(f"| {am} vs {other} | " + " | ".join(
                 f"{got[x]['only_am']} / {got[x]['only_other']} (p {got[x]['p_sign']:.2f})" for x in ratios) + " |")
     return "\n".join(lines)
+
+
+def _of_full(row: dict) -> str:
+    """Accuracy as a share of the full document's; '-' when the full document answers nothing."""
+    return "-" if row["of_full"] is None else f"{row['of_full']:.2f}"
 
 
 def plot(result: dict, path: Path) -> Path:
