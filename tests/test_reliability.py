@@ -261,5 +261,7 @@ def test_engine_death_fails_health_and_the_server_exits_to_be_restarted(secure):
             pass  # shutting down
         time.sleep(0.2)
     assert secure.srv.proc.poll() == 3, (secure.srv.proc.returncode, secure.srv.log_tail())
-    assert (503, 503) in seen, seen
+    # the probes answer 503 between the engine's death and the watchdog's stop (up to 5 s: which of the two
+    # is asked in that window is timing; tests/test_serving.py checks both on the fake engine)
+    assert any(503 in pair for pair in seen), seen
     assert "the engine died" in secure.srv.log_tail()
