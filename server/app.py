@@ -25,6 +25,7 @@ from kvcat.server.routes import AppState, router
 from kvcat.server.serving import Serving
 
 log = logging.getLogger("kvcat.server")
+DEATH_GRACE_S = 3.0  # between the engine's death and the process stopping, /health and /ready answer 503
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "a field this server does not honour", 401: "missing or wrong API key",
@@ -149,7 +150,8 @@ async def _watch_engine(config: ServerConfig, state: AppState) -> None:
     while True:
         await asyncio.sleep(config.health_check_s)
         if state.serving is not None and not await state.check_engine():
-            log.error("the engine died (%s)", state.error)
+            log.error("the engine died (%s); stopping in %g s", state.error, DEATH_GRACE_S)
+            await asyncio.sleep(DEATH_GRACE_S)  # probes and load balancers see 503 first
             if state.on_engine_death is not None:
                 state.on_engine_death()
             return
