@@ -112,15 +112,13 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat request with the vLLM sampling fields kvcat honours. A field not listed here is refused
-    (400, naming it), never ignored: tools, for one, need a parser for the model's chat template."""
+class SamplingRequest(BaseModel):
+    """The fields chat and text completions share: vLLM's sampling parameters kvcat honours. A field not listed
+    in a request model is refused (400, naming it), never ignored."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default: what the model's context has room for")
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="default: the model's generation_config, else 1")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="vLLM extension: -1 or 0 for all tokens")
@@ -136,22 +134,12 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = Field(1, ge=1, le=16, description="completions per request")
     user: str | None = Field(None, max_length=256, description="the end user, for the client's records (not used)")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: generate at least this many tokens")
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="vLLM extension: isolates this request's prefix-cache entries")
     kv_context: str | None = Field(None, description="answer over this compacted context (POST /v1/compact)")
-    kv_compaction: Literal["off"] | KvCompactionOptions | None = Field(
-        None, description='on-the-fly compaction of a long prompt: "off", or settings overriding the server\'s')
-
-    @model_validator(mode="after")
-    def _context_or_compaction(self) -> "ChatCompletionRequest":
-        if self.kv_context is not None and isinstance(self.kv_compaction, KvCompactionOptions):
-            raise ValueError("give kv_context (an existing compacted context) or kv_compaction options, not both")
-        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -171,6 +159,51 @@ class ChatCompletionRequest(BaseModel):
         if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """OpenAI's chat request (tools, for one, are refused: they need a parser for the model's chat template)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    kv_compaction: Literal["off"] | KvCompactionOptions | None = Field(
+        None, description='on-the-fly compaction of a long prompt: "off", or settings overriding the server\'s')
+
+    @model_validator(mode="after")
+    def _context_or_compaction(self) -> "ChatCompletionRequest":
+        if self.kv_context is not None and isinstance(self.kv_compaction, KvCompactionOptions):
+            raise ValueError("give kv_context (an existing compacted context) or kv_compaction options, not both")
+        return self
+
+    @property
+    def top_logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's (legacy) text completion: the prompt continues the compacted context's tokens when `kv_context`
+    is given (a document compacted with /v1/compact is continued as it is). No on-the-fly compaction here."""
+
+    prompt: str | list[int] = Field(description="text, or token ids")
+    max_tokens: int | None = Field(16, ge=1, description="OpenAI's and vLLM's default for completions: 16")
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token to report")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, str):
+            _utf8(v)
+            if not v:
+                raise ValueError("prompt is empty")
+        elif not v:
+            raise ValueError("prompt is empty")
+        return v
+
+    @property
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class TokenizeRequest(BaseModel):
@@ -197,6 +230,13 @@ class DetokenizeRequest(BaseModel):
 
 
 # ---- responses ------------------------------------------------------------------------------------------
+
+
+class Typed(BaseModel):
+    """A response whose `object` field is always written, even where the route leaves out unset fields."""
+
+    def model_post_init(self, context: Any) -> None:
+        self.__pydantic_fields_set__.add("object")
 
 
 class TokenizeResponse(BaseModel):
@@ -272,7 +312,7 @@ class KvContextDeleted(BaseModel):
     deleted: bool = True
 
 
-class CompactionJob(BaseModel):
+class CompactionJob(Typed):
     """An asynchronous compaction (POST /v1/compact with "async": true)."""
 
     id: str
@@ -334,7 +374,7 @@ class KvCompactionInfo(BaseModel):
     uncompressed_tokens: int
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(Typed):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -358,7 +398,7 @@ class ChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(Typed):
     """One server-sent event of a streamed chat completion."""
 
     id: str
@@ -370,6 +410,33 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
     kv_context: str | None = None
     kv_compaction: KvCompactionInfo | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(Typed):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str
+    kv_context: str | None = Field(None, description="the compacted context the prompt continued")
 
 
 class Ready(BaseModel):

@@ -21,6 +21,7 @@ from kvcat.server import metrics
 from kvcat.server.auth import Auth
 from kvcat.server.errors import ApiError
 from kvcat.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompactionJob, CompactRequest,
+                                   CompletionRequest, CompletionResponse,
                                    DetokenizeRequest, DetokenizeResponse, KvContext, KvContextDeleted, KvContextList,
                                    ModelList, Ready, TokenizeRequest, TokenizeResponse, Version)
 from kvcat.server.serving import Serving
@@ -123,6 +124,16 @@ def router(state: AppState, auth: Auth) -> APIRouter:
     @api.get("/v1/models", response_model=ModelList)
     async def models(who: str = Depends(tenant)):
         return ModelList(data=state.live().model_cards(state.started))
+
+    @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_unset=True,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the completion, or with \"stream\": true its server-sent events"}})
+    async def completions(req: CompletionRequest, request: Request, who: str = Depends(tenant)):
+        async with watch_disconnect(request) as cancel:
+            result = await state.live().completion.complete(req, who, cancel)
+        if isinstance(result, CompletionResponse):
+            return result
+        return StreamingResponse(result, media_type="text/event-stream")
 
     @api.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(req: TokenizeRequest, who: str = Depends(tenant)):

@@ -10,6 +10,7 @@ from kvcat.server.onthefly import AutoCompaction
 from kvcat.server.protocol import ModelCard
 from kvcat.server.serving_chat import ChatServing
 from kvcat.server.serving_compaction import CompactionServing
+from kvcat.server.serving_completion import CompletionServing
 from kvcat.server.serving_contexts import ContextRegistry
 from kvcat.server.serving_models import ServedModel
 from kvcat.server.serving_onthefly import OnTheFlyServing
@@ -25,6 +26,7 @@ class Serving:
         self.compaction = CompactionServing(self.model, self.contexts, beta=beta, limits=self.limits)
         self.onthefly = OnTheFlyServing(self.compaction, auto or AutoCompaction(), engine.block_size)
         self.chat = ChatServing(self.model, engine, self.contexts, self.onthefly, beta=beta, limits=self.limits)
+        self.completion = CompletionServing(self.model, engine, self.contexts, beta=beta, limits=self.limits)
         self.onthefly.check()
         self.ready = False  # set once the start-up self-test passed
 

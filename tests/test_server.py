@@ -261,3 +261,12 @@ def test_vllm_sampling_fields_are_honoured_with_the_openai_client(server, contex
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+def test_text_completion_continues_a_compacted_document(server, contexts):
+    client, cid = server["client"], contexts["nobeta"]["id"]
+    over = client.completions.create(model=MODEL, prompt=" The radio code", max_tokens=6, temperature=0,
+                                     extra_body={"kv_context": cid})
+    plain = client.completions.create(model=MODEL, prompt=" The radio code", max_tokens=6, temperature=0)
+    assert over.object == "text_completion" and over.usage.completion_tokens == 6
+    assert over.choices[0].text != plain.choices[0].text  # the compacted document changes the continuation

@@ -199,6 +199,7 @@ def test_bounded_queue_answers_429_with_retry_after_and_jobs_finish(api):
                                                   "params": {"seconds": 1.0}, "async": True})
         codes.append(r.status_code)
         if r.status_code == 202:
+            assert r.json()["object"] == "compaction.job"
             job = CompactionJob(**r.json())
             assert r.headers["location"] == f"/v1/compact/jobs/{job.id}" and job.status in ("queued", "running")
             jobs.append(job.id)
@@ -255,7 +256,7 @@ def test_completion_over_a_context(api):
     ctx = api.compact(NOTE * 3)
     r = api.chat([{"role": "user", "content": "Who wrote the cargo in her book?"}], kv_context=ctx.id,
                  max_tokens=5, logprobs=True, top_logprobs=2)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
     body = ChatCompletionResponse(**r.json())
     call = api.srv.engine.calls[-1]
     assert call.context.context_id == ctx.id and call.context.num_slots == ctx.compacted_tokens
@@ -275,7 +276,7 @@ def test_streaming_format(api):
     with httpx.stream("POST", api.base + "/v1/chat/completions", headers=auth("alpha"), json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = _events(r.iter_lines())
-    assert events[-1] == "[DONE]"
+    assert events[-1] == "[DONE]" and all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
     chunks = [ChatCompletionChunk(**json.loads(e)) for e in events[:-1]]
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].kv_context == ctx.id
     assert len({c.id for c in chunks}) == 1
@@ -581,3 +582,31 @@ def test_tokenize_detokenize_and_version(api):
     assert api.post("/detokenize", json={"tokens": [10**9]}).status_code == 422
     assert api.post("/tokenize", json={"prompt": "x", "messages": []}).status_code == 422
     assert httpx.get(api.base + "/version").json()["vllm_version"] == "0.32.0"
+
+
+def test_text_completions(api):
+    from kvcat.server.protocol import CompletionResponse
+
+    r = api.post("/v1/completions", json={"prompt": "The lighthouse keeper counted", "logprobs": 2})
+    body = CompletionResponse(**r.json())
+    call = api.srv.engine.calls[-1]
+    assert r.status_code == 200 and r.json()["object"] == "text_completion" and call.params.max_tokens == 16
+    assert call.token_ids == api.srv.engine.tokenizer("The lighthouse keeper counted")["input_ids"]
+    logprobs = body.choices[0].logprobs
+    assert body.choices[0].text == "".join(logprobs.tokens) and len(logprobs.tokens) == body.usage.completion_tokens
+    assert len(logprobs.top_logprobs[0]) == 2 and body.usage.prompt_tokens == len(call.token_ids)
+    ctx = api.compact(NOTE * 2)
+    r = api.post("/v1/completions", json={"prompt": [11, 12, 13], "kv_context": ctx.id, "max_tokens": 3, "n": 2})
+    body = CompletionResponse(**r.json())
+    call = api.srv.engine.calls[-1]
+    assert call.token_ids == [11, 12, 13] and call.context.context_id == ctx.id and body.kv_context == ctx.id
+    assert [c.index for c in body.choices] == [0, 1] and body.usage.kv_context_slots == ctx.compacted_tokens
+    with httpx.stream("POST", api.base + "/v1/completions", headers=auth("alpha"), timeout=60, json={
+            "prompt": "alpha beta", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        events = _events(s.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = [CompletionResponse(**json.loads(e)) for e in events[:-1]]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) and chunks[-1].usage.completion_tokens == 3
+    for body, status in (({"prompt": "x", "echo": True}, 400), ({"prompt": [10**9]}, 422), ({"prompt": ""}, 422),
+                         ({"prompt": "x", "kv_context": "ctx-00000000deadbeef"}, 404)):
+        assert api.post("/v1/completions", json=body).status_code == status, body

@@ -1,0 +1,79 @@
+"""Text completions (OpenAI's legacy /v1/completions): a prompt of text or token ids, on its own or continuing
+a stored compacted context's tokens as they are (no chat template); OpenAI's text_completion format."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from kvcat.server.engine_api import Chunk
+from kvcat.server.errors import invalid
+from kvcat.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from kvcat.server.serving_generation import GenerationServing, Turn
+
+
+class CompletionServing(GenerationServing):
+    id_prefix = "cmpl"
+
+    async def complete(self, req: CompletionRequest, tenant: str, cancel: threading.Event | None = None
+                       ) -> CompletionResponse | AsyncIterator[str]:
+        start = time.perf_counter()
+        cancel = cancel or threading.Event()
+        self.model.check(req.model)
+        rec = self.contexts.get(req.kv_context, tenant) if req.kv_context is not None else None
+        ids = self._prompt_ids(req)
+        turn = self._turn(req, lambda _rec: ids, rec, tenant)
+        chunks = self._generate(turn, start, cancel)
+        if req.stream:
+            return self._sse(turn, chunks)
+        got = await self._collect(turn, chunks, cancel)
+        choices = [CompletionChoice(index=i, text=got.texts[i], finish_reason=got.finish[i] or "stop",
+                                    logprobs=self._logprobs(turn, got.chunks[i])) for i in range(turn.params.n)]
+        return CompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=choices,
+                                  usage=self._usage(turn, got.last, got.count),
+                                  system_fingerprint=self.model.fingerprint, kv_context=turn.context_id)
+
+    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
+        if isinstance(req.prompt, str):
+            return list(self.model.tokenizer(req.prompt)["input_ids"])
+        vocab = len(self.model.tokenizer)
+        if not all(0 <= t < vocab for t in req.prompt):
+            raise invalid(f"prompt token ids must be in 0..{vocab - 1}", "prompt")
+        return list(req.prompt)
+
+    def _sse(self, turn: Turn, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+        def event(choices, usage=None) -> str:
+            body = CompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=choices,
+                                      system_fingerprint=self.model.fingerprint, kv_context=turn.context_id)
+            if usage is not None:
+                body.usage = usage
+            return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
+
+        def chunk_event(chunk: Chunk) -> str | None:
+            logprobs = self._logprobs(turn, [chunk])
+            if chunk.text or chunk.finish_reason or logprobs:
+                return event([CompletionChoice(index=chunk.index, text=chunk.text, logprobs=logprobs,
+                                               finish_reason=chunk.finish_reason)])
+            return None
+
+        return self._stream(turn, chunks, [], chunk_event, lambda usage: event([], usage))
+
+    def _logprobs(self, turn: Turn, chunks: list[Chunk]) -> CompletionLogprobs | None:
+        """The legacy format: the tokens, their logprobs, the top alternatives and each token's text offset."""
+        top = turn.req.top_logprobs_k
+        if top is None:
+            return None
+        decode, out, offset = self.model.tokenizer.decode, CompletionLogprobs(
+            tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[]), 0
+        for chunk in chunks:
+            for token_id, step in zip(chunk.token_ids, chunk.logprobs or []):
+                text = decode([token_id])
+                out.tokens.append(text)
+                out.token_logprobs.append(max(step.get(token_id, -math.inf), -9999.0))
+                best = sorted(step.items(), key=lambda kv: -kv[1])[:top]
+                out.top_logprobs.append({decode([t]): max(lp, -9999.0) for t, lp in best})
+                out.text_offset.append(offset)
+                offset += len(text)
+        return out

@@ -1,0 +1,269 @@
+"""What chat and text completions share: a request resolved into engine work (prompt, limits, sampling
+parameters, context handle), generation with cancellation and the request timeout, collecting or streaming the
+chunks, usage, and the latency metrics. `serving_chat` and `serving_completion` add their response formats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from kvcat.server import metrics, prompting
+from kvcat.server.config import Limits
+from kvcat.server.engine_api import Chunk, ContextHandle, EngineClient, GenParams
+from kvcat.server.errors import ApiError, Cancelled, invalid
+from kvcat.server.protocol import ErrorDetail, KvCompactionInfo, PromptTokensDetails, SamplingRequest, Usage
+from kvcat.server.serving_contexts import ContextRegistry
+from kvcat.server.serving_models import ServedModel
+from kvcat.server.store import ContextRecord
+
+log = logging.getLogger("kvcat.server")
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+@dataclass
+class Turn:
+    """One request, resolved: what the engine runs and what the response reports."""
+
+    req: SamplingRequest
+    ids: list[int]  # prompt tokens after the context (all of them without one)
+    params: GenParams
+    handle: ContextHandle | None
+    method: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])  # prefixed by the serving class
+    created: int = field(default_factory=lambda: int(time.time()))
+    context_id: str | None = None
+    version: str | None = None  # of the context's record when the request started
+    compaction: KvCompactionInfo | None = None
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.method, "compacted" if self.handle else "full"
+
+
+
+@dataclass
+class Collected:
+    """A finished generation, per completion index: text, finish reason, the chunks (for logprobs)."""
+
+    texts: list[str]
+    finish: list[str | None]
+    chunks: list[list[Chunk]]
+    count: int = 0  # generated tokens over all completions
+    last: Chunk | None = None
+
+
+class GenerationServing:
+    id_prefix = "cmpl"
+
+    def __init__(self, model: ServedModel, engine: EngineClient, contexts: ContextRegistry, *, beta: bool,
+                 limits: Limits):
+        self.model, self.engine, self.contexts = model, engine, contexts
+        self.beta, self.limits = beta, limits
+
+    # ---- the prompt --------------------------------------------------------------------------------------
+    def _turn(self, req: SamplingRequest, prompt: Callable[[ContextRecord | None], list[int]],
+              rec: ContextRecord | None, tenant: str) -> Turn:
+        """Prompt ids (`prompt(rec)`), generation parameters and the context handle of a request (over `rec` when
+        given)."""
+        handle = None
+        try:
+            if rec is not None:
+                self.contexts.check_file(rec)
+                ids = prompt(rec)
+                salt = f"kvcat:{rec.id}:{rec.version}:{'beta' if self.beta else 'nobeta'}"
+                handle = ContextHandle(rec.id, self.contexts.path(rec.id), rec.num_slots, rec.num_tokens, salt)
+                # positions as the reference path counts them (N + question), and the engine's own limit
+                # (t slots + question)
+                used = rec.num_tokens + len(ids)
+                limit = min(self.model.max_positions,
+                            used + self.engine.max_model_len - (rec.num_slots + len(ids)))
+            else:
+                ids = prompt(None)
+                used, limit = len(ids), min(self.model.max_positions, self.engine.max_model_len)
+        except prompting.PromptError as exc:
+            raise invalid(str(exc), "messages") from None
+        if used >= limit:
+            raise invalid(f"the prompt needs {used} positions but the model's context holds {limit}", "messages",
+                          413, "context_length_exceeded")
+        params = GenParams(max_tokens=self._max_tokens(req, used, limit), min_tokens=req.min_tokens, n=req.n,
+                           **self._sampling(req), seed=req.seed, stop=req.stop or [],
+                           stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                           structured=_structured(req), logprobs=req.top_logprobs_k,
+                           cache_salt=prefix_salt(tenant, req.cache_salt) if handle is None else None)
+        turn = Turn(req, ids, params, handle, rec.method if rec else "none",
+                    context_id=handle.context_id if handle else None, version=rec.version if rec else None)
+        turn.id = f"{self.id_prefix}-{turn.id}"
+        return turn
+
+    def _sampling(self, req: SamplingRequest) -> dict:
+        """The request's sampling fields; those it leaves out come from the model's generation_config (as vLLM
+        does), then vLLM's defaults (temperature 1)."""
+        given = {name: getattr(req, name) for name in SAMPLING if getattr(req, name) is not None}
+        out = {**self.model.sampling_defaults, **given}
+        out.setdefault("temperature", 1.0)
+        if req.logit_bias:
+            vocab = len(self.model.tokenizer)
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+            if max(bias) >= vocab:
+                raise invalid(f"logit_bias names token {max(bias)}, beyond the vocabulary of {vocab}", "logit_bias")
+            out["logit_bias"] = bias
+        return out
+
+    def _max_tokens(self, req: SamplingRequest, used: int, limit: int) -> int:
+        """The request's max_tokens, else the room its prompt leaves in the context (as vLLM)."""
+        room, cap = limit - used, self.limits.max_completion_tokens
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or min(room, cap or room)
+        if cap is not None and max_tokens > cap:
+            raise invalid(f"max_tokens {max_tokens} is above this server's limit of {cap}", "max_tokens")
+        if max_tokens > room:
+            raise invalid(f"the prompt needs {used} positions and max_tokens {max_tokens} more, but the model's "
+                          f"context holds {limit}", "max_tokens", 413, "context_length_exceeded")
+        if req.min_tokens > max_tokens:
+            raise invalid(f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}", "min_tokens")
+        return max_tokens
+
+    # ---- generation --------------------------------------------------------------------------------------
+    async def _generate(self, turn: Turn, start: float, cancel: threading.Event) -> AsyncIterator[Chunk]:
+        """The engine's chunks, stopped by `cancel` or the request timeout (counted from the request's arrival,
+        time in the engine's queue included); the engine request is aborted and the context released however
+        it ends."""
+        timeout = self.limits.request_timeout_s
+        deadline = None if timeout is None else start + timeout
+        labels = (self.model.name, *turn.labels)
+        if turn.handle:
+            self.contexts.acquire(turn.handle.context_id)
+        in_flight = metrics.CHATS_IN_FLIGHT.labels(self.model.name, turn.labels[1])
+        in_flight.inc()
+        finished, first = False, True
+        stream = aiter(self.engine.generate(turn.ids, turn.params, turn.handle, turn.id))
+        try:
+            while True:
+                try:
+                    chunk = await _next_or_stop(stream, cancel, deadline, timeout)
+                except StopAsyncIteration:
+                    break
+                if chunk.finish_reason == "error":  # vLLM's request-level failure (a context that cannot load)
+                    raise self._engine_failure(turn)
+                if first and chunk.token_ids:
+                    first = False
+                    metrics.TTFT_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+                yield chunk
+            finished = True
+            metrics.E2E_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+            metrics.REQUESTS.labels(*labels).inc()
+        finally:
+            if not finished:
+                await stream.aclose()
+                try:
+                    await self.engine.abort(turn.id)
+                except Exception:  # noqa: BLE001  (the request may be gone already)
+                    pass
+            in_flight.dec()
+            if turn.handle:
+                self.contexts.release(turn.handle.context_id)
+
+    def _engine_failure(self, turn: Turn) -> ApiError:
+        if turn.handle is not None:
+            return self.contexts.load_failure(turn.handle.context_id, turn.version)
+        return ApiError(500, "the engine failed this request", "server_error", code="engine_error")
+
+    async def _collect(self, turn: Turn, chunks: AsyncIterator[Chunk], cancel: threading.Event) -> Collected:
+        """Every chunk of a non-streamed request; a cancellation or timeout becomes 499 / 504."""
+        n = turn.params.n
+        out = Collected([""] * n, [None] * n, [[] for _ in range(n)])
+        try:
+            async for chunk in chunks:
+                out.texts[chunk.index] += chunk.text
+                out.finish[chunk.index] = chunk.finish_reason or out.finish[chunk.index]
+                out.chunks[chunk.index].append(chunk)
+                out.count, out.last = out.count + len(chunk.token_ids), chunk
+        except Cancelled as exc:  # counted once, by the error handler, under its code
+            raise ApiError(499 if cancel.is_set() else 504, f"generation stopped: {exc}", "timeout_error",
+                           code="request_cancelled") from None
+        return out
+
+    async def _stream(self, turn: Turn, chunks: AsyncIterator[Chunk], opening: list[str],
+                      event: Callable[[Chunk], str | None], usage_event: Callable[[Usage], str]) -> AsyncIterator[str]:
+        """Server-sent events: `opening`, one `event(chunk)` per chunk (None: nothing to send), errors as an event,
+        the usage when asked, then [DONE]."""
+        for line in opening:
+            yield line
+        last, count = None, 0
+        try:
+            async for chunk in chunks:
+                last, count = chunk, count + len(chunk.token_ids)
+                line = event(chunk)
+                if line:
+                    yield line
+        except Exception as exc:  # noqa: BLE001  (the status line is sent: errors go in the stream)
+            yield error_event(exc)
+        if turn.req.stream_options and turn.req.stream_options.include_usage:
+            yield usage_event(self._usage(turn, last, count))
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _usage(turn: Turn, last: Chunk | None, completion: int) -> Usage:
+        usage = Usage(prompt_tokens=len(turn.ids), completion_tokens=completion,
+                      total_tokens=len(turn.ids) + completion)
+        if turn.handle is not None:
+            usage.kv_context_slots = turn.handle.num_slots
+        if last is not None and last.cached_tokens is not None:
+            usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=int(last.cached_tokens))
+        return usage
+
+
+
+async def _next_or_stop(stream: AsyncIterator[Chunk], cancel: threading.Event, deadline: float | None,
+                        timeout: float | None, poll_s: float = 0.25) -> Chunk:
+    """The stream's next chunk; Cancelled as soon as the client goes away or the deadline passes, even while the
+    request still waits in the engine's queue and no chunk comes."""
+    step = asyncio.ensure_future(anext(stream))
+    try:
+        while True:
+            wait = poll_s if deadline is None else min(poll_s, deadline - time.perf_counter())
+            if cancel.is_set():
+                raise Cancelled("the client went away")
+            if wait <= 0:
+                raise Cancelled(f"the request took longer than {timeout:g} s")
+            done, _ = await asyncio.wait({step}, timeout=wait)
+            if done:
+                return step.result()
+    except BaseException:
+        step.cancel()  # the engine's generator ends at its pending await (and can then be closed)
+        await asyncio.wait({step})
+        raise
+
+
+def _structured(req: SamplingRequest) -> dict | None:
+    """vLLM structured-output parameters for the request's response_format."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema.schema_}
+
+
+def prefix_salt(tenant: str, client_salt: str | None) -> str:
+    """The prefix-cache namespace of a plain request: its tenant's, split further by the client's `cache_salt`.
+    Without it, a tenant could learn from `cached_tokens` that another tenant sent the same prompt. (Requests
+    over a context are salted by the context, which belongs to one tenant.)"""
+    return json.dumps([tenant, client_salt])
+
+
+def error_event(exc: Exception) -> str:
+    """An error inside a stream whose status line is already sent."""
+    if isinstance(exc, ApiError):
+        detail = ErrorDetail(message=exc.message, type=exc.type, code=exc.code)
+    elif isinstance(exc, Cancelled):
+        metrics.ERRORS.labels("request_cancelled").inc()
+        detail = ErrorDetail(message=f"generation stopped: {exc}", type="timeout_error", code="request_cancelled")
+    else:
+        log.error("streaming failed: %r", exc)
+        metrics.ERRORS.labels("engine_error").inc()
+        detail = ErrorDetail(message=f"generation failed: {exc}", type="server_error", code=500)
+    return f"data: {{\"error\": {detail.model_dump_json()}}}\n\n"
