@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 
 from kvcat.server.engine_api import Chunk
-from kvcat.server.errors import invalid
 from kvcat.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from kvcat.server.serving_generation import GenerationServing, Turn
 
@@ -38,9 +37,7 @@ class CompletionServing(GenerationServing):
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, str):
             return list(self.model.tokenizer(req.prompt)["input_ids"])
-        vocab = len(self.model.tokenizer)
-        if not all(0 <= t < vocab for t in req.prompt):
-            raise invalid(f"prompt token ids must be in 0..{vocab - 1}", "prompt")
+        self.model.check_token_ids(req.prompt, "prompt")
         return list(req.prompt)
 
     def _sse(self, turn: Turn, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:

@@ -35,7 +35,7 @@ class Turn:
     params: GenParams
     handle: ContextHandle | None
     method: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])  # prefixed by the serving class
+    id: str  # chatcmpl-... or cmpl-...
     created: int = field(default_factory=lambda: int(time.time()))
     context_id: str | None = None
     version: str | None = None  # of the context's record when the request started
@@ -96,10 +96,9 @@ class GenerationServing:
                            stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
                            structured=_structured(req), logprobs=req.top_logprobs_k,
                            cache_salt=prefix_salt(tenant, req.cache_salt) if handle is None else None)
-        turn = Turn(req, ids, params, handle, rec.method if rec else "none",
-                    context_id=handle.context_id if handle else None, version=rec.version if rec else None)
-        turn.id = f"{self.id_prefix}-{turn.id}"
-        return turn
+        return Turn(req, ids, params, handle, rec.method if rec else "none",
+                    f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", context_id=handle.context_id if handle else None,
+                    version=rec.version if rec else None)
 
     def _sampling(self, req: SamplingRequest) -> dict:
         """The request's sampling fields; those it leaves out come from the model's generation_config (as vLLM
@@ -108,10 +107,8 @@ class GenerationServing:
         out = {**self.model.sampling_defaults, **given}
         out.setdefault("temperature", 1.0)
         if req.logit_bias:
-            vocab = len(self.model.tokenizer)
             bias = {int(k): v for k, v in req.logit_bias.items()}
-            if max(bias) >= vocab:
-                raise invalid(f"logit_bias names token {max(bias)}, beyond the vocabulary of {vocab}", "logit_bias")
+            self.model.check_token_ids(bias, "logit_bias")
             out["logit_bias"] = bias
         return out
 

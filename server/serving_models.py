@@ -62,12 +62,16 @@ class ServedModel:
             raise ApiError(422, str(exc), "invalid_request_error", "messages") from None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_positions, tokens=ids)
 
-    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        self.check(req.model)
+    def check_token_ids(self, ids, param: str) -> None:
+        """422 naming `param` when a token id a request gives is outside the vocabulary."""
         vocab = len(self.tokenizer)
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ApiError(422, f"token ids {bad[:5]} are outside the vocabulary of {vocab}", "invalid_request_error",
-                           "tokens")
+                           param)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.check(req.model)
+        self.check_token_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
 

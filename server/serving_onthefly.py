@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -80,28 +81,30 @@ class OnTheFlyServing:
         cut = onthefly.split(messages, policy.keep_turns)
         if cut is None:
             return None
-        key = self._key(cut.source, policy, tenant)
+        method = self.compaction.method(policy.method)
+        versions = {**self._versions, "params": method.params}
+
+        def key_of(source: dict) -> str:
+            return onthefly.context_key(self.model.fingerprint, source, policy, self.compaction.beta, tenant,
+                                        versions)
+
+        key = key_of(cut.source)
         lock = self._locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:  # concurrent requests for one prefix compact it once
-                return await self._find_or_compact(cut, key, policy, tenant, cancel)
+                return await self._find_or_compact(cut, key, key_of, method, policy, tenant, cancel)
         finally:
             if not lock.locked():
                 self._locks.pop(key, None)
 
-    def _key(self, source: dict, policy: AutoCompaction, tenant: str) -> str:
-        versions = {**self._versions, "params": self.compaction.method(policy.method).params}
-        return onthefly.context_key(self.model.fingerprint, source, policy, self.compaction.beta, tenant, versions)
-
-    async def _find_or_compact(self, cut: onthefly.Split, key: str, policy: AutoCompaction, tenant: str,
-                               cancel: threading.Event) -> Resolved | None:
+    async def _find_or_compact(self, cut: onthefly.Split, key: str, key_of: Callable[[dict], str], method,
+                               policy: AutoCompaction, tenant: str, cancel: threading.Event) -> Resolved | None:
         tokenizer = self.model.tokenizer
         rec = self.contexts.find(key, tenant)
         if rec is not None:
             return self._used(Resolved(rec, cut.rest, "hit"))
-        method = self.compaction.method(policy.method)
         for src, rest in cut.prefixes:  # the longest stored prefix of this conversation
-            base = self.contexts.find(self._key(src, policy, tenant), tenant)
+            base = self.contexts.find(key_of(src), tenant)
             if base is None:
                 continue
             if len(prompting.question_ids(tokenizer, src, rest)) <= policy.threshold_tokens:
