@@ -13,9 +13,10 @@ standard-library-only file, by path). The job (JSON):
      "runs": [["none", 1], ["snapkv", 8], ...],   # (press, kvcat ratio); "none" = no press; ratio 1 = cr 0
      "max_new_tokens": 24, "stop_ids": [2]}
 
-The result (JSON, rewritten after every run): {"versions": {...}, "runs": [{"press", "ratio",
+The result (JSON, rewritten after every run): {"versions": {...}, "job_sha", "runs": [{"press", "ratio",
 "compression_ratio", "windows": [{"nll_sum", "count"}], "prompts": [{"ids", "text"}], "compress_s": [...],
-"kept_per_head": [slots per KV head kept, per item], "peak_rss_mb", "seconds", "error"}]}.
+"kept_per_head": [slots per KV head kept, per item], "peak_rss_mb", "seconds", "error"}]}. When RESULT.json
+already holds runs of the same job (same JSON, same versions), those are kept and only the others run.
 
 kvpress facts this relies on (kvpress 0.5.x):
 - a press compresses during prefill only: `with press(model): model.model(input_ids=ctx, past_key_values=
@@ -35,6 +36,7 @@ kvpress facts this relies on (kvpress 0.5.x):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -70,7 +72,20 @@ PRESSES = {
     "tova": ("TOVAPress", {}),
     "knorm": ("KnormPress", {}),
     "pyramidkv": ("PyramidKVPress", {}),
+    "compactor": ("CompactorPress", {}),  # leverage scores blended with non-causal chunked attention
+    "leverage": ("LeverageScorePress", {}),
 }
+# Presses whose scores come from weights trained per model and fetched from the Hugging Face hub at first use:
+# this project downloads nothing from a hub, and no such weights exist for SmolLM2, so they are recorded as
+# not run (with this reason) instead of being attempted.
+HUB_ONLY = {
+    "fastkvzip": "FastKVzipPress loads trained gates from the hub (Jang-Hyun/Fast-KVzip), none for this model",
+    "kvzap": "KVzapPress loads a trained scorer from the hub (nvidia/KVzap-*), none for this model",
+}
+
+
+class NotRun(Exception):
+    """A press this project cannot run here, for a stated reason (recorded, not a failure of the press)."""
 
 
 def make_press(name: str, compression_ratio: float):
@@ -78,8 +93,10 @@ def make_press(name: str, compression_ratio: float):
 
     if name.startswith("adakv-"):
         return kvpress.AdaKVPress(press=make_press(name[len("adakv-"):], compression_ratio))
+    if name in HUB_ONLY:
+        raise NotRun(HUB_ONLY[name])
     if name not in PRESSES:
-        raise ValueError(f"unknown press {name!r}; known: {', '.join(PRESSES)} and adakv-<press>")
+        raise ValueError(f"unknown press {name!r}; known: {', '.join([*PRESSES, *HUB_ONLY])} and adakv-<press>")
     cls, kwargs = PRESSES[name]
     return getattr(kvpress, cls)(compression_ratio=compression_ratio, **kwargs)
 
@@ -198,6 +215,8 @@ class Runner:
                                                 int(item.get("max_new_tokens", self.max_new)))
                             rec["prompts"].append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
                         del cache
+        except NotRun as exc:
+            rec["error"] = f"not run: {exc}"
         except Exception as exc:  # a press that does not support this model (or these lengths): record it
             rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["traceback"] = traceback.format_exc(limit=6)
@@ -216,16 +235,23 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         sys.exit("usage: kvpress_runner.py JOB.json RESULT.json")
-    job = json.loads(Path(argv[0]).read_text())
-    out = Path(argv[1])
+    text = Path(argv[0]).read_text()
+    job, out = json.loads(text), Path(argv[1])
+    job_sha = hashlib.sha256(text.encode()).hexdigest()
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     runner = Runner(job)
-    result = {"versions": versions(), "model": job["model"], "runs": []}
-    runs = [(str(p), float(r)) for p, r in job["runs"]]
+    result = {"versions": versions(), "model": job["model"], "job_sha": job_sha, "runs": []}
+    if out.is_file():  # the runs a previous call of this very job saved (an interrupted benchmark, resumed)
+        old = json.loads(out.read_text())
+        if old.get("job_sha") == job_sha and old.get("versions") == result["versions"]:
+            result["runs"] = old["runs"]
+            log(f"resuming: {len(old['runs'])} runs already in {out}")
+    finished = {(rec["press"], float(rec["ratio"])) for rec in result["runs"]}
+    runs = [(str(p), float(r)) for p, r in job["runs"] if (str(p), float(r)) not in finished]
     log(f"kvpress {result['versions']['kvpress']}, transformers {result['versions']['transformers']}; "
         f"{len(job.get('windows', []))} windows, {len(job.get('prompts', []))} prompts, {len(runs)} runs")
     for i, (name, ratio) in enumerate(runs):

@@ -1,21 +1,23 @@
 """Peer benchmark: kvcat's compaction against NVIDIA kvpress's presses, on the same token ids, same metrics.
 
-    kvcat bench peers                                      # 20 held-out 4k-token windows, ratios 2-50 (hours)
-    kvcat bench peers --docs 1 --doc-tokens 512 --continuation 64 --ratios 8 --presses snapkv,knorm \\
-        --needles 1 --qa 0 --out /tmp/peers.json           # minutes
+    kvcat bench peers                        # 8 PPL windows + 42 retrieval cases, ratios 4-32 (hours; --resume)
+    kvcat bench peers --docs 1 --cases 3 --ratios 8 --presses snapkv,tova --serving-docs 0 \\
+        --out /tmp/peers.json                # minutes
 
 kvpress needs transformers < 5.3, so it runs in its own venv (.peers-venv/, made by scripts/peers_venv.sh)
 as a subprocess: benchmarks/kvpress_runner.py. This script, in kvcat's venv, prepares the HELD-OUT data
-exactly as `kvcat bench compaction` does (kvcat.data windows, needles and SQuAD articles; chat prompts split
-by kvcat.prompts.context_and_question), hands kvpress the very token ids, runs kvcat's own methods in this
-process, and scores every system's outputs here with the same kvcat.eval.metrics functions:
+(kvcat.data PPL windows, and the retrieval cases of `kvcat bench retrieval`: planted number, one of four
+numbers, passage question; chat prompts split by kvcat.prompts.context_and_question), hands kvpress the very
+token ids, runs kvcat's own methods in this process, and scores every system's outputs here with the same
+kvcat.eval.metrics functions:
 - ppl_gap: per window, exp(mean NLL of continuation[1:]) over the compressed prefix minus the full-prefix
   PPL of the same window (kvcat.eval.harness.full_prefix_nll: one uncached pass, the shared reference);
   the mean over windows (kvcat.eval.metrics.ppl_gap, as `kvcat eval` and `kvcat bench compaction`);
-- needle_acc: metrics.retrieved of the greedy answer after compressing the haystack (chat prompt);
-- qa_f1: metrics.f1 of the first answer line on SQuAD-article questions;
+- retrieval: metrics.retrieved of the greedy answer (48 new tokens) after compressing the document, before
+  the question is seen; accuracy overall and per kind, per case in the JSON, and paired against kvcat's AM
+  (cases only AM answers / only the press answers, two-sided sign test);
 - compress_s: seconds from token ids to compressed cache, prefill included (kvcat: prefill + queries +
-  solve; kvpress: the prefill under the press, its scoring included), mean over the PPL windows;
+  solve; kvpress: the prefill under the press, its scoring included), mean over windows and cases;
 - peak_rss_mb: peak resident memory of the process (kvcat's, or the kvpress runner's) while compressing;
 - serving (the first --serving-docs windows, as text): vLLM's own OpenAI server (no kvcat code loaded)
   answering over the full document, against the kvcat server over the compacted context (serve.py's
@@ -23,7 +25,9 @@ process, and scores every system's outputs here with the same kvcat.eval.metrics
 Ratio r means round(N / r) KV slots per head kept on average, in both systems (kvpress: compression_ratio
 1 - 1/r). Ratio 1 is the full cache in both: the fairness check wants their full-cache PPLs on the same
 windows within 1% (both values and the relative difference are in the JSON).
-Writes benchmarks/results/peers.json, .md (table) and .png (PPL gap and needle accuracy vs ratio).
+Every window, case and kvpress run is saved as it ends (peers.partial.json, peers.kvpress.partial.json):
+`--resume` continues an interrupted run from there, with the same settings and code.
+Writes benchmarks/results/peers.json, .md (table) and .png (PPL gap and retrieval accuracy vs ratio).
 """
 
 from __future__ import annotations
@@ -32,38 +36,38 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvcat.console import option
 from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
-from kvcat.eval.metrics import mean_ppl, ppl, ppl_gap, window_nll
+from kvcat.eval.metrics import mean_ppl, ppl, ppl_gap, retrieved
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = REPO / ".peers-venv" / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "kvpress_runner.py"
 FAIRNESS_TOLERANCE = 0.01
+MAX_NEW_TOKENS = 48  # as `kvcat bench retrieval`
+CODE = ("kvcat", "compaction", "benchmarks", "scripts/peers_venv.sh", "pyproject.toml")
 
 
 @dataclass
 class PeersConfig:
     """The settings of `kvcat bench peers`, one command-line option each."""
 
-    docs: int = option(20, help="held-out PPL windows")
-    doc_tokens: int = option(4096, help="tokens of each window's prefix")
+    docs: int = option(8, help="held-out PPL windows")
+    doc_tokens: int = option(2048, help="tokens of each window's prefix")
     continuation: int = option(256, help="continuation tokens for the PPL gap")
-    ratios: tuple[float, ...] = option((2.0, 4.0, 8.0, 16.0, 32.0, 50.0),
-                                       help="compression ratios (1, the full cache, always runs)")
-    methods: tuple[str, ...] = option(("am-hak", "am-omp-fast", "snapkv"), help="kvcat methods")
-    presses: tuple[str, ...] = option(("snapkv", "expected-attention", "kvzip", "streaming-llm", "tova", "knorm",
-                                       "pyramidkv", "adakv-expected-attention"),
+    cases: int = option(42, help="held-out retrieval cases (those of `kvcat bench retrieval`; 0 to skip)")
+    lengths: tuple[int, ...] = option((2048, 3072), help="retrieval document lengths in tokens")
+    ratios: tuple[float, ...] = option((8.0, 16.0, 4.0, 32.0),
+                                       help="compression ratios, run in this order (1, the full cache, always runs)")
+    methods: tuple[str, ...] = option(("am-hak", "am-hak-fast", "snapkv"), help="kvcat methods")
+    presses: tuple[str, ...] = option(("snapkv", "expected-attention", "adakv-expected-attention", "kvzip",
+                                       "compactor", "leverage", "tova", "streaming-llm", "fastkvzip", "kvzap"),
                                       help="kvpress presses, as benchmarks/kvpress_runner.py names them (adakv-X: "
                                            "press X inside AdaKVPress)")
-    needles: int = option(5, help="needle examples (0 to skip)")
-    qa: int = option(5, help="QA examples (0 to skip)")
-    question_tokens: int = option(2048, help="length of the needle haystacks and QA articles")
     model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
     slow_max_slots: int = option(256, help="run OMP-fast only up to this many slots per head")
     serving_docs: int = option(1, help="windows served by plain vLLM (full) and kvcat (compacted); 0 skips")
@@ -81,181 +85,230 @@ def _mean(xs):
     return round(statistics.mean(xs), 4) if xs else None
 
 
-def run_kvpress(job: dict) -> dict:
-    """The kvpress runner in the peers venv on `job`; returns its result (raises when it cannot run)."""
+def run_kvpress(job: dict, result_file: Path) -> dict:
+    """The kvpress runner in the peers venv on `job`; returns its result (raises when it cannot run). The
+    runner saves every run in `result_file` as it ends and skips the runs a previous call of the same job
+    saved there."""
     if not PEERS_PYTHON.is_file():
         raise RuntimeError(f"{PEERS_PYTHON} is missing: make the peers venv first (bash scripts/peers_venv.sh)")
-    with tempfile.TemporaryDirectory(prefix="kvcat-peers-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job))
+    job_file = result_file.with_name(result_file.stem + ".job.json")
+    job_file.write_text(json.dumps(job))
+    try:
         proc = subprocess.run([str(PEERS_PYTHON), str(RUNNER), str(job_file), str(result_file)], cwd=REPO)
-        if proc.returncode != 0 or not result_file.is_file():
-            raise RuntimeError(f"the kvpress runner failed (exit {proc.returncode}); see its output above")
-        return json.loads(result_file.read_text())
+    finally:
+        job_file.unlink(missing_ok=True)
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"the kvpress runner failed (exit {proc.returncode}); see its output above")
+    return json.loads(result_file.read_text())
 
 
-def run(config: PeersConfig) -> dict:
+def run(config: PeersConfig, resume: bool = False) -> dict:
     """kvcat vs NVIDIA kvpress on the same held-out data, and plain vLLM vs the kvcat server ->
-    benchmarks/results/peers.json + Pareto PNG.
+    benchmarks/results/peers.json + PNG."""
+    import torch
 
-    kvpress runs in its own venv (.peers-venv/, made here by scripts/peers_venv.sh on first use)."""
-    from kvcat.bench import PeakRSS, config_record, heldout_suite, load_script, provenance, publish
+    from kvcat import data
+    from kvcat.bench import Checkpoint, PeakRSS, config_record, load_script, provenance, publish
     from kvcat.compaction import get_method
-    from kvcat.compaction.queries import clear_memo
-    from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
-    from kvcat.eval.metrics import f1, retrieved
+    from kvcat.compaction.queries import clear_memo, document_state
+    from kvcat.eval.harness import full_prefix_nll
+    from kvcat.eval.metrics import window_nll
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
     from kvcat.models import load_model
+    from kvcat.prompts import context_and_question
 
     c = config
-    compaction = load_script("compaction")  # its SLOW limits, the same here
+    compaction, retrieval = load_script("compaction"), load_script("retrieval")  # SLOW limits; sign test
     names, press_names = list(c.methods), list(c.presses)
-    all_ratios = sorted({float(r) for r in c.ratios})
-    ratios = [r for r in all_ratios if r > 1]  # ratio 1 is the full cache, run in both systems anyway
+    ratios = list(dict.fromkeys(float(r) for r in c.ratios if r > 1))  # ratio 1, the full cache, runs anyway
+    record = {**config_record(c), "max_new_tokens": MAX_NEW_TOKENS, "split": "heldout"}
+    # the records come from kvcat's model and methods, this script and the kvpress runner (the server and
+    # training code may change between the sessions of a long resumed run)
+    done = Checkpoint(c.out, record, resume, log, code=CODE)
+    kvpress_partial = done.path.with_name(Path(c.out).stem + ".kvpress.partial.json")
+    if not resume:
+        kvpress_partial.unlink(missing_ok=True)
     lm = load_model(c.model, dtype="float32")
     tok = lm.tokenizer
-    log(f"model {c.model}; {c.docs} windows of {c.doc_tokens}+{c.continuation} tokens; ratios {ratios}; kvcat "
-        f"{names}; kvpress {press_names}; {c.needles} needles, {c.qa} QA")
+    windows = data.token_windows(tok, c.doc_tokens, c.continuation, c.docs, split="heldout", seed=c.seed)
+    suite = data.retrieval_suite(tok, n=c.cases, lengths=tuple(c.lengths), split="heldout", seed=c.seed) \
+        if c.cases else []
+    prompts = [context_and_question(tok, ex.document, ex.question) for ex in suite]
+    log(f"model {c.model}; {c.docs} windows of {c.doc_tokens}+{c.continuation} tokens, {len(suite)} retrieval "
+        f"cases; ratios {ratios}; kvcat {names}; kvpress {press_names}")
 
-    windows, examples, prompts = heldout_suite(tok, c.docs, c.doc_tokens, c.continuation, c.needles, c.qa,
-                                               c.question_tokens, c.seed)
-    max_new = [MAX_NEW_TOKENS.get(ex.task, 32) for ex in examples]
+    # ---- kvcat, in this process, one window or case at a time (saved as each ends) ----
+    combos = [(m, r) for m in names for r in ratios]
+    methods_obj = {m: get_method(m) for m in names}
+    prefill(lm, list(windows[0].prefix_ids[:64]) if windows else prompts[0].context_ids[:64])  # warm-up
 
-    def score(text: str, ex) -> float:
-        return retrieved(text, ex.answers) if ex.task == "needle" else f1(text, ex.answers)
+    def compact_all(ids: list[int], use) -> dict:
+        """Every (method, ratio) on one context; one prefill and reconstruction serve them all (each
+        compaction is still charged its seconds)."""
+        clear_memo()
+        document_state(lm, torch.tensor(ids), token_nll=True).keep_queries = True
+        rows = {}
+        for m, r in combos:
+            if not compaction.runs(m, len(ids), r, c.slow_max_slots):
+                rows[f"{m}|{r:g}"] = {"skipped": compaction.too_slow(m, c.slow_max_slots)}
+                continue
+            with PeakRSS() as mem:
+                cache = methods_obj[m].compact(lm, ids, ratio=r)
+            rows[f"{m}|{r:g}"] = {**use(cache), "compact_s": cache.info["compact_s"], "rss": mem.peak,
+                                  "ratio": cache.ratio}
+        return rows
 
-    def tasks(scores: list[float]) -> dict[str, float | None]:
-        return {"needle_acc": _mean([s for s, ex in zip(scores, examples) if ex.task == "needle"]),
-                "qa_f1": _mean([s for s, ex in zip(scores, examples) if ex.task != "needle"])}
+    def answer(cache, p) -> str:
+        return tok.decode(CacheSession(lm, cache).generate(p.question_ids, max_new_tokens=MAX_NEW_TOKENS),
+                          skip_special_tokens=True).strip()
+
+    for i, w in enumerate(windows):
+        if i < len(done["windows"]):
+            continue
+        start = time.perf_counter()
+        with PeakRSS() as mem:
+            pre = prefill(lm, list(w.prefix_ids))
+        prefill_s = time.perf_counter() - start
+        full = window_nll(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids)))
+        del pre
+        rows = compact_all(list(w.prefix_ids), lambda cache, w=w: {
+            "nll": window_nll(continuation_nll(lm, cache, list(w.continuation_ids)))})
+        done.add("windows", {"reference": window_nll(full_prefix_nll(lm, w)), "full": full, "prefill_s": prefill_s,
+                             "prefill_rss": mem.peak, "rows": rows})
+        log(f"kvcat: window {i + 1}/{len(windows)} done")
+    for j, (p, ex) in enumerate(zip(prompts, suite)):
+        if j < len(done["cases"]):
+            continue
+        full = answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p)
+        rows = compact_all(p.context_ids, lambda cache, p=p, ex=ex: _scored_answer(answer(cache, p), ex))
+        done.add("cases", {"id": ex.id, "kind": ex.task, "tokens": len(p.context_ids), "expected": ex.answers[0],
+                           **{f"full_{k}": v for k, v in _scored_answer(full, ex).items()}, "rows": rows})
+        log(f"kvcat: case {j + 1}/{len(suite)} {ex.id} done: full={int(done['cases'][-1]['full_correct'])} "
+            + " ".join(f"{k}={int(v['correct'])}" for k, v in rows.items() if "correct" in v))
 
     # ---- kvpress, in its own venv, on the same token ids ----
     job = {"model": str(lm.spec.path),
            "windows": [{"context": list(w.prefix_ids), "continuation": list(w.continuation_ids)} for w in windows],
-           "prompts": [{"context": p.context_ids, "question": p.question_ids, "max_new_tokens": m}
-                       for p, m in zip(prompts, max_new)],
-           "runs": [["none", 1.0]] + [[p, r] for p in press_names for r in ratios],
-           "max_new_tokens": max(max_new, default=32), "stop_ids": [tok.eos_token_id]}
+           "prompts": [{"context": p.context_ids, "question": p.question_ids} for p in prompts],
+           "runs": [["none", 1.0]] + [[p, r] for r in ratios for p in press_names],
+           "max_new_tokens": MAX_NEW_TOKENS, "stop_ids": [tok.eos_token_id]}
     start = time.perf_counter()
-    peer = run_kvpress(job)
+    peer = run_kvpress(job, kvpress_partial)
     log(f"kvpress done in {time.perf_counter() - start:.0f} s")
 
-    # ---- kvcat, in this process; every PPL is from (sum NLL, tokens) per window ----
-    reference, kvcat_full, prefill_s, prefill_rss = [], [], [], []
-    prefill(lm, list(windows[0].prefix_ids[:64]))  # warm-up
-    for w in windows:
-        reference.append(window_nll(full_prefix_nll(lm, w)))
-        t0 = time.perf_counter()
-        with PeakRSS() as mem:
-            pre = prefill(lm, list(w.prefix_ids))
-        prefill_s.append(time.perf_counter() - t0)
-        prefill_rss.append(mem.peak)
-        kvcat_full.append(window_nll(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint),
-                                                      list(w.continuation_ids))))
+    result = {"model": c.model, **provenance(), **done.provenance(),
+              "config": {**record, "ratios": [1.0] + sorted(ratios), "kvpress": peer["versions"],
+                         "ratio_convention": "kvcat ratio r = N / kept slots per head; kvpress compression_ratio "
+                                             "= 1 - 1/r (fraction removed), kept count matched to round(N / r)"},
+              **summarize(done["windows"], done["cases"], peer["runs"], names, ratios, retrieval.sign_test, suite,
+                          [len(w.prefix_ids) for w in windows] + [len(p.context_ids) for p in prompts])}
+    if c.serving_docs:
+        log(f"serving: plain vLLM (full document) vs kvcat server (compacted), {c.serving_docs} window(s)")
+        docs_ = [(tok.decode(w.prefix_ids), len(w.prefix_ids)) for w in windows[:c.serving_docs]]
+        serve = load_script("serve")
+        result["serving"], result["config"]["serving"] = serve.measure(
+            serve.ServeConfig(model=c.model, ratios=c.serving_ratios), docs_, plain_vllm=True)
+    fair = result["fairness"]
+    if not fair["ok"]:
+        log(f"FAIRNESS CHECK FAILED: full-cache PPL kvcat {fair['kvcat_full_ppl']} vs kvpress "
+            f"{fair['kvpress_full_ppl']} ({fair['relative_difference']:.2%})")
+    publish(result, c.out, table, plot, log)
+    done.finish()
+    kvpress_partial.unlink(missing_ok=True)
+    return result
 
-    def answer(cache, p, m) -> str:
-        return tok.decode(CacheSession(lm, cache).generate(p.question_ids, max_new_tokens=m), skip_special_tokens=True)
 
-    full_texts = [answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p, m)
-                  for p, m in zip(prompts, max_new)]
-    combos = [(m, r) for m in names for r in ratios]
-    acc = {k: {"nll": {}, "scores": [None] * len(examples), "compact_s": [], "rss": [], "ratio": [],
-               "skipped": False} for k in combos}
-    methods_obj = {m: get_method(m) for m in names}
+def _scored_answer(text: str, ex) -> dict:
+    return {"correct": retrieved(text, ex.answers), "answer": text}
 
-    def compact_all(ids: list[int], use) -> None:
-        """Every (method, ratio) on one context; the memoized prefill and queries serve them all."""
-        clear_memo()
-        for m, r in combos:
-            if not compaction.runs(m, len(ids), r, c.slow_max_slots):
-                acc[(m, r)]["skipped"] = True
+
+def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], names: list[str], ratios: list[float],
+              sign_test, suite, contexts: list[int]) -> dict:
+    """Rows (system, method, ratio: PPL gap, retrieval accuracy overall and per kind, seconds, memory), the
+    per-case answers of every system, AM paired against every press, and the fairness check."""
+    reference = [tuple(w["reference"]) for w in windows]
+    kinds = sorted({ex.task for ex in suite})
+
+    def accuracy(correct: list[bool]) -> dict:
+        if not correct:
+            return {"retrieval_acc": None}
+        return {"retrieval_acc": _mean(correct),
+                **{f"acc_{k}": _mean([x for x, ex in zip(correct, suite) if ex.task == k]) for k in kinds}}
+
+    per_case = {("kvcat", "full", 1.0): [cs["full_correct"] for cs in cases]}
+    rows = [{"system": "kvcat", "method": "full", "ratio": 1.0,
+             "ppl": round(mean_ppl([tuple(w["full"]) for w in windows]), 4) if windows else None,
+             "ppl_gap": round(ppl_gap([tuple(w["full"]) for w in windows], reference), 4) if windows else None,
+             **accuracy(per_case[("kvcat", "full", 1.0)]),
+             "compress_s": _mean([w["prefill_s"] for w in windows]),
+             "peak_rss_mb": round(max(w["prefill_rss"] for w in windows), 1) if windows else None}]
+    for m in names:
+        for r in ratios:
+            key = f"{m}|{r:g}"
+            got = [w["rows"][key] for w in windows] + [cs["rows"][key] for cs in cases]
+            if all("skipped" in g for g in got):
+                rows.append({"system": "kvcat", "method": m, "ratio": r, "skipped": got[0]["skipped"]})
                 continue
-            with PeakRSS() as mem:
-                cache = methods_obj[m].compact(lm, ids, ratio=r)
-            a = acc[(m, r)]
-            a["rss"].append(mem.peak)
-            a["ratio"].append(cache.ratio)
-            use(a, cache)
-
-    for i, w in enumerate(windows):
-        def nll(a, cache, i=i, w=w):
-            a["nll"][i] = window_nll(continuation_nll(lm, cache, list(w.continuation_ids)))
-            a["compact_s"].append(cache.info["compact_s"])
-
-        compact_all(list(w.prefix_ids), nll)
-        log(f"kvcat: window {i + 1}/{len(windows)} done")
-    for j, (p, ex, m) in enumerate(zip(prompts, examples, max_new)):
-        def ask(a, cache, j=j, p=p, ex=ex, m=m):
-            a["scores"][j] = score(answer(cache, p, m), ex)
-
-        compact_all(p.context_ids, ask)
-        log(f"kvcat: question {j + 1}/{len(prompts)} done")
-
-    # ---- rows, all scored here ----
-    rows = [{"system": "kvcat", "method": "full", "ratio": 1.0, "ppl": round(mean_ppl(kvcat_full), 4),
-             "ppl_gap": round(ppl_gap(kvcat_full, reference), 4),
-             **tasks([score(t, ex) for t, ex in zip(full_texts, examples)]),
-             "compress_s": _mean(prefill_s), "peak_rss_mb": round(max(prefill_rss), 1)}]
-    for (m, r), a in acc.items():
-        if a["skipped"] and not a["nll"]:
+            nll = [(tuple(w["rows"][key]["nll"]), ref) for w, ref in zip(windows, reference)
+                   if "nll" in w["rows"][key]]
+            correct = [cs["rows"][key].get("correct") for cs in cases]
+            per_case[("kvcat", m, r)] = correct
             rows.append({"system": "kvcat", "method": m, "ratio": r,
-                         "skipped": compaction.too_slow(m, c.slow_max_slots)})
-            continue
-        nlls = list(a["nll"].values())
-        rows.append({"system": "kvcat", "method": m, "ratio": r, "ppl": round(mean_ppl(nlls), 4),
-                     "ppl_gap": round(ppl_gap(nlls, [reference[i] for i in a["nll"]]), 4),
-                     **tasks(a["scores"]),
-                     "compress_s": _mean(a["compact_s"]), "peak_rss_mb": round(max(a["rss"]), 1),
-                     "achieved_ratio": _mean(a["ratio"])})
+                         "ppl": round(mean_ppl([a for a, _ in nll]), 4) if nll else None,
+                         "ppl_gap": round(ppl_gap([a for a, _ in nll], [b for _, b in nll]), 4) if nll else None,
+                         **accuracy(correct),
+                         "compress_s": _mean([g.get("compact_s") for g in got]),
+                         "peak_rss_mb": round(max(g["rss"] for g in got if "rss" in g), 1),
+                         "achieved_ratio": _mean([g.get("ratio") for g in got])})
     n_win = len(windows)
-    contexts = [len(w.prefix_ids) for w in windows] + [len(p.context_ids) for p in prompts]
-    peer_full, peer_texts = None, []
-    for rec in peer["runs"]:
+    peer_full = None
+    answers = {}
+    for rec in peer_runs:
         method = "full" if rec["press"] == "none" else rec["press"]
         row = {"system": "kvpress", "method": method, "ratio": float(rec["ratio"])}
         if rec.get("error"):
             rows.append({**row, "error": rec["error"]})
             continue
         nlls = [(x["nll_sum"], x["count"]) for x in rec["windows"]]
-        texts = [x["text"] for x in rec["prompts"]]
+        texts = [x["text"].strip() for x in rec["prompts"]]
+        correct = [_scored_answer(t, ex)["correct"] for t, ex in zip(texts, suite)]
+        per_case[("kvpress", method, row["ratio"])] = correct
+        answers[f"{method}|{row['ratio']:g}"] = texts
         if method == "full":
-            peer_full, peer_texts = nlls, texts
+            peer_full = nlls
         kept = rec["kept_per_head"]
-        rows.append({**row, "ppl": round(mean_ppl(nlls), 4), "ppl_gap": round(ppl_gap(nlls, reference), 4),
-                     **tasks([score(t, ex) for t, ex in zip(texts, examples)]),
-                     "compress_s": _mean(rec["compress_s"][:n_win]), "peak_rss_mb": rec["peak_rss_mb"],
+        rows.append({**row, "ppl": round(mean_ppl(nlls), 4) if nlls else None,
+                     "ppl_gap": round(ppl_gap(nlls, reference), 4) if nlls else None, **accuracy(correct),
+                     "compress_s": _mean(rec["compress_s"]), "compress_s_windows": _mean(rec["compress_s"][:n_win]),
+                     "peak_rss_mb": rec["peak_rss_mb"],
                      "achieved_ratio": _mean([n / k for n, k in zip(contexts, kept) if k])})
     if peer_full is None:
         raise RuntimeError("kvpress's full-cache run failed: no fairness check possible")
-
-    serving, serving_info = [], {}
-    if c.serving_docs:
-        log(f"serving: plain vLLM (full document) vs kvcat server (compacted), {c.serving_docs} window(s)")
-        docs_ = [(tok.decode(w.prefix_ids), len(w.prefix_ids)) for w in windows[:c.serving_docs]]
-        serve = load_script("serve")
-        serving, serving_info = serve.measure(serve.ServeConfig(model=c.model, ratios=c.serving_ratios), docs_,
-                                              plain_vllm=True)
-
+    paired = []
+    for am in [m for m in names if m in AM_METHODS]:
+        for (system, other, r), theirs in per_case.items():
+            if system != "kvpress" or r == 1.0 or ("kvcat", am, r) not in per_case:
+                continue
+            mine = per_case[("kvcat", am, r)]
+            wins = sum(bool(a and not b) for a, b in zip(mine, theirs))
+            losses = sum(bool(b and not a) for a, b in zip(mine, theirs))
+            paired.append({"am": am, "other": other, "ratio": r, "only_am": wins, "only_other": losses,
+                           "p_sign": round(sign_test(wins, losses), 4)})
+    kvcat_full = [tuple(w["full"]) for w in windows]
     kv_ppl, kp_ppl = mean_ppl(kvcat_full), mean_ppl(peer_full)
     rel = abs(kp_ppl - kv_ppl) / kv_ppl
     per_window = [abs(ppl(*b) - ppl(*a)) / ppl(*a) for a, b in zip(kvcat_full, peer_full)]
+    full_texts = [cs["full_answer"] for cs in cases]
     fairness = {"kvcat_full_ppl": round(kv_ppl, 5), "kvpress_full_ppl": round(kp_ppl, 5),
                 "relative_difference": float(f"{rel:.3g}"),
                 "max_window_relative_difference": float(f"{max(per_window):.3g}"),
                 "reference_ppl": round(mean_ppl(reference), 5), "tolerance": FAIRNESS_TOLERANCE,
                 "ok": rel <= FAIRNESS_TOLERANCE,
-                "full_cache_answers_equal": f"{sum(a == b for a, b in zip(full_texts, peer_texts))}/{len(prompts)}",
+                "full_cache_answers_equal": f"{sum(a == b for a, b in zip(full_texts, answers.get('full|1', [])))}"
+                                            f"/{len(cases)}",
                 "reference": "full-prefix PPL: kvcat.eval.harness.full_prefix_nll, one uncached pass"}
-    if not fairness["ok"]:
-        log(f"FAIRNESS CHECK FAILED: full-cache PPL kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.2%})")
-    result = {"model": c.model, **provenance(),
-              "config": {**config_record(c), "ratios": all_ratios, "split": "heldout", "kvpress": peer["versions"],
-                         "serving": serving_info,
-                         "ratio_convention": "kvcat ratio r = N / kept slots per head; kvpress compression_ratio "
-                                             "= 1 - 1/r (fraction removed), kept count matched to round(N / r)"},
-              "rows": rows, "fairness": fairness, "serving": serving}
-    log(f"fairness: kvcat {kv_ppl:.4f} vs kvpress {kp_ppl:.4f} ({rel:.4%})")
-    publish(result, c.out, table, plot, log)
-    return result
+    return {"rows": rows, "paired": paired, "fairness": fairness, "windows": windows,
+            "cases": [{**cs, "kvpress": {k: v[j] for k, v in answers.items()}} for j, cs in enumerate(cases)]}
 
 
 def _scored(result: dict) -> list[dict]:
@@ -273,25 +326,28 @@ def best_press(result: dict) -> str | None:
     return min(full, key=lambda m: statistics.mean(full[m])) if full else None
 
 
-def _best_at(cell: dict, keys, ratio: float, metric: str) -> tuple[float | None, str | None, float | None]:
-    """At one ratio: the lowest `metric` among kvcat's AM methods, and the kvpress press with the lowest
-    `metric` with its value (None where a side has no row)."""
-    am = [cell[("kvcat", m, ratio)][metric] for m in AM_METHODS if ("kvcat", m, ratio) in cell]
-    kp = {m: cell[(s, m, ratio)][metric] for s, m in keys if s == "kvpress" and (s, m, ratio) in cell}
-    top = min(kp, key=kp.get) if kp else None
-    return (min(am) if am else None), top, (kp[top] if top else None)
+def _best_at(cell: dict, keys, ratio: float, metric: str, higher: bool = False):
+    """At one ratio: the best `metric` among kvcat's AM methods, and the best kvpress press with its value
+    (None where a side has no row)."""
+    pick = max if higher else min
+    am = [cell[("kvcat", m, ratio)].get(metric) for m in AM_METHODS if ("kvcat", m, ratio) in cell]
+    am = [v for v in am if v is not None]
+    kp = {m: cell[(s, m, ratio)].get(metric) for s, m in keys if s == "kvpress" and (s, m, ratio) in cell}
+    kp = {m: v for m, v in kp.items() if v is not None}
+    top = pick(kp, key=kp.get) if kp else None
+    return (pick(am) if am else None), top, (kp[top] if top else None)
 
 
 def table(result: dict) -> str:
-    """One pivot (system/method x ratio) of "PPL gap / needle accuracy", the best kvcat AM gap over the best
-    kvpress gap per ratio, then QA F1 when asked, the fairness check and the presses that failed."""
+    """One pivot (system/method x ratio) of "PPL gap / retrieval accuracy", the best kvcat AM against the best
+    kvpress press per ratio on both, per-kind accuracy, the paired counts, seconds, fairness and the presses
+    that did not run."""
     rows = _scored(result)
     ratios = sorted({r["ratio"] for r in rows})
     keys = list(dict.fromkeys((r["system"], r["method"]) for r in rows))
     cell = {(r["system"], r["method"], r["ratio"]): r for r in rows}
-    needles = any(r.get("needle_acc") is not None for r in rows)
     head = "| system | method | " + " | ".join(f"{x:g}x" for x in ratios) + " |\n|---|---|" + "---|" * len(ratios)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
 
     def line(system: str, method: str, value) -> str:
         vals = [value(cell[(system, method, x)]) if (system, method, x) in cell else "-" for x in ratios]
@@ -299,39 +355,53 @@ def table(result: dict) -> str:
 
     fair = result.get("fairness", {})
     full = {r["system"]: r for r in result["rows"] if r["method"] == "full"}
-    what = "PPL gap / needle accuracy" if needles else "PPL gap"
-    lines = [f"**kvcat vs kvpress: {what}** (lower gap is better; full-prefix PPL {fair.get('reference_ppl', 0):.3f}"
-             + (f"; full-context needle accuracy kvcat {fmt(full.get('kvcat', {}).get('needle_acc'))}, kvpress "
-                f"{fmt(full.get('kvpress', {}).get('needle_acc'))}" if needles else "") + ")", "", head]
+    n_cases = len(result.get("cases", []))
+    lines = [f"**kvcat vs kvpress: continuation PPL gap / retrieval accuracy** ({len(result.get('windows', []))} "
+             f"windows, {n_cases} retrieval cases; lower gap, higher accuracy is better; full-prefix PPL "
+             f"{fair.get('reference_ppl', 0):.3f}; full-document accuracy kvcat "
+             f"{fmt(full.get('kvcat', {}).get('retrieval_acc'), 2)}, kvpress "
+             f"{fmt(full.get('kvpress', {}).get('retrieval_acc'), 2)})", "", head]
     for s, m in keys:
-        lines.append(line(s, m, lambda r: fmt(r["ppl_gap"]) + (f" / {fmt(r.get('needle_acc'))}" if needles else "")))
-    best = best_press(result)
-    vs, names = [], []
-    for x in ratios:
-        am, top, kp = _best_at(cell, keys, x, "ppl_gap")
-        names.append(top or "-")
-        vs.append(f"{am / kp:.2f}x" if am is not None and top and kp > 0 else "-")
-    lines.append("| | best kvpress press | " + " | ".join(names) + " |")
-    lines.append("| | best kvcat AM gap / best kvpress gap | " + " | ".join(vs) + " |")
+        lines.append(line(s, m, lambda r: f"{fmt(r.get('ppl_gap'))} / {fmt(r.get('retrieval_acc'), 2)}"))
+    for metric, higher, what in (("retrieval_acc", True, "accuracy"), ("ppl_gap", False, "gap")):
+        names, vs = [], []
+        for x in ratios:
+            am, top, kp = _best_at(cell, keys, x, metric, higher)
+            names.append(top or "-")
+            vs.append(f"{am / kp:.2f}x" if am is not None and top and kp > 0 else "-")
+        lines.append(f"| | best kvpress press by {what} | " + " | ".join(names) + " |")
+        lines.append(f"| | best kvcat AM {what} / best press {what} | " + " | ".join(vs) + " |")
     parts = ["\n".join(lines)]
-    if any(r.get("qa_f1") is not None for r in rows):
-        qa = [f"**SQuAD F1** (full context kvcat {fmt(full.get('kvcat', {}).get('qa_f1'))}, kvpress "
-              f"{fmt(full.get('kvpress', {}).get('qa_f1'))})", "", head]
-        qa += [line(s, m, lambda r: fmt(r.get("qa_f1"))) for s, m in keys]
-        parts.append("\n".join(qa))
+    kinds = sorted(k[4:] for k in full.get("kvcat", {}) if k.startswith("acc_"))
+    if kinds:
+        parts.append("\n".join([f"**Retrieval accuracy per kind** ({', '.join(kinds)}; full document kvcat "
+                                 + ", ".join(fmt(full['kvcat'].get('acc_' + k), 2) for k in kinds) + ")", "", head,
+                                 *[line(s, m, lambda r: " / ".join(fmt(r.get("acc_" + k), 2) for k in kinds))
+                                   for s, m in keys]]))
+    pairs = result.get("paired") or []
+    if pairs:
+        pl = ["**Paired, same cases**: cases only AM answers / only the press answers (two-sided sign-test p)", "",
+              "| AM vs press | " + " | ".join(f"{x:g}x" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for am, other in dict.fromkeys((p["am"], p["other"]) for p in pairs):
+            got = {p["ratio"]: p for p in pairs if (p["am"], p["other"]) == (am, other)}
+            pl.append(f"| {am} vs {other} | " + " | ".join(
+                f"{got[x]['only_am']} / {got[x]['only_other']} (p {got[x]['p_sign']:.2f})" if x in got else "-"
+                for x in ratios) + " |")
+        parts.append("\n".join(pl))
     secs = [line(s, m, lambda r: f"{r['compress_s']:.1f}" if r.get("compress_s") is not None else "-")
             for s, m in keys]
     ratio_line = []
     for x in ratios:
         am, top, kp = _best_at(cell, keys, x, "compress_s")
         ratio_line.append(f"{am / kp:.2f}x" if am is not None and top else "-")
-    parts.append("\n".join(["**Compression seconds** (token ids to compressed cache, prefill included)", "", head,
-                             *secs, "| | fastest kvcat AM / fastest kvpress press | " + " | ".join(ratio_line) + " |"]))
+    parts.append("\n".join(["**Compression seconds** (token ids to compressed cache, prefill included; mean over "
+                             "windows and cases)", "", head, *secs,
+                             "| | fastest kvcat AM / fastest kvpress press | " + " | ".join(ratio_line) + " |"]))
     if fair:
         parts.append(f"Fairness (ratio 1, same windows): full-cache PPL kvcat {fair['kvcat_full_ppl']:.4f}, kvpress "
                      f"{fair['kvpress_full_ppl']:.4f}, relative difference {fair['relative_difference']:.2e} "
-                     f"({'within' if fair['ok'] else 'OUTSIDE'} {fair['tolerance']:.0%}). Best kvpress press overall: "
-                     f"{best or '-'}.")
+                     f"({'within' if fair['ok'] else 'OUTSIDE'} {fair['tolerance']:.0%}); full-document answers "
+                     f"equal in {fair.get('full_cache_answers_equal')} cases.")
     if result.get("serving"):
         from kvcat.bench import load_script
 
@@ -340,7 +410,7 @@ def table(result: dict) -> str:
                      + load_script("serve").table({"rows": result["serving"]}))
     failed = {r["method"]: r["error"] for r in result["rows"] if r.get("error")}
     if failed:
-        parts.append("Failed on this model: " + "; ".join(f"{m} ({e})" for m, e in failed.items()))
+        parts.append("Not run or failed: " + "; ".join(f"{m} ({e})" for m, e in failed.items()))
     return "\n\n".join(parts)
 
 
@@ -363,13 +433,13 @@ def plot(result: dict, path: Path) -> Path:
                      ls="-" if kvcat else "--", lw=2.5 if kvcat or star else 1.0, alpha=1.0 if kvcat or star else 0.7,
                      label=f"{s}: {m}" + (" (best kvpress)" if star else ""))
         ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], **style)
-        if any(r.get("needle_acc") is not None for r in rs):
-            ax2.plot([r["ratio"] for r in rs], [r.get("needle_acc") for r in rs], **style)
+        if any(r.get("retrieval_acc") is not None for r in rs):
+            ax2.plot([r["ratio"] for r in rs], [r.get("retrieval_acc") for r in rs], **style)
     ax1.set(xscale="log", yscale="symlog", xlabel="compression ratio (N / kept slots per head)",
             ylabel="continuation PPL gap (lower is better)", title="PPL gap: kvcat (solid) vs kvpress (dashed)")
-    ax2.set(xscale="log", xlabel="compression ratio", ylabel="needle accuracy", ylim=(-0.05, 1.05),
+    ax2.set(xscale="log", xlabel="compression ratio", ylabel="retrieval accuracy", ylim=(-0.05, 1.05),
             title="retrieval vs ratio")
-    full = {r["system"]: r.get("needle_acc") for r in result["rows"] if r["method"] == "full"}
+    full = {r["system"]: r.get("retrieval_acc") for r in result["rows"] if r["method"] == "full"}
     if full.get("kvcat") is not None:
         ref = ax2.axhline(full["kvcat"], color="grey", ls=":", label="full context")
         ax2.legend(handles=[ref], fontsize=7, loc="upper right")

@@ -108,7 +108,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                     "OUT's .partial.json)"))
     bench.command("compaction")(bench_command("compaction", "CompactionConfig", resume=resume))
     bench.command("retrieval")(bench_command("retrieval", "RetrievalConfig", errors=(ValueError,), resume=resume))
-    bench.command("peers")(bench_command("peers", "PeersConfig", prepare=_peers_venv))
+    bench.command("peers")(bench_command("peers", "PeersConfig", prepare=_peers_venv, resume=resume))
 
 
 def _peers_venv() -> None:

@@ -153,12 +153,13 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def code_changed_since(commit: str | None, repo: Path = REPO) -> bool:
-    """Whether the checkout's code differs from `commit` (results and Markdown aside); True when unknown."""
+def code_changed_since(commit: str | None, repo: Path = REPO, paths: tuple[str, ...] = (".",)) -> bool:
+    """Whether the checkout's code under `paths` differs from `commit` (results and Markdown aside); True
+    when unknown."""
     if not commit:
         return True
     try:
-        return subprocess.run(["git", "diff", "--quiet", commit, "--", ".", ":(exclude)benchmarks/results",
+        return subprocess.run(["git", "diff", "--quiet", commit, "--", *paths, ":(exclude)benchmarks/results",
                                ":(exclude)*.md"], cwd=repo, capture_output=True, timeout=30).returncode != 0
     except (OSError, subprocess.SubprocessError):
         return True
@@ -172,9 +173,11 @@ class Checkpoint:
     """The per-unit records (documents, questions) of a long benchmark, saved after each unit beside its
     result (NAME.partial.json), so that `resume` continues a run that was interrupted. A run resumes only
     with the same configuration and the code of the commit it started from, whose name its result keeps:
-    records of two code versions never mix. The file is removed once the result is written."""
+    records of two code versions never mix (`code`: the paths whose code makes the records, everything by
+    default). The file is removed once the result is written."""
 
-    def __init__(self, out: str | os.PathLike, config: dict, resume: bool = False, log=print, repo: Path = REPO):
+    def __init__(self, out: str | os.PathLike, config: dict, resume: bool = False, log=print, repo: Path = REPO,
+                 code: tuple[str, ...] = (".",)):
         out = Path(out)
         self.path = out.with_name(out.stem + ".partial.json")
         self.data = {"config": config, "git_commit": git_commit(),
@@ -186,9 +189,9 @@ class Checkpoint:
                                  if config.get(k) != old.get("config", {}).get(k))
                 raise ResumeError(f"cannot resume {self.path}: it was started with other settings "
                                  f"({', '.join(changed)}); run without --resume to start over")
-            if code_changed_since(old.get("git_commit"), repo):
-                raise ResumeError(f"cannot resume {self.path}: the code differs from commit {old.get('git_commit')} "
-                                 "it was started on; run without --resume to start over")
+            if code_changed_since(old.get("git_commit"), repo, code):
+                raise ResumeError(f"cannot resume {self.path}: the code ({', '.join(code)}) differs from commit "
+                                 f"{old.get('git_commit')} it was started on; run without --resume to start over")
             self.data = old
             log(f"resuming {self.path}: " + ", ".join(f"{len(v)} {k}" for k, v in old.items() if isinstance(v, list))
                 + " done")
