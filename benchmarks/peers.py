@@ -49,7 +49,8 @@ PEERS_PYTHON = REPO / ".peers-venv" / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "kvpress_runner.py"
 FAIRNESS_TOLERANCE = 0.01
 MAX_NEW_TOKENS = 48  # as `kvcat bench retrieval`
-CODE = ("kvcat", "compaction", "benchmarks", "scripts/peers_venv.sh", "pyproject.toml")
+CODE = ("kvcat", "compaction", "benchmarks/peers.py", "benchmarks/kvpress_runner.py", "benchmarks/compaction.py",
+        "benchmarks/retrieval.py", "scripts/peers_venv.sh", "pyproject.toml")
 
 
 @dataclass
