@@ -8,10 +8,15 @@ One `kvcat serve` (vLLM CPU engine, bf16 by default) on loopback. For each held-
 - full-warm: the same request again (vLLM's prefix cache holds the document's blocks);
 - compacted-cold (per ratio): the document POSTed to /v1/compact once, then a question with kv_context
   (the KV connector writes the t compacted slots; only the question is prefilled);
-- compacted-warm: a second question over the same context (its blocks hit the prefix cache).
+- compacted-warm: a second question over the same context (its blocks hit the prefix cache);
+- no-context: the question alone, as plain chat (what a compacted context's TTFT is held against);
+- plain-same-length (per ratio): plain chat of the document's first t tokens (t = the compacted context's
+  slots) and the question: as many KV tokens as the compacted request, so its decode speed is the
+  reference for the compacted rows' (beta and the injected blocks are the only difference).
 Measured from the client (official openai client, streaming): ttft_s (request to first token) and
-decode_tok_s (tokens after the first / time after the first; min_tokens fixes the count). kv_bytes: the
-paged KV a context holds (whole blocks of the engine's block size; for full chat the document's blocks),
+decode_tok_s (tokens after the first / time after the first; min_tokens fixes the count), with
+ttft_vs_no_context and decode_vs_plain (decode over decode of plain-same-length at the same ratio). kv_bytes:
+the paged KV a context holds (whole blocks of the engine's block size; for full chat the document's blocks),
 and contexts_in_budget: how many such contexts fit the fixed KV budget (--budget-gib).
 Writes benchmarks/results/serve.json and serve.png. `kvcat bench peers` calls `measure(plain_vllm=True)`
 to put vLLM's own OpenAI server, serving the full document, beside these rows.
@@ -95,7 +100,8 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     model, dtype, decode_tokens, budget_gib = config.model, config.dtype, config.decode_tokens, config.budget_gib
 
     samples: dict[tuple[str, str, float], list[dict]] = {}
-    slots: dict[tuple[str, float], list[int]] = {("full", 1.0): [n for _, n in docs]}
+    slots: dict[tuple[str, float], list[int]] = {("full-cold", 1.0): [n for _, n in docs],
+                                                  ("full-warm", 1.0): [n for _, n in docs], ("no-context", 1.0): [0]}
     kv_gib = max(2, math.ceil(budget_gib))  # room for the model's full context
     info: dict = {}
 
@@ -124,6 +130,9 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
         _stream(client, served, "Hello!", None, 4)  # warm-up
         for i, (text, _) in enumerate(docs):
             full_chat("kvcat", client, served, text)
+            samples.setdefault(("kvcat", "no-context", 1.0), []).append(
+                _stream(client, served, QUESTIONS[0], None, decode_tokens))
+            ids = httpx.post(srv.url("/tokenize"), json={"prompt": text}, timeout=60).json()["tokens"]
             for r in config.ratios:
                 resp = httpx.post(srv.url("/v1/compact"), timeout=3600,
                                   json={"text": text, "ratio": r, "method": config.method})
@@ -132,7 +141,12 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
                 for mode, q in (("compacted-cold", QUESTIONS[0]), ("compacted-warm", QUESTIONS[1])):
                     samples.setdefault(("kvcat", mode, r), []).append(_stream(client, served, q, ctx["id"],
                                                                               decode_tokens))
-                slots.setdefault(("compacted", r), []).append(ctx["compacted_tokens"])
+                    slots.setdefault((mode, r), []).append(ctx["compacted_tokens"])
+                head = httpx.post(srv.url("/detokenize"), json={"tokens": ids[:ctx["compacted_tokens"]]},
+                                  timeout=60).json()["prompt"]
+                samples.setdefault(("kvcat", "plain-same-length", r), []).append(
+                    _stream(client, served, f"{head}\n\n{QUESTIONS[0]}", None, decode_tokens))
+                slots.setdefault(("plain-same-length", r), []).append(ctx["compacted_tokens"])
                 httpx.delete(srv.url(f"/v1/contexts/{ctx['id']}"), timeout=60)
                 log(f"doc {i + 1}/{len(docs)} ratio {r:g}: {ctx['original_tokens']} -> {ctx['compacted_tokens']} "
                     f"slots, compaction {ctx['compaction_seconds']:.1f} s")
@@ -143,16 +157,20 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     block, per_token = info["kv_block_size"], info["kv_bytes_per_token"]
     rows = []
     for (system, mode, r), ss in samples.items():
-        held = slots[("full" if mode.startswith("full") else "compacted", r)]
-        kb = int(statistics.mean(math.ceil(n / block) * block * per_token for n in held))
+        kb = int(statistics.mean(max(1, math.ceil(n / block)) * block * per_token for n in slots[(mode, r)]))
         rows.append({"system": system, "mode": mode, "ratio": r,
                      "ttft_s": round(statistics.mean(s["ttft_s"] for s in ss), 4),
                      "ttft_s_all": [round(s["ttft_s"], 4) for s in ss],
                      "decode_tok_s": round(statistics.mean(s["decode_tok_s"] for s in ss), 2),
                      "kv_bytes": kb, "contexts_in_budget": budget // kb})
     ref = rows[0]  # full-cold of plain vLLM when it ran, else of kvcat
+    cell = {(r["system"], r["mode"], r["ratio"]): r for r in rows}
     for r in rows:
         r["ttft_speedup_vs_full_cold"] = round(ref["ttft_s"] / r["ttft_s"], 2)
+        if r["mode"].startswith("compacted"):
+            bare, plain = cell[(r["system"], "no-context", 1.0)], cell[(r["system"], "plain-same-length", r["ratio"])]
+            r["ttft_vs_no_context"] = round(r["ttft_s"] / bare["ttft_s"], 2)
+            r["decode_vs_plain"] = round(r["decode_tok_s"] / plain["decode_tok_s"], 3)
         r["kv_bytes_vs_full"] = round(r["kv_bytes"] / ref["kv_bytes"], 4)
         r["contexts_vs_full"] = round(r["contexts_in_budget"] / max(ref["contexts_in_budget"], 1), 2)
     info["reference"] = f"{ref['system']} full-cold"
@@ -185,13 +203,16 @@ def heldout_docs(model: str, doc_tokens: int, docs: int) -> list[tuple[str, int]
 def table(result: dict) -> str:
     """One row per (system, mode, ratio); the system column appears when plain vLLM ran too."""
     systems = len({r.get("system", "kvcat") for r in result["rows"]}) > 1
-    lines = [("| system " if systems else "") + "| mode | ratio | TTFT s | TTFT speed-up vs full cold | decode tok/s | "
-             "KV bytes / context | vs full | contexts in budget | vs full |",
-             ("|---" if systems else "") + "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| system " if systems else "") + "| mode | ratio | TTFT s | TTFT speed-up vs full cold | TTFT / no "
+             "context | decode tok/s | decode / plain same length | KV bytes / context | vs full | contexts in budget "
+             "| vs full |",
+             ("|---" if systems else "") + "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ratio = lambda r, key, f: f.format(r[key]) if key in r else "-"  # noqa: E731
     for r in result["rows"]:
         lines.append((f"| {r.get('system', 'kvcat')} " if systems else "")
                      + f"| {r['mode']} | {r['ratio']:g} | {r['ttft_s']:.3f} | {r['ttft_speedup_vs_full_cold']:.1f}x | "
-                     f"{r['decode_tok_s']:.1f} | {r['kv_bytes']:,} | {r['kv_bytes_vs_full']:.3f} | "
+                     f"{ratio(r, 'ttft_vs_no_context', '{:.2f}x')} | {r['decode_tok_s']:.1f} | "
+                     f"{ratio(r, 'decode_vs_plain', '{:.2f}x')} | {r['kv_bytes']:,} | {r['kv_bytes_vs_full']:.3f} | "
                      f"{r['contexts_in_budget']} | {r['contexts_vs_full']:.1f}x |")
     return "\n".join(lines)
 

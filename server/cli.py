@@ -42,11 +42,14 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           protect_health: bool = typer.Option(None, "--protect-health/--open-health",
                                               help="/health and /ready need an API key (default open)"),
           auto_compact_threshold: int = typer.Option(
-              None, help="on-the-fly compaction: compact chat prompts longer than this many tokens (default off)"),
+              None, help="on-the-fly compaction: compact chat and completion prompts longer than this many tokens "
+                    "(default off)"),
           auto_compact_ratio: float = typer.Option(AutoCompaction.ratio, help="on-the-fly compaction ratio"),
           auto_compact_method: str = typer.Option(AutoCompaction.method, help="on-the-fly compaction method"),
           auto_compact_keep_turns: int = typer.Option(AutoCompaction.keep_turns,
-                                                     help="recent user turns kept uncompressed"),
+                                                     help="chat: recent user turns kept uncompressed"),
+          auto_compact_keep_tokens: int = typer.Option(AutoCompaction.keep_tokens,
+                                                      help="text completions: last prompt tokens kept uncompressed"),
           auto_compact_max_contexts: int = typer.Option(
               AutoCompaction.max_contexts, help="on-the-fly contexts kept per tenant (least recently used "
                                                 "evicted; not counted in the tenant's quota)"),
@@ -94,8 +97,10 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                           store=store, self_test=self_test, served_name=served_name, auth=auth, limits=limits,
                           max_body_bytes=max_body_bytes, max_contexts_per_tenant=max_contexts_per_tenant,
                           max_bytes_per_tenant=max_bytes_per_tenant,
-                          auto=AutoCompaction(auto_compact_threshold, auto_compact_ratio, auto_compact_method,
-                                              auto_compact_keep_turns, auto_compact_max_contexts))
+                          auto=AutoCompaction(threshold_tokens=auto_compact_threshold, ratio=auto_compact_ratio,
+                                              method=auto_compact_method, keep_turns=auto_compact_keep_turns,
+                                              keep_tokens=auto_compact_keep_tokens,
+                                              max_contexts=auto_compact_max_contexts))
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_keep_alive=keep_alive, timeout_graceful_shutdown=60))

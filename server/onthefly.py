@@ -1,8 +1,10 @@
-"""On-the-fly compaction inside chat: long prompts are compacted without a separate /v1/compact call.
+"""On-the-fly compaction: long prompts are compacted without a separate /v1/compact call.
 
 Policy (`AutoCompaction`: server flags, overridable per request with the `kv_compaction` field): when a plain
 chat request's prompt exceeds `threshold_tokens`, its leading part is compacted and the most recent
-`keep_turns` user turns (the question included) stay uncompressed. Two shapes of prompt can be split:
+`keep_turns` user turns (the question included) stay uncompressed; a text completion's prompt is cut after
+its last whole KV block that leaves at least `keep_tokens` tokens uncompressed (`token_cut`), and its
+leading blocks are stored under a hash of their token ids. Two shapes of chat prompt can be split:
 - several messages: the leading messages (system prompt, documents, older turns) up to the start of the
   kept user turns become a chat-message context;
 - one user message `document + "\\n\\n" + question`: the document becomes a text context (as in /v1/compact).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from dataclasses import dataclass, replace
 
 from kvcat import prompts
@@ -37,6 +40,7 @@ class AutoCompaction:
     ratio: float = 10.0
     method: str = DEFAULT_METHOD
     keep_turns: int = 1
+    keep_tokens: int = 256  # text completions: the prompt's last tokens stay uncompressed (at least this many)
     max_contexts: int = 64  # on-the-fly contexts kept per tenant (least recently used evicted; not in the quota)
 
     @property
@@ -72,6 +76,8 @@ class AutoCompaction:
             raise AutoCompactionError(f"max_contexts must be at least 1, got {self.max_contexts}")
         if self.keep_turns < 1:
             raise AutoCompactionError(f"keep_turns must be at least 1, got {self.keep_turns}")
+        if self.keep_tokens < 1:
+            raise AutoCompactionError(f"keep_tokens must be at least 1, got {self.keep_tokens}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,23 @@ def split(messages: list[dict], keep_turns: int) -> Split | None:
     if len(messages) == 1 and first is not None:
         return Split({"text": first[0]}, [{"role": "user", "content": first[1]}], [])
     return None
+
+
+def token_cut(num_tokens: int, keep_tokens: int, block_size: int) -> int:
+    """Where a text prompt of `num_tokens` is cut: after its last whole KV block that leaves at least
+    `keep_tokens` after it (0: nothing to compact). Whole blocks keep the cuts of a growing prompt stable, so
+    its later requests find the context an earlier one stored."""
+    return max(0, (num_tokens - keep_tokens) // block_size * block_size)
+
+
+def token_sources(ids: list[int], cuts: list[int]) -> dict[int, dict]:
+    """The store source of each leading part `ids[:cut]`: its length and a hash of its token ids (one pass)."""
+    digest, out, done = hashlib.sha256(), {}, 0
+    for cut in sorted(cuts):
+        digest.update(array("q", ids[done:cut]).tobytes())
+        done = cut
+        out[cut] = {"token_ids": {"count": cut, "sha256": digest.copy().hexdigest()}}
+    return out
 
 
 def context_key(fingerprint: str, source: dict, policy: AutoCompaction, beta: bool, tenant: str,

@@ -43,6 +43,9 @@ def question_ids(tokenizer, source: dict, messages: list[dict]) -> list[int]:
                           "part of the compacted context (send it in /v1/compact messages)")
     if not messages or messages[0]["role"] != "user":
         raise PromptError("a request over a kv_context must start with a user message (the question)")
+    if "token_ids" in source:
+        raise PromptError("this context holds a text completion's prompt tokens (no chat turns to continue): "
+                          "continue it with /v1/completions")
     if "text" in source:
         document = source["text"]
         first, rest = messages[0], messages[1:]

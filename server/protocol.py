@@ -81,7 +81,8 @@ class KvCompactionOptions(BaseModel):
     threshold_tokens: int | None = Field(None, ge=1, description="compact when the prompt is longer than this")
     ratio: float | None = Field(None, gt=1, description="compaction ratio of the leading part")
     method: str | None = Field(None, description="compaction method")
-    keep_turns: int | None = Field(None, ge=1, description="most recent user turns kept uncompressed")
+    keep_turns: int | None = Field(None, ge=1, description="chat: most recent user turns kept uncompressed")
+    keep_tokens: int | None = Field(None, ge=1, description="text completions: last prompt tokens kept uncompressed")
 
 
 class StreamOptions(BaseModel):
@@ -140,6 +141,14 @@ class SamplingRequest(BaseModel):
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="vLLM extension: isolates this request's prefix-cache entries")
     kv_context: str | None = Field(None, description="answer over this compacted context (POST /v1/compact)")
+    kv_compaction: Literal["off"] | KvCompactionOptions | None = Field(
+        None, description='on-the-fly compaction of a long prompt: "off", or settings overriding the server\'s')
+
+    @model_validator(mode="after")
+    def _context_or_compaction(self):
+        if self.kv_context is not None and isinstance(self.kv_compaction, KvCompactionOptions):
+            raise ValueError("give kv_context (an existing compacted context) or kv_compaction options, not both")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -168,14 +177,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    kv_compaction: Literal["off"] | KvCompactionOptions | None = Field(
-        None, description='on-the-fly compaction of a long prompt: "off", or settings overriding the server\'s')
-
-    @model_validator(mode="after")
-    def _context_or_compaction(self) -> "ChatCompletionRequest":
-        if self.kv_context is not None and isinstance(self.kv_compaction, KvCompactionOptions):
-            raise ValueError("give kv_context (an existing compacted context) or kv_compaction options, not both")
-        return self
 
     @property
     def top_logprobs_k(self) -> int | None:
@@ -184,7 +185,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     """OpenAI's (legacy) text completion: the prompt continues the compacted context's tokens when `kv_context`
-    is given (a document compacted with /v1/compact is continued as it is). No on-the-fly compaction here."""
+    is given (a document compacted with /v1/compact is continued as it is); a long prompt alone is compacted on
+    the fly, as in chat, all but its last `keep_tokens`."""
 
     prompt: str | list[int] = Field(description="text, or token ids")
     max_tokens: int | None = Field(16, ge=1, description="OpenAI's and vLLM's default for completions: 16")
@@ -437,6 +439,7 @@ class CompletionResponse(Typed):
     usage: Usage | None = None
     system_fingerprint: str
     kv_context: str | None = Field(None, description="the compacted context the prompt continued")
+    kv_compaction: KvCompactionInfo | None = None
 
 
 class Ready(BaseModel):

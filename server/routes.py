@@ -128,12 +128,13 @@ def router(state: AppState, auth: Auth) -> APIRouter:
     @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_unset=True,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "the completion, or with \"stream\": true its server-sent events"}})
-    async def completions(req: CompletionRequest, request: Request, who: str = Depends(tenant)):
+    async def completions(req: CompletionRequest, request: Request, response: Response, who: str = Depends(tenant)):
         async with watch_disconnect(request) as cancel:
-            result = await state.live().completion.complete(req, who, cancel)
+            result, headers = await state.live().completion.complete(req, who, cancel)
         if isinstance(result, CompletionResponse):
+            response.headers.update(headers)
             return result
-        return StreamingResponse(result, media_type="text/event-stream")
+        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
 
     @api.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(req: TokenizeRequest, who: str = Depends(tenant)):

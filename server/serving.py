@@ -26,7 +26,9 @@ class Serving:
         self.compaction = CompactionServing(self.model, self.contexts, beta=beta, limits=self.limits)
         self.onthefly = OnTheFlyServing(self.compaction, auto or AutoCompaction(), engine.block_size)
         self.chat = ChatServing(self.model, engine, self.contexts, self.onthefly, beta=beta, limits=self.limits)
-        self.completion = CompletionServing(self.model, engine, self.contexts, beta=beta, limits=self.limits)
+        self.completion = CompletionServing(self.model, engine, self.contexts, self.onthefly, beta=beta,
+                                            limits=self.limits)
+        self.compaction.stored = self.chat.warm  # a context's first question finds it loaded
         self.onthefly.check()
         self.ready = False  # set once the start-up self-test passed
 

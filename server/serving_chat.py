@@ -8,24 +8,16 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from kvcat.server import metrics, prompting
-from kvcat.server.engine_api import Chunk, EngineClient
+from kvcat.server import prompting
+from kvcat.server.engine_api import Chunk
 from kvcat.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                   ChatCompletionResponse, ChoiceLogprobs, ChunkChoice, Delta, KvCompactionInfo,
-                                   TokenLogprob, TopLogprob)
-from kvcat.server.serving_contexts import ContextRegistry
+                                   ChatCompletionResponse, ChoiceLogprobs, ChunkChoice, Delta, TokenLogprob,
+                                   TopLogprob)
 from kvcat.server.serving_generation import GenerationServing, Turn
-from kvcat.server.serving_models import ServedModel
-from kvcat.server.serving_onthefly import OnTheFlyServing
 
 
 class ChatServing(GenerationServing):
     id_prefix = "chatcmpl"
-
-    def __init__(self, model: ServedModel, engine: EngineClient, contexts: ContextRegistry,
-                 onthefly: OnTheFlyServing, *, beta: bool, limits):
-        super().__init__(model, engine, contexts, beta=beta, limits=limits)
-        self.onthefly = onthefly
 
     async def chat(self, req: ChatCompletionRequest, tenant: str, cancel: threading.Event | None = None
                    ) -> tuple[ChatCompletionResponse | AsyncIterator[str], dict[str, str]]:
@@ -35,22 +27,17 @@ class ChatServing(GenerationServing):
         cancel = cancel or threading.Event()
         self.model.check(req.model)
         messages = [m.for_template() for m in req.messages]
-        rec, outcome, headers = None, None, {}
+        rec, found = None, None
         if req.kv_context is not None:
             rec = self.contexts.get(req.kv_context, tenant)
         else:
             found = await self.onthefly.resolve(req, messages, tenant, cancel)
             if found is not None:
-                rec, messages, outcome = found.context, found.rest, found.info()
+                rec, messages = found.context, found.rest
         tokenizer = self.model.tokenizer
         turn = self._turn(req, lambda r: (prompting.question_ids(tokenizer, r.source, messages) if r is not None
                                           else prompting.plain_ids(tokenizer, messages)), rec, tenant)
-        if outcome is not None:
-            turn.compaction = KvCompactionInfo(**outcome, uncompressed_tokens=len(turn.ids))
-            headers = {"X-Kvcat-Compaction": outcome["outcome"], "X-Kvcat-Context": rec.id}
-            metrics.ONTHEFLY_REQUESTS.labels(self.model.name, rec.method, outcome["outcome"]).inc()
-            metrics.ONTHEFLY_BYTES_SAVED.labels(self.model.name, rec.method).inc(
-                rec.kv_bytes_full - rec.kv_bytes_compacted)
+        headers = self._on_the_fly(turn, found) if found is not None else {}
         chunks = self._generate(turn, start, cancel)
         if req.stream:
             return self._sse(turn, chunks), headers
@@ -69,7 +56,7 @@ class ChatServing(GenerationServing):
                    for i in range(turn.params.n)]
         return ChatCompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=choices,
                                       usage=self._usage(turn, got.last, got.count),
-                                      system_fingerprint=self.model.fingerprint, **_extra(turn))
+                                      system_fingerprint=self.model.fingerprint, **turn.extra_fields())
 
     def _sse(self, turn: Turn, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
         def event(**fields) -> str:
@@ -85,7 +72,7 @@ class ChatServing(GenerationServing):
             return None
 
         opening = event(choices=[ChunkChoice(index=i, delta=Delta(role="assistant", content=""), logprobs=None,
-                                             finish_reason=None) for i in range(turn.params.n)], **_extra(turn))
+                                             finish_reason=None) for i in range(turn.params.n)], **turn.extra_fields())
         return self._stream(turn, chunks, [opening], chunk_event, lambda usage: event(choices=[], usage=usage))
 
     def _logprobs(self, turn: Turn, chunk: Chunk) -> list[TokenLogprob]:
@@ -103,7 +90,3 @@ class ChatServing(GenerationServing):
                                     top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in best]))
         return out
 
-
-def _extra(turn: Turn) -> dict:
-    """kvcat's fields of a response: the context it was generated over, what on-the-fly compaction did."""
-    return {k: v for k, v in (("kv_context", turn.context_id), ("kv_compaction", turn.compaction)) if v}

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,6 +52,8 @@ class CompactionServing:
         self._queued = 0  # compactions submitted and not finished
         self._mean_seconds = 10.0  # running mean, for Retry-After
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcat-compact")
+        self.stored: Callable[[ContextRecord], Awaitable[None]] | None = None  # awaited before /v1/compact answers
+        self._finishing: set[asyncio.Task] = set()
 
     @property
     def max_document_tokens(self) -> int:
@@ -193,7 +195,10 @@ class CompactionServing:
             raise ApiError(500, f"compaction failed: {exc}", "server_error", code="compaction_failed") from None
 
     async def compact(self, req: CompactRequest, tenant: str, cancel: threading.Event | None = None) -> KvContext:
-        return KvContext(**(await self.run(self.prepare(req, tenant), cancel)).public())
+        rec = await self.run(self.prepare(req, tenant), cancel)
+        if self.stored is not None:
+            await self.stored(rec)
+        return KvContext(**rec.public())
 
     # ---- async jobs ------------------------------------------------------------------------------------
     def submit_job(self, req: CompactRequest, tenant: str) -> Job:
@@ -211,8 +216,12 @@ class CompactionServing:
             return work(progress)
 
         job.future = self._submit(run, None)
-        job.future.add_done_callback(lambda f: _finish(job, f))
+        job.future.add_done_callback(lambda f: self._keep(asyncio.ensure_future(_finish(job, f, self.stored))))
         return job
+
+    def _keep(self, task: asyncio.Task) -> None:
+        self._finishing.add(task)  # a reference until it ends
+        task.add_done_callback(self._finishing.discard)
 
     def _forget_old_jobs(self) -> None:
         done = [j for j in self.jobs.values() if j.status in ("succeeded", "failed")]
@@ -234,9 +243,11 @@ class CompactionServing:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _finish(job: Job, fut: asyncio.Future) -> None:
+async def _finish(job: Job, fut: asyncio.Future, stored: Callable[[ContextRecord], Awaitable[None]] | None) -> None:
     exc = fut.exception()
     if exc is None:
+        if stored is not None:
+            await stored(fut.result())
         job.status, job.progress, job.context = "succeeded", 1.0, KvContext(**fut.result().public())
         return
     job.status = "failed"

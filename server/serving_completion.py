@@ -1,5 +1,6 @@
-"""Text completions (OpenAI's legacy /v1/completions): a prompt of text or token ids, on its own or continuing
-a stored compacted context's tokens as they are (no chat template); OpenAI's text_completion format."""
+"""Text completions (OpenAI's legacy /v1/completions): a prompt of text or token ids, on its own, continuing
+a stored compacted context's tokens as they are (no chat template), or with its leading blocks compacted on the
+fly; OpenAI's text_completion format."""
 
 from __future__ import annotations
 
@@ -17,22 +18,29 @@ class CompletionServing(GenerationServing):
     id_prefix = "cmpl"
 
     async def complete(self, req: CompletionRequest, tenant: str, cancel: threading.Event | None = None
-                       ) -> CompletionResponse | AsyncIterator[str]:
+                       ) -> tuple[CompletionResponse | AsyncIterator[str], dict[str, str]]:
+        """(the response, or an SSE stream of it; extra response headers)."""
         start = time.perf_counter()
         cancel = cancel or threading.Event()
         self.model.check(req.model)
-        rec = self.contexts.get(req.kv_context, tenant) if req.kv_context is not None else None
-        ids = self._prompt_ids(req)
+        rec, found, ids = None, None, self._prompt_ids(req)
+        if req.kv_context is not None:
+            rec = self.contexts.get(req.kv_context, tenant)
+        else:
+            found = await self.onthefly.resolve_tokens(req, ids, tenant, cancel)
+            if found is not None:
+                rec, ids = found.context, found.rest
         turn = self._turn(req, lambda _rec: ids, rec, tenant)
+        headers = self._on_the_fly(turn, found) if found is not None else {}
         chunks = self._generate(turn, start, cancel)
         if req.stream:
-            return self._sse(turn, chunks)
+            return self._sse(turn, chunks), headers
         got = await self._collect(turn, chunks, cancel)
         choices = [CompletionChoice(index=i, text=got.texts[i], finish_reason=got.finish[i] or "stop",
                                     logprobs=self._logprobs(turn, got.chunks[i])) for i in range(turn.params.n)]
         return CompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=choices,
                                   usage=self._usage(turn, got.last, got.count),
-                                  system_fingerprint=self.model.fingerprint, kv_context=turn.context_id)
+                                  system_fingerprint=self.model.fingerprint, **turn.extra_fields()), headers
 
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, str):
@@ -43,7 +51,7 @@ class CompletionServing(GenerationServing):
     def _sse(self, turn: Turn, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
         def event(choices, usage=None) -> str:
             body = CompletionResponse(id=turn.id, created=turn.created, model=self.model.name, choices=choices,
-                                      system_fingerprint=self.model.fingerprint, kv_context=turn.context_id)
+                                      system_fingerprint=self.model.fingerprint, **turn.extra_fields())
             if usage is not None:
                 body.usage = usage
             return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"

@@ -1,9 +1,10 @@
-"""On-the-fly compaction inside chat (the policy and the prompt splitting are in `onthefly`): find or make the
-compacted context a long prompt's leading part stands for."""
+"""On-the-fly compaction of chat and text-completion prompts (the policy and the prompt splitting are in
+`onthefly`): find or make the compacted context a long prompt's leading part stands for."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -14,18 +15,19 @@ from importlib.metadata import version
 from kvcat.server import metrics, onthefly, prompting
 from kvcat.server.errors import invalid
 from kvcat.server.onthefly import AutoCompaction, AutoCompactionError
-from kvcat.server.protocol import ChatCompletionRequest
+from kvcat.server.protocol import ChatCompletionRequest, SamplingRequest
 from kvcat.server.serving_compaction import CompactionServing
 from kvcat.server.store import ContextRecord
 
 
 @dataclass
 class Resolved:
-    """A prompt served over a compacted context: the context, the messages sent uncompressed after it, and what
-    on-the-fly compaction did (hit, prefix-hit, incremental or compacted)."""
+    """A prompt served over a compacted context: the context, what is sent uncompressed after it (chat messages,
+    or a text prompt's token ids), and what on-the-fly compaction did (hit, prefix-hit, incremental or
+    compacted)."""
 
     context: ContextRecord
-    rest: list[dict]
+    rest: list[dict] | list[int]
     outcome: str
 
     def info(self) -> dict:
@@ -52,7 +54,7 @@ class OnTheFlyServing:
 
         self.policy.validate(self.block_size, method_names())
 
-    def policy_for(self, req: ChatCompletionRequest) -> AutoCompaction:
+    def policy_for(self, req: SamplingRequest) -> AutoCompaction:
         """The server's policy with the request's `kv_compaction` field applied (422 when that makes it bad)."""
         from kvcat.compaction import method_names
 
@@ -89,10 +91,54 @@ class OnTheFlyServing:
                                         versions)
 
         key = key_of(cut.source)
+        async with self._exclusive(key):
+            return await self._find_or_compact(cut, key, key_of, method, policy, tenant, cancel)
+
+    async def resolve_tokens(self, req: SamplingRequest, ids: list[int], tenant: str,
+                             cancel: threading.Event) -> Resolved | None:
+        """The compacted context for a long text-completion prompt (`ids`): its leading whole KV blocks, all
+        but the last `keep_tokens` or more; None to serve the prompt as it is. A prompt that grows (a transcript)
+        reuses the longest stored leading part: as a prefix hit while the tokens after it stay under the
+        threshold, else joined to the newly compacted blocks."""
+        policy = self.policy_for(req)
+        if not policy.enabled or len(ids) <= policy.threshold_tokens:
+            return None
+        block = self.block_size
+        cut = onthefly.token_cut(len(ids), policy.keep_tokens, block)
+        if cut / policy.ratio < block:  # too little before the kept tokens to compact
+            return None
+        method = self.compaction.method(policy.method)
+        versions = {**self._versions, "params": method.params}
+        sources = onthefly.token_sources(ids, list(range(block, cut + 1, block)))
+
+        def key_of(at: int) -> str:
+            return onthefly.context_key(self.model.fingerprint, sources[at], policy, self.compaction.beta, tenant,
+                                        versions)
+
+        key = key_of(cut)
+        async with self._exclusive(key):
+            rec = self.contexts.find(key, tenant)
+            if rec is not None:
+                return self._used(Resolved(rec, ids[cut:], "hit"))
+            base, at = None, cut - block
+            while at > 0 and (base := self.contexts.find(key_of(at), tenant)) is None:
+                at -= block
+            if base is not None and len(ids) - at <= policy.threshold_tokens:
+                return self._used(Resolved(base, ids[at:], "prefix-hit"))
+            self.compaction.check_length(cut, "prompt")
+            self._make_room(tenant, key)
+            work = self.compaction.work(sources[cut], ids[at:cut] if base else ids[:cut], method, policy.ratio,
+                                        None, tenant=tenant, context_id=key, origin="auto", base=base)
+            return self._compacted(await self.compaction.run(work, cancel), ids[cut:],
+                                   "incremental" if base else "compacted")
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str):
+        """One request at a time per on-the-fly context: concurrent requests for one prefix compact it once."""
         lock = self._locks.setdefault(key, asyncio.Lock())
         try:
-            async with lock:  # concurrent requests for one prefix compact it once
-                return await self._find_or_compact(cut, key, key_of, method, policy, tenant, cancel)
+            async with lock:
+                yield
         finally:
             if not lock.locked():
                 self._locks.pop(key, None)

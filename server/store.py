@@ -53,7 +53,7 @@ class ContextRecord:
     kv_bytes_compacted: int
     compaction_seconds: float
     created: int
-    source: dict = field(default_factory=dict)  # how the context was rendered: {"text": ...} or {"messages": [...]}
+    source: dict = field(default_factory=dict)  # {"text": ...}, {"messages": [...]} or {"token_ids": {count, sha256}}
     beta_nonzero: bool = False
     origin: str = "compact"  # "compact" (POST /v1/compact) or "auto" (on-the-fly compaction in chat)
     version: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new for every write under an id

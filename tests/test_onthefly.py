@@ -1,7 +1,8 @@
-"""On-the-fly compaction in chat on the live shared server (flags: threshold AUTO_THRESHOLD, ratio AUTO_RATIO):
-long prompts are compacted with no client-side code, the next request hits the stored prefix and answers as the
-two-call way does, and streaming needs no client code. The policy's decisions (prefix hits, incremental
-compaction, misses, "off", bad policies) are tested over the fake engine in tests/test_serving.py."""
+"""On-the-fly compaction in chat and text completions on the live shared server (flags: threshold
+AUTO_THRESHOLD, ratio AUTO_RATIO): long prompts are compacted with no client-side code, the next request hits
+the stored prefix and answers as the two-call way does, and streaming needs no client code. The policy's
+decisions (prefix hits, incremental compaction, misses, "off", bad policies) are tested over the fake engine in
+tests/test_serving.py."""
 
 from __future__ import annotations
 
@@ -71,3 +72,26 @@ def test_streaming_needs_no_client_code(server, docs):
         assert r.headers["x-kvcat-compaction"] == "hit"
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
     assert json.loads(first[6:])["kv_compaction"]["cache_hit"] is True
+
+
+def test_long_text_completion_is_compacted_on_the_fly(server, docs, smollm2):
+    """A long /v1/completions prompt (token ids) through the official client: its leading whole blocks are
+    compacted on the live engine, the same prompt hits them, and the answer equals the two-call way over the
+    very context it stored."""
+    ids = smollm2.tokenizer(docs[0] + " In short, the author argues that")["input_ids"]
+    client = server["client"]
+
+    def complete():
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+        return raw.parse(), raw.headers
+
+    first, headers = complete()
+    info = first.model_extra["kv_compaction"]
+    assert info["outcome"] == "compacted" and headers["x-kvcat-compaction"] == "compacted"
+    assert info["original_tokens"] % 128 == 0 and info["uncompressed_tokens"] == len(ids) - info["original_tokens"]
+    assert info["compacted_tokens"] == round(info["original_tokens"] / AUTO_RATIO) and first.choices[0].text
+    again, _ = complete()
+    assert again.model_extra["kv_compaction"]["outcome"] == "hit" and again.choices[0].text == first.choices[0].text
+    explicit = client.completions.create(model=MODEL, prompt=ids[info["original_tokens"]:], max_tokens=8,
+                                         temperature=0, extra_body={"kv_context": info["context"]})
+    assert explicit.choices[0].text == first.choices[0].text

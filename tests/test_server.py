@@ -270,3 +270,101 @@ def test_text_completion_continues_a_compacted_document(server, contexts):
     plain = client.completions.create(model=MODEL, prompt=" The radio code", max_tokens=6, temperature=0)
     assert over.object == "text_completion" and over.usage.completion_tokens == 6
     assert over.choices[0].text != plain.choices[0].text  # the compacted document changes the continuation
+
+
+def _run(client, stream: bool, **kw):
+    """One chat completion through the official client, streamed or not, as (texts per choice, finish reasons,
+    usage, top-logprob counts of the first choice's tokens)."""
+    if not stream:
+        r = client.chat.completions.create(model=MODEL, **kw)
+        lp = r.choices[0].logprobs
+        return ([c.message.content for c in r.choices], [c.finish_reason for c in r.choices], r.usage,
+                [len(t.top_logprobs) for t in lp.content] if lp else [])
+    chunks = list(client.chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
+                                                 **kw))
+    n = kw.get("n", 1)
+    texts, finish, tops = [""] * n, [None] * n, []
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+            if c.index == 0 and c.logprobs and c.logprobs.content:
+                tops += [len(t.top_logprobs) for t in c.logprobs.content]
+    return texts, finish, chunks[-1].usage, tops
+
+
+LONG = {"max_tokens": 30, "extra_body": {"ignore_eos": True}}  # long enough for a penalty to matter
+FIELDS = {  # name -> (request fields, check(result, greedy text, greedy token ids, tokenizer, the same request
+    #                                                 without the field's effect))
+    "max_tokens": ({"max_tokens": 3, "extra_body": {"ignore_eos": True}},
+                   lambda r, g, ids, tok: r[2].completion_tokens == 3 and r[1][0] == "length"),
+    "temperature": ({"temperature": 0}, lambda r, g, ids, tok: r[0][0] == g),
+    "top_p": ({"temperature": 1.0, "top_p": 1e-6}, lambda r, g, ids, tok: r[0][0] == g),
+    "top_k": ({"temperature": 1.0, "extra_body": {"top_k": 1}}, lambda r, g, ids, tok: r[0][0] == g),
+    "min_p": ({"temperature": 1.0, "extra_body": {"min_p": 1.0}}, lambda r, g, ids, tok: r[0][0] == g),
+    "seed": ({"temperature": 1.0, "seed": 11}, None),  # the same seed twice, the same text
+    "logit_bias": (lambda ids, tok: {"max_tokens": 3, "logit_bias": {str(ids[1]): 100}},
+                   lambda r, g, ids, tok: r[0][0] == tok.decode([ids[1]] * 3)),
+    "presence_penalty": ({**LONG, "presence_penalty": 2.0}, "differs"),
+    "frequency_penalty": ({**LONG, "frequency_penalty": 2.0}, "differs"),
+    "repetition_penalty": ({**LONG, "extra_body": {**LONG["extra_body"], "repetition_penalty": 2.0}}, "differs"),
+    "stop": (lambda ids, tok: {"stop": [tok.decode(ids[2:4])]},
+             lambda r, g, ids, tok: r[0][0] == g[:g.index(tok.decode(ids[2:4]))] and r[1][0] == "stop"),
+    "stop_token_ids": (lambda ids, tok: {"extra_body": {"stop_token_ids": [ids[2]]}},
+                       lambda r, g, ids, tok: r[0][0] == tok.decode(ids[:ids.index(ids[2])]) and r[1][0] == "stop"),
+    "min_tokens": ({"max_tokens": 20, "extra_body": {"min_tokens": 20}},
+                   lambda r, g, ids, tok: r[2].completion_tokens == 20),
+    "n": ({"n": 2, "temperature": 1.0, "seed": 5}, lambda r, g, ids, tok: len(r[0]) == 2 and all(r[0])),
+    "logprobs": ({"logprobs": True, "top_logprobs": 3}, lambda r, g, ids, tok: r[3] and set(r[3]) == {3}),
+    "response_format": ({"response_format": {"type": "json_object"}, "max_tokens": 40},
+                        lambda r, g, ids, tok: r[0][0].lstrip().startswith("{")),
+}
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("field", list(FIELDS))
+def test_each_sampling_field_with_the_openai_client(server, contexts, smollm2, field, stream):
+    """Every honoured field, through the official client over a compacted context, streamed and not, has the
+    effect vLLM gives it (docs/chat-fields.md lists them)."""
+    client, tok = server["client"], smollm2.tokenizer
+    base = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0,
+            "extra_body": {"kv_context": contexts["beta"]["id"]}}
+    greedy = _run(client, False, **base)[0][0]
+    ids = tok.encode(greedy, add_special_tokens=False)
+    fields, check = FIELDS[field]
+    fields = fields(ids, tok) if callable(fields) else fields
+    req = {**base, **fields, "extra_body": {**base["extra_body"], **fields.get("extra_body", {})}}
+    got = _run(client, stream, **req)
+    if field == "seed":
+        assert got[0] == _run(client, stream, **req)[0]
+    elif check == "differs":  # against the same request without the penalty
+        plain = {**req, "extra_body": {k: v for k, v in req["extra_body"].items() if k != field}}
+        plain.pop(field, None)
+        assert got[0] != _run(client, stream, **plain)[0], field
+    else:
+        assert check(got, greedy, ids, tok), (field, got, greedy)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_beta_attention_is_causal_sdpa_with_an_additive_bias(n):
+    """The served beta path (every step of a request over a context with beta) equals PyTorch's SDPA with
+    beta added to the first t key columns and the causal mask, for grouped queries; beta = 0 is plain SDPA."""
+    import torch.nn.functional as F
+
+    from kvcat.server.vllm_adapter.attention import beta_attention
+
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, t, s = 9, 3, 64, 40, 52
+    q = torch.randn(n, heads, dim, generator=gen)
+    k, v = torch.randn(kv_heads, s, dim, generator=gen), torch.randn(kv_heads, s, dim, generator=gen)
+    beta = torch.randn(kv_heads, t, generator=gen)
+    mask = torch.zeros(heads, n, s)
+    mask[..., :t] += beta.repeat_interleave(heads // kv_heads, dim=0)[:, None, :]
+    mask = mask.masked_fill(torch.arange(s)[None, :] > torch.arange(s - n, s)[:, None], float("-inf"))
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask[None],
+                                         scale=dim ** -0.5, enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(beta_attention(q, k, v, beta, dim ** -0.5), ref, atol=1e-5)
+    plain = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], scale=dim ** -0.5,
+                                           attn_mask=mask[None].isfinite(), enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(beta_attention(q, k, v, torch.zeros_like(beta), dim ** -0.5), plain, atol=1e-5)

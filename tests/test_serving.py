@@ -610,3 +610,60 @@ def test_text_completions(api):
     for body, status in (({"prompt": "x", "echo": True}, 400), ({"prompt": [10**9]}, 422), ({"prompt": ""}, 422),
                          ({"prompt": "x", "kv_context": "ctx-00000000deadbeef"}, 404)):
         assert api.post("/v1/completions", json=body).status_code == status, body
+
+
+def test_onthefly_text_completions(api, docs):
+    """A long completion prompt is compacted in whole KV blocks, all but its last `keep_tokens`; the same
+    prompt hits, a grown one reuses the stored blocks (prefix hit, then incremental), an edited one misses, and
+    a chat cannot continue a context made of bare prompt tokens."""
+    tok, block, keep = api.srv.engine.tokenizer, api.srv.engine.block_size, 64
+    first_ids, more = tok(docs[0])["input_ids"], tok(docs[1])["input_ids"]
+
+    def complete(ids, **body):
+        r = api.post("/v1/completions", json={"prompt": ids, "max_tokens": 2,
+                                              "kv_compaction": {"keep_tokens": keep}, **body})
+        assert r.status_code == 200, r.text
+        return r.json().get("kv_compaction"), r.headers, api.srv.engine.calls[-1]
+
+    info, headers, _ = complete(first_ids[:200])  # under the threshold: as it is
+    assert info is None and "x-kvcat-compaction" not in headers
+    first, headers, call = complete(first_ids)
+    cut = (len(first_ids) - keep) // block * block
+    assert first["outcome"] == "compacted" and headers["x-kvcat-compaction"] == "compacted"
+    assert (first["original_tokens"], first["compacted_tokens"]) == (cut, round(cut / RATIO))
+    assert call.context.context_id == first["context"] and call.token_ids == first_ids[cut:]
+    assert first["uncompressed_tokens"] == len(first_ids) - cut >= keep
+    again, _, _ = complete(first_ids)
+    assert (again["outcome"], again["context"]) == ("hit", first["context"])
+    grown = first_ids + more[:40]
+    second, _, call = complete(grown)
+    assert (second["outcome"], second["context"]) == ("prefix-hit", first["context"])
+    assert call.token_ids == grown[cut:]
+    longer = first_ids + more
+    third, _, call = complete(longer)
+    cut3 = (len(longer) - keep) // block * block
+    assert third["outcome"] == "incremental" and third["original_tokens"] == cut3
+    assert third["compacted_tokens"] == pytest.approx(first["compacted_tokens"] + (cut3 - cut) / RATIO, abs=1)
+    assert call.token_ids == longer[cut3:]
+    edited, _, _ = complete([first_ids[0] + 1] + first_ids[1:])  # an edited first token misses: never stale
+    assert edited["outcome"] == "compacted" and edited["context"] != first["context"]
+    off, _, call = complete(first_ids, kv_compaction="off")
+    assert off is None and call.context is None and call.token_ids == first_ids
+    r = api.chat([{"role": "user", "content": "What was that?"}], kv_context=first["context"])
+    assert r.status_code == 422 and "/v1/completions" in r.json()["error"]["message"]
+    r = api.post("/v1/completions", json={"prompt": "x", "kv_context": first["context"], "kv_compaction": {"ratio": 4}})
+    assert r.status_code == 422 and "not both" in r.json()["error"]["message"]
+
+
+def test_a_compacted_context_is_warmed_in_the_engine(api):
+    """/v1/compact runs one short request over the new context before it answers (the worker loads it and the
+    prefix cache keeps its blocks), so that the first question does not pay for loading it."""
+    ctx = api.compact(NOTE * 2)
+    warm = [c for c in api.srv.engine.calls if c.request_id.startswith("warm-")][-1]
+    assert warm.context.context_id == ctx.id and warm.params.max_tokens == 1 and len(warm.token_ids) == 1
+    job = api.post("/v1/compact", json={"text": NOTE * 3, "ratio": 4, "method": "snapkv", "async": True}).json()
+    deadline = time.time() + 60
+    while (got := api.get(f"/v1/compact/jobs/{job['id']}").json())["status"] != "succeeded" and time.time() < deadline:
+        time.sleep(0.05)
+    warmed = {c.context.context_id for c in api.srv.engine.calls if c.request_id.startswith("warm-")}
+    assert got["context"]["id"] in warmed

@@ -2,10 +2,12 @@
 
 The stock CPU kernel has no per-key additive bias. `KvcatCPUAttentionImpl` runs the stock kernel for the
 whole batch, then, for the rows of requests whose context carries a non-zero beta (looked up in the KV
-connector metadata bound for this step, keyed by the request's first block id), gathers that request's
-K/V from its paged blocks, adds beta to the logits of the first t key columns, runs causal SDPA, and
-replaces those output rows. Requests without a context (or with beta = 0 everywhere) keep the stock
-kernel's output untouched, so the subclass is a no-op for plain chat.
+connector metadata bound for this step, keyed by the request's first block id), takes the context's t slots
+from the worker's float32 copy and the request's own tokens from its paged blocks, adds beta to the logits
+of the first t key columns (`beta_attention`), and replaces those output rows. Requests without a context
+(or with beta = 0 everywhere) keep the stock kernel's output untouched, so the subclass is a no-op for
+plain chat. This runs on every step of such a request (decode included), so it is a handful of batched
+float32 ops per layer: two matmuls, one softmax, no mask tensor at decode.
 
 `kvcat.server.vllm_adapter.plugin.register` (the `vllm.general_plugins` entry point, called by vLLM in
 every process) routes CPU_ATTN here; `KVCAT_BETA_BACKEND=0` skips it (stock kernels: the beta-free mode).
@@ -14,7 +16,6 @@ every process) routes CPU_ATTN here; `KVCAT_BETA_BACKEND=0` skips it (stock kern
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -58,27 +59,31 @@ class KvcatCPUAttentionImpl(CPUAttentionBackendImpl):
                 continue
             if li is None:
                 li = layer_index(layer.layer_name)
-            n, s = b - a, seq_lens[r]
-            t = ctx.num_slots
-            # the context's slots come from the worker's copy (identical to what the connector wrote);
+            # the context's slots come from the worker's copy (the values the connector wrote, in float32);
             # only the request's own tokens are gathered from the paged blocks
-            k_new, v_new = layout.gather(kv_cache, table[r], s, start=t)
-            k = torch.cat([ctx.keys[li], k_new], dim=1)  # [H, s, D]
-            v = torch.cat([ctx.values[li], v_new], dim=1)
-            q = query[a:b].transpose(0, 1)  # [Hq, n, D]
-            groups = self.num_heads // self.num_kv_heads
-            rows = torch.arange(s - n, s)[:, None]
-            cols = torch.arange(s)[None, :]
-            mask = torch.zeros(n, s, dtype=torch.float32).masked_fill(cols > rows, float("-inf"))
-            bias = ctx.beta[li].repeat_interleave(groups, dim=0)  # [Hq, t]
-            mask = mask.expand(self.num_heads, n, s).clone()
-            mask[..., :t] += bias[:, None, :]
-            out = F.scaled_dot_product_attention(q.float()[None], k.float()[None], v.float()[None],
-                                                 attn_mask=mask[None], scale=self.scale,
-                                                 enable_gqa=groups > 1)
-            out = out[0].transpose(0, 1).to(output.dtype)  # [n, Hq, D]
+            k_new, v_new = layout.gather(kv_cache, table[r], seq_lens[r], start=ctx.num_slots)
+            k = torch.cat([ctx.keys[li], k_new.float()], dim=1)  # [H, s, D]
+            v = torch.cat([ctx.values[li], v_new.float()], dim=1)
+            out = beta_attention(query[a:b], k, v, ctx.beta[li], self.scale)
             output[a:b].copy_(out.reshape(output[a:b].shape))
         return output
+
+
+def beta_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Causal attention of the n newest positions' queries [n, Hq, D] over all s keys and values [H, s, D]
+    (float32; grouped queries: query head j reads KV head j // (Hq / H)), with `beta` [H, t] added to the
+    logits of the first t keys. Returns [n, Hq, D] in the query's dtype."""
+    n, num_heads, dim = query.shape
+    kv_heads, s, _ = keys.shape
+    groups, t = num_heads // kv_heads, beta.shape[1]
+    q = query.float().view(n, kv_heads, groups, dim).permute(1, 2, 0, 3).reshape(kv_heads, groups * n, dim)
+    logits = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [H, groups * n, s]
+    logits[..., :t] += beta[:, None, :]
+    if n > 1:  # query i (position s - n + i) sees keys up to its own position
+        logits.view(kv_heads, groups, n, s)[..., s - n:] += torch.full((n, n), float("-inf")).triu_(1)
+    out = torch.bmm(torch.softmax(logits, dim=-1), values)
+    return out.view(kv_heads, groups, n, dim).permute(2, 0, 1, 3).reshape(n, num_heads, dim).to(query.dtype)
 
 
 class KvcatCPUAttentionBackend(CPUAttentionBackend):

@@ -89,7 +89,8 @@ class KvcatConnectorMetadata(KVConnectorMetadata):
 
 
 class LoadedContext:
-    """A context as the worker injects it: keys rotated, cast to the cache dtype, heads sliced for TP."""
+    """A context as the worker injects it: keys rotated, heads sliced for TP, rounded to the cache dtype (what
+    the paged blocks hold) but kept in float32, the dtype the beta attention path computes in every step."""
 
     def __init__(self, path: str, shift: int, dtype: torch.dtype, freq: torch.Tensor,
                  heads: slice):
@@ -97,8 +98,8 @@ class LoadedContext:
         from kvcat.server.rope import shift_keys
 
         cache = CompactCache.load(path)
-        self.keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype) for k in cache.keys]
-        self.values = [v[heads].to(dtype) for v in cache.values]
+        self.keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype).float() for k in cache.keys]
+        self.values = [v[heads].to(dtype).float() for v in cache.values]
         self.beta = [b[heads].float() for b in cache.beta]
         self.num_slots = cache.num_slots
         self.has_bias = any(bool((b != 0).any()) for b in self.beta)
@@ -106,7 +107,8 @@ class LoadedContext:
 
 class ContextCache:
     """LRU of LoadedContext per worker process, keyed by (path, key, shift): a context rewritten under the same
-    id (a new version) is a new entry."""
+    id (a new version) is a new entry. Entries are float32: for SmolLM2-135M a 4,096-token document at 10x is
+    about 19 MB, so the default 32 entries stay under about 0.6 GB."""
 
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
