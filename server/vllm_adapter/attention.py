@@ -15,7 +15,10 @@ every process) routes CPU_ATTN here; `KVCAT_BETA_BACKEND=0` skips it (stock kern
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -33,57 +36,125 @@ class KvcatCPUAttentionImpl(CPUAttentionBackendImpl):
         if not has_kv_transfer_group():
             return output
         meta = getattr(get_kv_transfer_group(), "_connector_metadata", None)
-        beta_map = getattr(meta, "beta", None)
-        if not beta_map:
+        if not getattr(meta, "beta", None):
             return output
         from kvcat.server.vllm_adapter.connector import WORKER_CONTEXTS, layer_index
 
         layout = WORKER_CONTEXTS.layout
-        qsl = attn_metadata.query_start_loc.tolist()
-        seq_lens = attn_metadata.seq_lens.tolist()
-        table = attn_metadata.block_table
-        firsts = table[: len(qsl) - 1, 0].tolist()
-        li = None
-        for r, first in enumerate(firsts):
-            ref = beta_map.get(first)
-            if ref is None:
-                continue
-            a, b = qsl[r], qsl[r + 1]
-            if b <= a:
-                continue
-            try:
-                ctx = WORKER_CONTEXTS.get(ref.path, ref.key, ref.shift)
-            except Exception:  # noqa: BLE001  (the connector reported its blocks invalid: the request fails)
-                continue
-            if not ctx.has_bias:
-                continue
-            if li is None:
-                li = layer_index(layer.layer_name)
-            # the context's slots come from the worker's copy (the values the connector wrote, in float32);
-            # only the request's own tokens are gathered from the paged blocks
-            k_new, v_new = layout.gather(kv_cache, table[r], seq_lens[r], start=ctx.num_slots)
-            k = torch.cat([ctx.keys[li], k_new.float()], dim=1)  # [H, s, D]
-            v = torch.cat([ctx.values[li], v_new.float()], dim=1)
+        rows = STEP.rows(meta, attn_metadata, layout.block_size)  # once per step, shared by the layers
+        if not rows:
+            return output
+        li = layer_index(layer.layer_name)
+        for row in rows:
+            ctx = row.context
+            if not ctx.layer_has_bias[li]:
+                continue  # beta = 0 in this layer: the stock kernel's output is already exact
+            a, b = row.start, row.stop
+            # the context's slots come from the worker's copy (the values the connector wrote, in float32), the
+            # request's own tokens from the previous step's copy plus this step's keys and values
+            k_own, v_own = STEP.own_tokens(row, li, key, value, kv_cache, layout)
+            k = torch.cat([ctx.keys[li], k_own], dim=1)  # [H, s, D]
+            v = torch.cat([ctx.values[li], v_own], dim=1)
             out = beta_attention(query[a:b], k, v, ctx.beta[li], self.scale)
             output[a:b].copy_(out.reshape(output[a:b].shape))
         return output
+
+
+@dataclass
+class BetaRow:
+    """One batch row of this step whose context carries beta: its context, query rows start:stop, sequence
+    length, block table row, and the blocks holding its last token before this step and its last token."""
+
+    context: object  # connector.LoadedContext
+    key: str
+    start: int
+    stop: int
+    seq_len: int
+    blocks: torch.Tensor
+    block_before: int
+    block_last: int
+
+
+class StepState:
+    """What the beta path computes once per engine step instead of once per layer: the rows it applies to
+    (from the attention metadata and the connector's beta map), and each request's own tokens' K/V per layer,
+    kept from one step to the next so that a decode step appends one token instead of gathering them all from
+    the paged blocks (that gather was most of the beta path's time).
+
+    Own-token entries are keyed by (context, layer, the block holding the last token covered, the count).
+    Sound because such a block is either the request's own partial block (no other request writes it) or a
+    full prefix-cache block, whose hash covers every earlier token: whoever holds it has the same tokens, so
+    the same K/V. Only the previous step's entries are looked up; older ones are dropped."""
+
+    def __init__(self):
+        self.step, self._rows, self.previous, self.current = None, None, {}, {}
+
+    def rows(self, meta, attn_metadata, block_size: int) -> list[BetaRow]:
+        if meta is not self.step:  # the connector metadata is a new object every step
+            self.step, self._rows, self.previous, self.current = meta, None, self.current, {}
+        if self._rows is None:
+            self._rows = _beta_rows(meta.beta, attn_metadata, block_size)
+        return self._rows
+
+    def own_tokens(self, row: BetaRow, li: int, key, value, kv_cache: torch.Tensor, layout
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [H, s - t, D] (float32) of a request's tokens after its t context slots: the previous step's
+        copy with this step's tokens appended, or (a request's first step, or one that was not scheduled last
+        step) gathered from the paged blocks."""
+        t, n, dim = row.context.num_slots, row.stop - row.start, layout.head_dim
+        before = row.seq_len - n - t  # the request's tokens already in the paged blocks before this step
+        found = self.previous.get((row.key, li, row.block_before, before)) if before else ()
+        if found is None or key is None:
+            k_own, v_own = (x.float() for x in layout.gather(kv_cache, row.blocks, row.seq_len, start=t))
+        else:
+            step = [x[row.start:row.stop].reshape(n, -1, dim).transpose(0, 1).float() for x in (key, value)]
+            k_own, v_own = (torch.cat([old, new], dim=1) for old, new in zip(found, step)) if found else step
+        self.current[(row.key, li, row.block_last, row.seq_len - t)] = (k_own, v_own)
+        return k_own, v_own
+
+
+def _beta_rows(beta_map: dict, attn_metadata, block_size: int) -> list[BetaRow]:
+    from kvcat.server.vllm_adapter.connector import WORKER_CONTEXTS
+
+    qsl = attn_metadata.query_start_loc.tolist()
+    seq_lens = attn_metadata.seq_lens.tolist()
+    table = attn_metadata.block_table
+    rows = []
+    for r, first in enumerate(table[: len(qsl) - 1, 0].tolist()):
+        ref = beta_map.get(first)
+        a, b, s = qsl[r], qsl[r + 1], seq_lens[r]
+        if ref is None or b <= a:
+            continue
+        try:
+            ctx = WORKER_CONTEXTS.get(ref.path, ref.key, ref.shift)
+        except Exception:  # noqa: BLE001  (the connector reported its blocks invalid: the request fails)
+            continue
+        if ctx.has_bias:
+            before = table[r, max(s - (b - a) - 1, 0) // block_size]
+            rows.append(BetaRow(ctx, ref.key, a, b, s, table[r], int(before), int(table[r, (s - 1) // block_size])))
+    return rows
+
+
+STEP = StepState()
 
 
 def beta_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """Causal attention of the n newest positions' queries [n, Hq, D] over all s keys and values [H, s, D]
     (float32; grouped queries: query head j reads KV head j // (Hq / H)), with `beta` [H, t] added to the
-    logits of the first t keys. Returns [n, Hq, D] in the query's dtype."""
+    logits of the first t keys. Returns [n, Hq, D] in the query's dtype. A decode step (n = 1) is five ops."""
     n, num_heads, dim = query.shape
     kv_heads, s, _ = keys.shape
     groups, t = num_heads // kv_heads, beta.shape[1]
-    q = query.float().view(n, kv_heads, groups, dim).permute(1, 2, 0, 3).reshape(kv_heads, groups * n, dim)
-    logits = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [H, groups * n, s]
-    logits[..., :t] += beta[:, None, :]
-    if n > 1:  # query i (position s - n + i) sees keys up to its own position
+    q = query.float().view(n, kv_heads, groups, dim)
+    q = q.view(kv_heads, groups, dim) if n == 1 else q.permute(1, 2, 0, 3).reshape(kv_heads, groups * n, dim)
+    bias = F.pad(beta, (0, s - t))[:, None, :]  # [H, 1, s]: beta on the context's keys, 0 on the request's own
+    logits = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=scale)  # [H, groups * n, s]
+    if n > 1:  # query i (position s - n + i) sees keys up to its own
         logits.view(kv_heads, groups, n, s)[..., s - n:] += torch.full((n, n), float("-inf")).triu_(1)
     out = torch.bmm(torch.softmax(logits, dim=-1), values)
-    return out.view(kv_heads, groups, n, dim).permute(2, 0, 1, 3).reshape(n, num_heads, dim).to(query.dtype)
+    out = out.view(1, num_heads, dim) if n == 1 else out.view(kv_heads, groups, n, dim).permute(2, 0, 1, 3)
+    return out.reshape(n, num_heads, dim).to(query.dtype)
 
 
 class KvcatCPUAttentionBackend(CPUAttentionBackend):

@@ -102,7 +102,8 @@ class LoadedContext:
         self.values = [v[heads].to(dtype).float() for v in cache.values]
         self.beta = [b[heads].float() for b in cache.beta]
         self.num_slots = cache.num_slots
-        self.has_bias = any(bool((b != 0).any()) for b in self.beta)
+        self.layer_has_bias = [bool((b != 0).any()) for b in self.beta]
+        self.has_bias = any(self.layer_has_bias)
 
 
 class ContextCache:
