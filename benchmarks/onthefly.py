@@ -1,6 +1,6 @@
 """On-the-fly compaction benchmark: a multi-turn chat session, and incremental vs from-scratch quality.
 
-    kvcat bench onthefly                                  # 20 turns over an 8k-token held-out document
+    kvcat bench onthefly                                  # 8 turns over a 6k-token held-out document
     kvcat bench onthefly --turns 4 --doc-tokens 2000 --windows 2
 
 1. Quality (transformers reference path, held-out data): a prefix compacted from scratch at the ratio, against
@@ -48,6 +48,10 @@ def log(msg: str) -> None:
     print(f"[bench onthefly {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+MAX_MODEL_LEN = 8192  # the session's engine context
+TURN_TOKENS = 40  # a question and the chat template's turn markers, at most (the QUESTIONS below)
+
+
 @dataclass
 class OnTheFlyConfig:
     """The settings of `kvcat bench onthefly`, one command-line option each."""
@@ -55,8 +59,8 @@ class OnTheFlyConfig:
     model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
     ratio: float = option(10.0, help="compaction ratio")
     method: str = option(DEFAULT_METHOD, help="compaction method")
-    doc_tokens: int = option(8000, help="document length of the session")
-    turns: int = option(20, help="turns of the session")
+    doc_tokens: int = option(6000, help="document length of the session")
+    turns: int = option(8, help="turns of the session")
     threshold: int = option(2048, help="on-the-fly compaction threshold (tokens)")
     answer_tokens: int = option(24, help="answer length per turn (tokens)")
     dtype: str = option("bfloat16", help="engine dtype of the session")
@@ -64,6 +68,12 @@ class OnTheFlyConfig:
     windows: int = option(4, help="held-out windows of the quality comparison")
     needles: int = option(4, help="needles of the quality comparison")
     out: Path = option(Path("benchmarks/results/onthefly.json"), help="JSON output (Markdown and PNG beside it)")
+
+    def __post_init__(self):
+        need = self.doc_tokens + self.turns * (self.answer_tokens + TURN_TOKENS)
+        if need > MAX_MODEL_LEN:
+            raise ValueError(f"--doc-tokens {self.doc_tokens} and --turns {self.turns} need about {need} positions "
+                             f"by the last turn, more than the session's {MAX_MODEL_LEN}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,7 +143,7 @@ def session(config: OnTheFlyConfig) -> dict:
     from transformers import AutoTokenizer
 
     from kvcat import data
-    from kvcat.eval.metrics import f1
+    from kvcat.eval.metrics import token_f1
     from kvcat.models import resolve
     from kvcat.server.launch import ServerProcess
 
@@ -148,7 +158,7 @@ def session(config: OnTheFlyConfig) -> dict:
     rows: list[dict] = []
     args = ["--auto-compact-threshold", str(c.threshold), "--auto-compact-ratio", str(ratio),
             "--auto-compact-method", method]
-    with ServerProcess(model, dtype=c.dtype, max_model_len=8192, args=args) as srv:
+    with ServerProcess(model, dtype=c.dtype, max_model_len=MAX_MODEL_LEN, args=args) as srv:
         client = srv.openai()
         served = client.models.list().data[0].id
         info = client.models.list().data[0].model_extra
@@ -176,7 +186,7 @@ def session(config: OnTheFlyConfig) -> dict:
             for mode, r in results.items():
                 rows.append({"turn": k + 1, "mode": mode, **{key: round(v, 4) if isinstance(v, float) else v
                                                               for key, v in r.items()},
-                             "agrees": r["answer"] == reference, "f1_vs_full": round(f1(r["answer"], [reference]), 4)})
+                             "agrees": r["answer"] == reference, "f1_vs_full": round(token_f1(r["answer"], reference), 4)})
             history += [*ask, {"role": "assistant", "content": reference}]
             log(f"turn {k + 1}/{turns}: TTFT " + ", ".join(f"{m} {results[m]['ttft_s']:.3f}s" for m in modes))
         prompt_tokens = len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,

@@ -115,4 +115,4 @@ def register(app, bench) -> None:
     from kvcat.bench import bench_command
 
     bench.command("serve")(bench_command("serve", "ServeConfig"))
-    bench.command("onthefly")(bench_command("onthefly", "OnTheFlyConfig"))
+    bench.command("onthefly")(bench_command("onthefly", "OnTheFlyConfig", errors=(ValueError,)))

@@ -32,7 +32,8 @@ def exact_match(prediction: str, answers) -> float:
     return float(any(pred == normalize(a) for a in answers))
 
 
-def _f1(pred: str, gold: str) -> float:
+def token_f1(pred: str, gold: str) -> float:
+    """SQuAD's token F1 of two whole strings (normalized; 1 when both are empty)."""
     p, g = normalize(pred).split(), normalize(gold).split()
     if not p or not g:
         return float(p == g)
@@ -46,7 +47,7 @@ def _f1(pred: str, gold: str) -> float:
 
 def f1(prediction: str, answers) -> float:
     pred = first_line(prediction)
-    return max((_f1(pred, a) for a in answers), default=0.0)
+    return max((token_f1(pred, a) for a in answers), default=0.0)
 
 
 def contains(prediction: str, answers) -> float:
