@@ -27,13 +27,9 @@ class ChatServing(GenerationServing):
         cancel = cancel or threading.Event()
         self.model.check(req.model)
         messages = [m.for_template() for m in req.messages]
-        rec, found = None, None
-        if req.kv_context is not None:
-            rec = self.contexts.get(req.kv_context, tenant)
-        else:
-            found = await self.onthefly.resolve(req, messages, tenant, cancel)
-            if found is not None:
-                rec, messages = found.context, found.rest
+        rec, found = await self._context_for(req, tenant, lambda: self.onthefly.resolve(req, messages, tenant, cancel))
+        if found is not None:
+            messages = found.rest
         tokenizer = self.model.tokenizer
         turn = self._turn(req, lambda r: (prompting.question_ids(tokenizer, r.source, messages) if r is not None
                                           else prompting.plain_ids(tokenizer, messages)), rec, tenant)

@@ -23,13 +23,11 @@ class CompletionServing(GenerationServing):
         start = time.perf_counter()
         cancel = cancel or threading.Event()
         self.model.check(req.model)
-        rec, found, ids = None, None, self._prompt_ids(req)
-        if req.kv_context is not None:
-            rec = self.contexts.get(req.kv_context, tenant)
-        else:
-            found = await self.onthefly.resolve_tokens(req, ids, tenant, cancel)
-            if found is not None:
-                rec, ids = found.context, found.rest
+        ids = self._prompt_ids(req)
+        rec, found = await self._context_for(req, tenant,
+                                             lambda: self.onthefly.resolve_tokens(req, ids, tenant, cancel))
+        if found is not None:
+            ids = found.rest
         turn = self._turn(req, lambda _rec: ids, rec, tenant)
         headers = self._on_the_fly(turn, found) if found is not None else {}
         chunks = self._generate(turn, start, cancel)

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from kvcat.server import metrics, prompting
@@ -90,6 +90,15 @@ class GenerationServing:
                     pass
         except Exception as exc:  # noqa: BLE001  (TimeoutError included)
             log.warning("warming context %s failed: %r", rec.id, exc)
+
+    async def _context_for(self, req: SamplingRequest, tenant: str, on_the_fly: Callable[[], Awaitable[Resolved | None]]
+                           ) -> tuple[ContextRecord | None, Resolved | None]:
+        """The stored context a request names (`kv_context`), else the one on-the-fly compaction finds or makes
+        for its prompt (`on_the_fly()`; None: the prompt is served as it is)."""
+        if req.kv_context is not None:
+            return self.contexts.get(req.kv_context, tenant), None
+        found = await on_the_fly()
+        return (found.context if found is not None else None), found
 
     def _on_the_fly(self, turn: Turn, found: Resolved) -> dict[str, str]:
         """Report what on-the-fly compaction did for `turn`: in the response, its headers and the metrics."""
