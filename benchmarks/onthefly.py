@@ -186,7 +186,8 @@ def session(config: OnTheFlyConfig) -> dict:
             for mode, r in results.items():
                 rows.append({"turn": k + 1, "mode": mode, **{key: round(v, 4) if isinstance(v, float) else v
                                                               for key, v in r.items()},
-                             "agrees": r["answer"] == reference, "f1_vs_full": round(token_f1(r["answer"], reference), 4)})
+                             "agrees": r["answer"] == reference,
+                             "f1_vs_full": round(token_f1(r["answer"], reference), 4)})
             history += [*ask, {"role": "assistant", "content": reference}]
             log(f"turn {k + 1}/{turns}: TTFT " + ", ".join(f"{m} {results[m]['ttft_s']:.3f}s" for m in modes))
         prompt_tokens = len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
