@@ -126,7 +126,7 @@ def _beta_rows(beta_map: dict, attn_metadata, block_size: int) -> list[BetaRow]:
         if ref is None or b <= a:
             continue
         try:
-            ctx = WORKER_CONTEXTS.get(ref.path, ref.key, ref.shift)
+            ctx = WORKER_CONTEXTS.get(ref.path, ref.key, ref.shift, fresh=False)
         except Exception:  # noqa: BLE001  (the connector reported its blocks invalid: the request fails)
             continue
         if ctx.has_bias:

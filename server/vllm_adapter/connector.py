@@ -23,6 +23,7 @@ How a request over a compacted context reaches the engine:
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -97,6 +98,8 @@ class LoadedContext:
         from kvcat.cache import CompactCache
         from kvcat.server.rope import shift_keys
 
+        st = os.stat(path)
+        self.stamp = (st.st_mtime_ns, st.st_size)  # read before the file: a later change is seen as one
         cache = CompactCache.load(path)
         self.keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype).float() for k in cache.keys]
         self.values = [v[heads].to(dtype).float() for v in cache.values]
@@ -120,12 +123,23 @@ class ContextCache:
         self.heads = slice(None)
         self.layout = None  # PagedLayout, set by the worker connector after its self-test
 
-    def get(self, path: str, version: str, shift: int) -> LoadedContext:
+    def get(self, path: str, version: str, shift: int, fresh: bool = True) -> LoadedContext:
+        """The context at `path`, loaded once. With `fresh` (loading slots into blocks), a copy whose file has
+        changed on disk since (size or mtime: replaced or damaged behind the store's back) is loaded again, so
+        a bad file fails its requests instead of being served from memory; a file that is gone leaves the copy
+        in use (the API refuses new requests for it). Without `fresh` (the beta path, every step) any copy
+        serves."""
         key = (path, version, shift)
+        try:
+            st = os.stat(path) if fresh else None
+            stamp = (st.st_mtime_ns, st.st_size) if st else None
+        except OSError:
+            stamp = None
         with self._lock:
-            if key in self._items:
+            hit = self._items.get(key)
+            if hit is not None and (stamp is None or hit.stamp == stamp):
                 self._items.move_to_end(key)
-                return self._items[key]
+                return hit
         ctx = LoadedContext(path, shift, self.dtype, self.freq, self.heads)
         with self._lock:
             self._items[key] = ctx
