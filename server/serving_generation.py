@@ -52,7 +52,6 @@ class Turn:
         return {k: v for k, v in (("kv_context", self.context_id), ("kv_compaction", self.compaction)) if v}
 
 
-
 @dataclass
 class Collected:
     """A finished generation, per completion index: text, finish reason, the chunks (for logprobs)."""
