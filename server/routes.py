@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from kvcat.server import metrics
 from kvcat.server.auth import Auth
@@ -85,6 +86,19 @@ async def watch_disconnect(request: Request):
         task.cancel()
 
 
+STREAMED = {200: {"content": {"text/event-stream": {}},
+                  "description": "the completion, or with \"stream\": true its server-sent events"}}
+
+
+def _answer(result, headers: dict[str, str], response: Response):
+    """A chat or text completion as the route returns it: the response model with kvcat's headers, or its
+    server-sent events."""
+    if isinstance(result, BaseModel):
+        response.headers.update(headers)
+        return result
+    return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+
+
 def router(state: AppState, auth: Auth) -> APIRouter:
     api = APIRouter()
 
@@ -126,15 +140,11 @@ def router(state: AppState, auth: Auth) -> APIRouter:
         return ModelList(data=state.live().model_cards(state.started))
 
     @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_unset=True,
-              responses={200: {"content": {"text/event-stream": {}},
-                               "description": "the completion, or with \"stream\": true its server-sent events"}})
+              responses=STREAMED)
     async def completions(req: CompletionRequest, request: Request, response: Response, who: str = Depends(tenant)):
         async with watch_disconnect(request) as cancel:
             result, headers = await state.live().completion.complete(req, who, cancel)
-        if isinstance(result, CompletionResponse):
-            response.headers.update(headers)
-            return result
-        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+        return _answer(result, headers, response)
 
     @api.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(req: TokenizeRequest, who: str = Depends(tenant)):
@@ -181,14 +191,10 @@ def router(state: AppState, auth: Auth) -> APIRouter:
         return state.live().contexts.delete(context_id, who)
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_unset=True,
-              responses={200: {"content": {"text/event-stream": {}},
-                               "description": "the completion, or with \"stream\": true its server-sent events"}})
+              responses=STREAMED)
     async def chat(req: ChatCompletionRequest, request: Request, response: Response, who: str = Depends(tenant)):
         async with watch_disconnect(request) as cancel:
             result, headers = await state.live().chat.chat(req, who, cancel)
-        if isinstance(result, ChatCompletionResponse):
-            response.headers.update(headers)
-            return result
-        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+        return _answer(result, headers, response)
 
     return api

@@ -3,11 +3,12 @@
 The stock CPU kernel has no per-key additive bias. `KvcatCPUAttentionImpl` runs the stock kernel for the
 whole batch, then, for the rows of requests whose context carries a non-zero beta (looked up in the KV
 connector metadata bound for this step, keyed by the request's first block id), takes the context's t slots
-from the worker's float32 copy and the request's own tokens from its paged blocks, adds beta to the logits
-of the first t key columns (`beta_attention`), and replaces those output rows. Requests without a context
-(or with beta = 0 everywhere) keep the stock kernel's output untouched, so the subclass is a no-op for
-plain chat. This runs on every step of such a request (decode included), so it is a handful of batched
-float32 ops per layer: two matmuls, one softmax, no mask tensor at decode.
+from the worker's float32 copy and the request's own tokens from the previous step's copy plus this step's
+keys and values (`StepState`), adds beta to the logits of the first t key columns (`beta_attention`), and
+replaces those output rows. Requests without a context (or with beta = 0 everywhere) keep the stock kernel's
+output untouched, so the subclass is a no-op for plain chat, and so are layers whose beta is zero. This runs
+on every step of such a request (decode included), so it is a handful of batched float32 ops per layer: two
+matmuls, one softmax, no mask at decode.
 
 `kvcat.server.vllm_adapter.plugin.register` (the `vllm.general_plugins` entry point, called by vLLM in
 every process) routes CPU_ATTN here; `KVCAT_BETA_BACKEND=0` skips it (stock kernels: the beta-free mode).

@@ -89,6 +89,12 @@ class KvcatConnectorMetadata(KVConnectorMetadata):
     beta: dict[int, ContextRef] = field(default_factory=dict)
 
 
+def file_stamp(path: str) -> tuple[int, int]:
+    """(mtime in ns, size) of a context file: what changes when it is rewritten or damaged on disk."""
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
 class LoadedContext:
     """A context as the worker injects it: keys rotated, heads sliced for TP, rounded to the cache dtype (what
     the paged blocks hold) but kept in float32, the dtype the beta attention path computes in every step."""
@@ -98,8 +104,7 @@ class LoadedContext:
         from kvcat.cache import CompactCache
         from kvcat.server.rope import shift_keys
 
-        st = os.stat(path)
-        self.stamp = (st.st_mtime_ns, st.st_size)  # read before the file: a later change is seen as one
+        self.stamp = file_stamp(path)  # read before the file: a later change is seen as one
         cache = CompactCache.load(path)
         self.keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype).float() for k in cache.keys]
         self.values = [v[heads].to(dtype).float() for v in cache.values]
@@ -131,8 +136,7 @@ class ContextCache:
         serves."""
         key = (path, version, shift)
         try:
-            st = os.stat(path) if fresh else None
-            stamp = (st.st_mtime_ns, st.st_size) if st else None
+            stamp = file_stamp(path) if fresh else None
         except OSError:
             stamp = None
         with self._lock:
