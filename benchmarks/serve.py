@@ -77,6 +77,12 @@ def _stream(client, model: str, content: str, context: str | None, tokens: int) 
     return {"ttft_s": first - start, "decode_tok_s": decode}
 
 
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _cache_block_size(srv) -> int | None:
     """vLLM's block size from its `vllm:cache_config_info` metric (plain vLLM does not list it elsewhere)."""
     import re
@@ -102,7 +108,8 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     samples: dict[tuple[str, str, float], list[dict]] = {}
     slots: dict[tuple[str, float], list[int]] = {("full-cold", 1.0): [n for _, n in docs],
                                                   ("full-warm", 1.0): [n for _, n in docs], ("no-context", 1.0): [0]}
-    kv_gib = max(2, math.ceil(budget_gib))  # room for the model's full context
+    # CPU: room for the model's full context; on a GPU vLLM sizes its KV memory from gpu_memory_utilization
+    kv_gib = None if _on_gpu() else max(2, math.ceil(budget_gib))
     info: dict = {}
 
     def full_chat(system: str, client, served: str, text: str) -> None:

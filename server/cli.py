@@ -67,6 +67,9 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="largest request body"),
           max_contexts_per_tenant: int = typer.Option(None, help="quota: stored contexts per tenant"),
           max_bytes_per_tenant: int = typer.Option(None, help="quota: compacted KV bytes per tenant"),
+          engine_arg: list[str] = typer.Option(
+              None, "--engine-arg", help="KEY=VALUE passed to vLLM's AsyncEngineArgs (JSON values; repeatable), "
+                                         "e.g. gpu_memory_utilization=0.5 or attention_backend=TRITON_ATTN"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
     """Serve MODEL: POST /v1/compact, /v1/contexts, OpenAI /v1/chat/completions with kv_context, /metrics."""
     import uvicorn
@@ -88,6 +91,10 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                         ("keep-alive", keep_alive)):
         if value <= 0:
             fail(f"--{name} must be positive, got {value}")
+    try:
+        engine_extra = parse_engine_args(engine_arg or [])
+    except ValueError as exc:
+        fail(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     limits = Limits(max_document_tokens=max_document_tokens, max_completion_tokens=max_completion_tokens,
                     max_queued_compactions=max_queued_compactions, request_timeout_s=request_timeout,
@@ -96,7 +103,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                           tensor_parallel_size=tensor_parallel_size, beta=beta, kv_cache_gib=kv_cache_gib,
                           store=store, self_test=self_test, served_name=served_name, auth=auth, limits=limits,
                           max_body_bytes=max_body_bytes, max_contexts_per_tenant=max_contexts_per_tenant,
-                          max_bytes_per_tenant=max_bytes_per_tenant,
+                          max_bytes_per_tenant=max_bytes_per_tenant, engine_extra=engine_extra,
                           auto=AutoCompaction(threshold_tokens=auto_compact_threshold, ratio=auto_compact_ratio,
                                               method=auto_compact_method, keep_turns=auto_compact_keep_turns,
                                               keep_tokens=auto_compact_keep_tokens,
@@ -108,6 +115,24 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
     server.run()
     if app.state.kvcat.engine_dead:
         fail(f"the vLLM engine died ({app.state.kvcat.error}); exiting so that the server is restarted", code=3)
+
+
+def parse_engine_args(items: list[str]) -> dict:
+    """`KEY=VALUE` strings to AsyncEngineArgs keywords: dashes in KEY become underscores, VALUE is JSON when it
+    parses (numbers, true/false, objects) and a string otherwise."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--engine-arg takes KEY=VALUE (e.g. gpu_memory_utilization=0.5), got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def register(app, bench) -> None:

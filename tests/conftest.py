@@ -71,5 +71,7 @@ def server(tmp_path_factory):
     """One `kvcat serve` for the tests of the served path, with on-the-fly compaction on for long prompts."""
     root = tmp_path_factory.mktemp("server")
     args = ["--auto-compact-threshold", str(AUTO_THRESHOLD), "--auto-compact-ratio", str(AUTO_RATIO)]
+    for item in os.environ.get("KVCAT_TEST_ENGINE_ARGS", "").split():  # e.g. a GPU's backend (gpu_check.sh)
+        args += ["--engine-arg", item]
     with kvcat_server(root, args=args) as srv:
         yield {"base": srv.base, "store": root / "store", "proc": srv.proc, "client": srv.openai(timeout=600)}

@@ -318,7 +318,7 @@ def test_deployment_serves_the_verified_cpu_path_with_probes_and_the_shared_stor
     dep = docs[("Deployment", "kvcat")]
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["image"] == "kvcat:cpu" and "nvidia.com/gpu" not in str(dep)  # CUDA cannot start yet (issue 25)
+    assert c["image"] == "kvcat:cpu" and "nvidia.com/gpu" not in str(dep)  # CUDA is unverified (README: GPU status)
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["args"][0] == "serve"

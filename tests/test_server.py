@@ -368,3 +368,17 @@ def test_beta_attention_is_causal_sdpa_with_an_additive_bias(n):
     plain = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], scale=dim ** -0.5,
                                            attn_mask=mask[None].isfinite(), enable_gqa=True)[0].transpose(0, 1)
     assert torch.allclose(beta_attention(q, k, v, torch.zeros_like(beta), dim ** -0.5), plain, atol=1e-5)
+
+
+def test_engine_args_from_the_command_line_are_checked_before_the_engine_starts():
+    """`kvcat serve --engine-arg KEY=VALUE`: JSON values, dashes allowed; kvcat's own and unknown keys refused."""
+    from kvcat.server.cli import parse_engine_args
+    from kvcat.server.vllm_adapter.engine import Engine, EngineConfig
+
+    assert parse_engine_args(["gpu-memory-utilization=0.5", "attention_backend=TRITON_ATTN", "x={\"a\": 1}"]) == {
+        "gpu_memory_utilization": 0.5, "attention_backend": "TRITON_ATTN", "x": {"a": 1}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_engine_args(["gpu_memory_utilization"])
+    for extra, match in (({"enable_prefix_caching": False}, "kvcat's to set"), ({"no_such_arg": 1}, "no_such_arg")):
+        with pytest.raises(ValueError, match=match):
+            Engine.start(EngineConfig(model="/nonexistent", extra=extra))  # no env side effect

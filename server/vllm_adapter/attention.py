@@ -1,6 +1,6 @@
-"""beta in served attention: a CPU_ATTN subclass registered over the stock one by a vLLM general plugin.
+"""beta in served attention: the stock attention backend's impl, subclassed by a vLLM general plugin.
 
-The stock CPU kernel has no per-key additive bias. `KvcatCPUAttentionImpl` runs the stock kernel for the
+No stock kernel has a per-key additive bias. `BetaAttentionMixin.forward` runs the stock kernel for the
 whole batch, then, for the rows of requests whose context carries a non-zero beta (looked up in the KV
 connector metadata bound for this step, keyed by the request's first block id), takes the context's t slots
 from the worker's float32 copy and the request's own tokens from the previous step's copy plus this step's
@@ -10,8 +10,15 @@ output untouched, so the subclass is a no-op for plain chat, and so are layers w
 on every step of such a request (decode included), so it is a handful of batched float32 ops per layer: two
 matmuls, one softmax, no mask at decode.
 
+Why recompute rows in torch rather than fuse the bias into each kernel: the same code serves every backend
+and device (CPU_ATTN here; FLASH_ATTN and TRITON_ATTN in `attention_cuda.py`), and its math is tested on
+this machine against the transformers reference. The price is a second attention over the rows that have a
+beta; on CUDA it needs attention outside captured graphs, which the connector asks of vLLM
+(`requires_piecewise_for_cudagraph`: the layers between attention calls stay in CUDA graphs).
+
 `kvcat.server.vllm_adapter.plugin.register` (the `vllm.general_plugins` entry point, called by vLLM in
-every process) routes CPU_ATTN here; `KVCAT_BETA_BACKEND=0` skips it (stock kernels: the beta-free mode).
+every process) routes the platform's backends here; `KVCAT_BETA_BACKEND=0` skips it (stock kernels: the
+beta-free mode).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 
-class KvcatCPUAttentionImpl(CPUAttentionBackendImpl):
+class BetaAttentionMixin:
+    """Put before a stock AttentionImpl in the bases: its forward, then beta on the rows that carry one."""
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
@@ -59,6 +68,10 @@ class KvcatCPUAttentionImpl(CPUAttentionBackendImpl):
             out = beta_attention(query[a:b], k, v, ctx.beta[li], self.scale)
             output[a:b].copy_(out.reshape(output[a:b].shape))
         return output
+
+
+class KvcatCPUAttentionImpl(BetaAttentionMixin, CPUAttentionBackendImpl):
+    pass
 
 
 @dataclass
@@ -152,7 +165,8 @@ def beta_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     bias = F.pad(beta, (0, s - t))[:, None, :]  # [H, 1, s]: beta on the context's keys, 0 on the request's own
     logits = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=scale)  # [H, groups * n, s]
     if n > 1:  # query i (position s - n + i) sees keys up to its own
-        logits.view(kv_heads, groups, n, s)[..., s - n:] += torch.full((n, n), float("-inf")).triu_(1)
+        logits.view(kv_heads, groups, n, s)[..., s - n:] += torch.full((n, n), float("-inf"),
+                                                                        device=logits.device).triu_(1)
     out = torch.bmm(torch.softmax(logits, dim=-1), values)
     out = out.view(1, num_heads, dim) if n == 1 else out.view(kv_heads, groups, n, dim).permute(2, 0, 1, 3)
     return out.reshape(n, num_heads, dim).to(query.dtype)

@@ -15,7 +15,10 @@ How a request over a compacted context reaches the engine:
   the contexts of every running kvcat request keyed by the id of its first block (unique to that context
   within a step; requests sharing it share the context).
 - Worker side: `start_load_kv` loads the CompactCache file (kept in a small LRU per worker), rotates the
-  keys by -(N - t), and writes slots through vLLM's own `cpu_attn_reshape_and_cache`. The K/V therefore
+  keys by -(N - t), and writes slots through vLLM's own cache-write op for the engine's layout (`layout.py`:
+  `cpu_attn_reshape_and_cache` on CPU; on CUDA the attention layer's `do_kv_cache_update`, fed layer by
+  layer from pinned host memory on the current stream; it runs before the forward and outside any
+  captured CUDA graph, so graphs only ever read the blocks it wrote). The K/V therefore
   travel between processes as files, written atomically by the API process (`CompactCache.save`): nothing
   large goes through vLLM's IPC, and any number of workers (tensor parallel ranks) can read them.
   With tensor parallelism each rank writes its own slice of KV heads.
@@ -97,21 +100,39 @@ def file_stamp(path: str) -> tuple[int, int]:
 
 class LoadedContext:
     """A context as the worker injects it: keys rotated, heads sliced for TP, rounded to the cache dtype (what
-    the paged blocks hold) but kept in float32, the dtype the beta attention path computes in every step."""
+    the paged blocks hold). `keys`/`values`/`beta` are float32 [H, t, D] on the engine's device, the dtype the
+    beta attention path computes in every step (on CUDA kept only for contexts with a beta). On CUDA the
+    connector writes from `pinned`: per layer [t, H, D] in the cache dtype in page-locked host memory, so
+    each layer's copy to the GPU is asynchronous on the stream that runs the forward."""
 
     def __init__(self, path: str, shift: int, dtype: torch.dtype, freq: torch.Tensor,
-                 heads: slice):
+                 heads: slice, device: str = "cpu"):
         from kvcat.cache import CompactCache
         from kvcat.server.rope import shift_keys
 
         self.stamp = file_stamp(path)  # read before the file: a later change is seen as one
         cache = CompactCache.load(path)
-        self.keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype).float() for k in cache.keys]
-        self.values = [v[heads].to(dtype).float() for v in cache.values]
-        self.beta = [b[heads].float() for b in cache.beta]
+        keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype) for k in cache.keys]
+        values = [v[heads].to(dtype) for v in cache.values]
         self.num_slots = cache.num_slots
-        self.layer_has_bias = [bool((b != 0).any()) for b in self.beta]
+        self.layer_has_bias = [bool((b[heads] != 0).any()) for b in cache.beta]
         self.has_bias = any(self.layer_has_bias)
+        self.pinned = None
+        if torch.device(device).type != "cpu":
+            self.pinned = [(k.transpose(0, 1).contiguous().pin_memory(), v.transpose(0, 1).contiguous().pin_memory())
+                           for k, v in zip(keys, values)]
+            if not self.has_bias:
+                keys, values = [], []
+        self.keys = [k.float().to(device) for k in keys]
+        self.values = [v.float().to(device) for v in values]
+        self.beta = [b[heads].float().to(device) for b in cache.beta]
+
+    def slot_kv(self, layer: int, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [end - start, H, D] of slots start..end-1 of one layer, on `device`, for the cache write."""
+        if self.pinned is None:
+            return self.keys[layer][:, start:end].transpose(0, 1), self.values[layer][:, start:end].transpose(0, 1)
+        k, v = self.pinned[layer]
+        return k[start:end].to(device, non_blocking=True), v[start:end].to(device, non_blocking=True)
 
 
 class ContextCache:
@@ -126,7 +147,8 @@ class ContextCache:
         self.dtype: torch.dtype = torch.float32
         self.freq: torch.Tensor | None = None
         self.heads = slice(None)
-        self.layout = None  # PagedLayout, set by the worker connector after its self-test
+        self.device = "cpu"
+        self.layout = None  # CpuPagedLayout or FlashPagedLayout, set by the worker connector after its self-test
 
     def get(self, path: str, version: str, shift: int, fresh: bool = True) -> LoadedContext:
         """The context at `path`, loaded once. With `fresh` (loading slots into blocks), a copy whose file has
@@ -144,7 +166,7 @@ class ContextCache:
             if hit is not None and (stamp is None or hit.stamp == stamp):
                 self._items.move_to_end(key)
                 return hit
-        ctx = LoadedContext(path, shift, self.dtype, self.freq, self.heads)
+        ctx = LoadedContext(path, shift, self.dtype, self.freq, self.heads, self.device)
         with self._lock:
             self._items[key] = ctx
             while len(self._items) > self.capacity:
@@ -172,14 +194,22 @@ class KvcatConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()  # blocks of this step whose context could not be loaded
         self.layout = None
         self.isa = None
+        self.layers: dict = {}  # CUDA: layer name -> vLLM attention layer (whose backend writes its cache)
         if role == KVConnectorRole.WORKER:
             self._init_worker(vllm_config)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """With beta, attention must run eagerly (the beta path is Python over per-step rows): vLLM then keeps
+        CUDA graphs for everything between attention layers (PIECEWISE) instead of capturing whole steps."""
+        return bool((extra_config or {}).get("beta", True))
 
     # ---- worker side --------------------------------------------------------------------------------
     def _init_worker(self, vllm_config) -> None:
         from kvcat.server.rope import inv_freq
 
         model_config = vllm_config.model_config
+        self.vllm_config = vllm_config
         WORKER_CONTEXTS.dtype = model_config.dtype
         WORKER_CONTEXTS.freq, _ = inv_freq(model_config.hf_config)
         tp = vllm_config.parallel_config.tensor_parallel_size
@@ -194,29 +224,57 @@ class KvcatConnector(KVConnectorBase_V1):
         self.cache_dtype = vllm_config.cache_config.cache_dtype
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-        from kvcat.server.vllm_adapter.layout import LayoutError, PagedLayout
+        from kvcat.server.vllm_adapter.layout import CpuPagedLayout, FlashPagedLayout, LayoutError
 
         self.kv_caches = kv_caches
         sample = next(iter(kv_caches.values()))
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.device.type != "cpu":
-            raise LayoutError(f"kvcat expects CPU paged KV tensors [blocks, heads, block, 2*dim]; got "
-                              f"{type(sample).__name__} {getattr(sample, 'shape', '')}")
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.device.type not in ("cpu", "cuda"):
+            raise LayoutError(f"kvcat expects paged KV tensors [blocks, heads, block, 2*dim] on CPU or CUDA; got "
+                              f"{type(sample).__name__} {getattr(sample, 'shape', '')} {getattr(sample, 'device', '')}")
         if sample.dtype == torch.uint8:
             raise LayoutError("kvcat does not inject into fp8 KV caches; use --kv-cache-dtype auto")
         _, heads, block_size, two_d = sample.shape
-        self.isa = _get_attn_isa(sample.dtype, block_size, two_d // 2, self.cache_dtype)
-        self.layout = PagedLayout.calibrate(heads, block_size, two_d // 2, sample.dtype, self.isa)
-        WORKER_CONTEXTS.layout = self.layout
-        self.layout.self_test(heads, sample.dtype, self.isa)
+        if block_size != self.block_size:
+            raise LayoutError(f"the attention kernel's block size {block_size} differs from the scheduler's "
+                              f"{self.block_size}; kvcat's slot arithmetic needs them equal (set --block-size)")
         self.layer_ids = {name: layer_index(name) for name in kv_caches}
-        logger.info("kvcat connector: %d layers, block %d, isa %s, layout self-test passed",
-                    len(kv_caches), block_size, self.isa)
+        if sample.device.type == "cpu":
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            self.isa = _get_attn_isa(sample.dtype, block_size, two_d // 2, self.cache_dtype)
+            self.layout = CpuPagedLayout.calibrate(heads, block_size, two_d // 2, sample.dtype, self.isa)
+            self.layout.self_test(heads, sample.dtype)
+        else:
+            self.layers = self._attention_layers(kv_caches)
+            self.layout = FlashPagedLayout(block_size, two_d // 2)
+            name = next(iter(kv_caches))
+            self.layout.self_test(heads, sample.dtype, self.layers[name], like=sample)
+            WORKER_CONTEXTS.device = str(sample.device)
+        WORKER_CONTEXTS.layout = self.layout
+        logger.info("kvcat connector: %d layers, block %d, %s, layout self-test passed", len(kv_caches),
+                    block_size, f"isa {self.isa}" if self.isa else f"{type(self.layout).__name__} on {sample.device}")
+
+    def _attention_layers(self, kv_caches: dict[str, torch.Tensor]) -> dict:
+        """The attention layer of each KV tensor: its backend's `do_kv_cache_update` writes the slots, and with
+        beta its impl must be kvcat's beta-aware subclass (registered for FLASH_ATTN and TRITON_ATTN)."""
+        from kvcat.server.vllm_adapter.attention import BetaAttentionMixin
+        from kvcat.server.vllm_adapter.layout import LayoutError
+
+        context = self.vllm_config.compilation_config.static_forward_context
+        layers = {}
+        for name in kv_caches:
+            layer = context.get(name)
+            if layer is None or not hasattr(getattr(layer, "impl", None), "do_kv_cache_update"):
+                raise LayoutError(f"no attention layer named {name!r} with a do_kv_cache_update in vLLM's forward "
+                                  "context; the pinned vLLM's internals changed")
+            if self.beta_enabled and not isinstance(layer.impl, BetaAttentionMixin):
+                raise LayoutError(f"beta needs kvcat's attention backend, but layer {name} runs "
+                                  f"{type(layer.impl).__name__}: serve with FLASH_ATTN or TRITON_ATTN "
+                                  "(--engine-arg attention_backend=FLASH_ATTN), or with --no-beta")
+            layers[name] = layer
+        return layers
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        from kvcat.server.vllm_adapter.layout import write_slots
-
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvcatConnectorMetadata) or not meta.loads:
             return
@@ -235,11 +293,10 @@ class KvcatConnector(KVConnectorBase_V1):
             pos = torch.arange(load.start, load.end)
             table = torch.tensor(load.block_ids, dtype=torch.long)
             slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+            slots = slots.to(next(iter(self.kv_caches.values())).device)
             for name, kv in self.kv_caches.items():
-                i = self.layer_ids[name]
-                k = ctx.keys[i][:, load.start:load.end].transpose(0, 1)
-                v = ctx.values[i][:, load.start:load.end].transpose(0, 1)
-                write_slots(kv, k, v, slots, self.isa)
+                k, v = ctx.slot_kv(self.layer_ids[name], load.start, load.end, kv.device)
+                self.layout.write(kv, k, v, slots, self.layers.get(name))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._load_errors = self._load_errors, set()

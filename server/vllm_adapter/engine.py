@@ -11,7 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kvcat.server.engine_api import Chunk, ContextHandle, GenParams
 from kvcat.server.vllm_adapter import check_version
@@ -19,6 +19,8 @@ from kvcat.server.vllm_adapter import check_version
 PLACEHOLDER_TOKEN = 0  # any id: the connector overwrites its K/V; it is never embedded for real
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "kvcat_beta_attention"
+UNVERIFIED_GPU_ENV = "KVCAT_UNVERIFIED_GPU"
+OWNED_ENGINE_ARGS = {"model", "kv_transfer_config", "enable_prefix_caching", "disable_log_stats", "served_model_name"}
 
 
 @dataclass
@@ -29,10 +31,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     beta: bool = True
     kv_cache_gib: int | None = None  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # None: eager on CPU; CUDA graphs on GPU (attention eager with beta)
     seed: int = 0
     served_name: str | None = None
-    extra: dict = field(default_factory=dict)  # passed to AsyncEngineArgs as is
+    extra: dict = field(default_factory=dict)  # more AsyncEngineArgs (`kvcat serve --engine-arg`)
 
 
 def stock_serve_command(config: EngineConfig, host: str, port: int) -> tuple[list[str], dict[str, str]]:
@@ -44,7 +46,7 @@ def stock_serve_command(config: EngineConfig, host: str, port: int) -> tuple[lis
            "--seed", str(config.seed)]
     if config.max_model_len is not None:
         cmd += ["--max-model-len", str(config.max_model_len)]
-    if config.enforce_eager:
+    if config.enforce_eager is not False:
         cmd.append("--enforce-eager")
     if config.served_name:
         cmd += ["--served-model-name", config.served_name]
@@ -74,12 +76,23 @@ class Engine:
     def start(cls, config: EngineConfig) -> "Engine":
         """Build the engine (blocks for the engine start-up; call from a worker thread in async code)."""
         check_version()
-        from vllm.platforms import current_platform
+        from kvcat.server.vllm_adapter.plugin import platform_key
 
-        if not current_platform.is_cpu():
-            raise RuntimeError("kvcat's KV connector and beta attention backend support vLLM's CPU paged layout "
-                               f"only so far; this platform is {current_platform.device_name!r}. Serve on a CPU "
-                               "machine (the GPU layout and kernels are not written yet)")
+        platform = platform_key()
+        if platform is None:
+            from vllm.platforms import current_platform
+
+            raise RuntimeError(f"kvcat serves on vLLM's CPU and CUDA platforms; this one is "
+                               f"{current_platform.device_name!r}")
+        if platform == "cuda":
+            if os.environ.get(UNVERIFIED_GPU_ENV) != "1":
+                raise RuntimeError(
+                    "kvcat's CUDA path (the compacted-cache write for vLLM's CUDA layouts and beta on FLASH_ATTN / "
+                    "TRITON_ATTN) is written and tested on CPU tensors only; it has never run on a GPU. Set "
+                    f"{UNVERIFIED_GPU_ENV}=1 to try it, and run scripts/gpu_check.sh to verify it; or serve on CPU")
+            if config.kv_cache_gib is not None:
+                raise ValueError("--kv-cache-gib sizes the CPU backend's KV memory; on a GPU pass "
+                                 "--engine-arg gpu_memory_utilization=0.5 (or kv_cache_memory_bytes=...)")
         if config.beta:
             if os.environ.get("KVCAT_BETA_BACKEND") == "0":
                 raise RuntimeError("beta requested but KVCAT_BETA_BACKEND=0 disables the beta backend")
@@ -100,11 +113,19 @@ class Engine:
         kv_transfer = {"kv_connector": "KvcatConnector",
                        "kv_connector_module_path": "kvcat.server.vllm_adapter.connector",
                        "kv_role": "kv_both", "kv_connector_extra_config": {"beta": config.beta}}
-        args = AsyncEngineArgs(model=str(config.model), dtype=config.dtype, max_model_len=config.max_model_len,
-                               tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=True,
-                               kv_transfer_config=kv_transfer, enforce_eager=config.enforce_eager,
-                               seed=config.seed, served_model_name=config.served_name,
-                               disable_log_stats=False, **config.extra)
+        eager = platform == "cpu" if config.enforce_eager is None else config.enforce_eager
+        kwargs = dict(model=str(config.model), dtype=config.dtype, max_model_len=config.max_model_len,
+                      tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=True,
+                      kv_transfer_config=kv_transfer, enforce_eager=eager, seed=config.seed,
+                      served_model_name=config.served_name, disable_log_stats=False)
+        owned = set(config.extra) & OWNED_ENGINE_ARGS
+        if owned:
+            raise ValueError(f"engine argument(s) {sorted(owned)} are kvcat's to set (the KV connector, prefix "
+                             "caching and metrics depend on them)")
+        unknown = set(config.extra) - {f.name for f in fields(AsyncEngineArgs)}
+        if unknown:
+            raise ValueError(f"vLLM's AsyncEngineArgs has no engine argument(s) {sorted(unknown)}")
+        args = AsyncEngineArgs(**(kwargs | config.extra))
         vllm_config = args.create_engine_config()
         llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=False)
         return cls(config, llm, vllm_config)

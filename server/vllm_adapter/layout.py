@@ -1,12 +1,19 @@
-"""The CPU paged KV layout of the pinned vLLM: writing slots with the engine's own op, reading them back.
+"""The paged KV layouts of the pinned vLLM: writing slots with the engine's own op, reading them back.
 
-Each layer's KV tensor is `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`, but the CPU backend
-reinterprets each (block, head) region: keys are stored transposed ([head_dim, block_size]) for the `vec`
-ISA, and the AMX ISA packs bf16 pairs differently. Rather than hard-coding either, `PagedLayout.calibrate`
-writes known values through `cpu_attn_reshape_and_cache` into a scratch block and learns where every
-(slot, dim) element lands: reading is then one gather, for any ISA whose layout is a permutation inside a
-(block, head) region. `self_test` writes random K/V and checks the gather returns them bit for bit; it is
-run when the worker registers its KV caches and raises if the pinned vLLM's internals changed.
+In vLLM 0.32 every attention backend hands the KV connector one tensor per layer whose logical shape is
+`[num_blocks, num_kv_heads, block_size, 2 * head_dim]`; what differs is what lives inside it:
+
+- `CpuPagedLayout` (CPU_ATTN): each (block, head) region is reinterpreted as a K half-page and a V half-page,
+  and `cpu_attn_reshape_and_cache` stores them in an ISA-dependent order (keys transposed for `vec`, bf16
+  pairs interleaved for AMX). Rather than hard-coding either, `calibrate` writes known values through the op
+  into a scratch block and learns where every (slot, dim) element lands: reading is then one gather.
+- `FlashPagedLayout` (FLASH_ATTN, FLASHINFER, TRITON_ATTN on CUDA): each token's row holds `[K | V]`, and the
+  physical strides follow whichever `KVCacheLayout` vLLM resolved (NHD, HND, block-outermost...). Indexing
+  the logical views is right for all of them, so nothing about strides is hard-coded; writes go through the
+  attention layer's own `do_kv_cache_update` (`reshape_and_cache_flash` or its Triton twin).
+
+Both have `write`, `gather` and `self_test`: the worker runs the self-test when it registers its KV caches
+(random K/V written with the engine's op must read back bit for bit) and refuses to start if it fails.
 """
 
 from __future__ import annotations
@@ -18,32 +25,51 @@ class LayoutError(RuntimeError):
     """vLLM's paged KV layout is not what kvcat expects (a vLLM upgrade changed its internals)."""
 
 
-def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (key_cache, value_cache) views the CPU backend passes to its ops."""
-    num_blocks, heads, block_size, _ = kv_cache.shape
-    return kv_cache.view(num_blocks, heads, block_size * 2, -1).chunk(2, dim=2)
+def _self_test_kv(layout, num_kv_heads: int, dtype: torch.dtype, device) -> tuple:
+    """Random K/V written at a non-zero start across two blocks of a 3-block scratch cache shaped like the
+    engine's; returns what a correct gather must give back."""
+    gen = torch.Generator().manual_seed(0)
+    bs, d = layout.block_size, layout.head_dim
+    n, start = bs + bs // 2, bs // 4
+    k = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype).to(device)
+    v = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype).to(device)
+    table = torch.tensor([2, 0, 1], device=device)
+    pos = torch.arange(start, start + n, device=device)
+    return k, v, table, start, table[pos // bs] * bs + pos % bs
 
 
-def write_slots(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-                isa: str) -> None:
-    """Write key/value [n, num_kv_heads, head_dim] into slot indices [n] (block_id * block_size + offset)."""
-    from vllm._custom_ops import cpu_attn_reshape_and_cache
-
-    key_cache, value_cache = split_cache(kv_cache)
-    cpu_attn_reshape_and_cache(key.to(kv_cache.dtype).contiguous(), value.to(kv_cache.dtype).contiguous(),
-                               key_cache, value_cache, slots.to(torch.long), isa)
+def _check_self_test(gk, gv, k, v, start: int, op: str) -> None:
+    if not (torch.equal(gk[:, start:], k.transpose(0, 1)) and torch.equal(gv[:, start:], v.transpose(0, 1))
+            and not gk[:, :start].any()):
+        raise LayoutError(f"kvcat self-test failed: K/V written through {op} did not read back; the pinned "
+                          "vLLM's paged layout changed")
 
 
-class PagedLayout:
-    """Where each (slot, dim) of a block's K and V lives in the raw (block, head) region."""
+class CpuPagedLayout:
+    """CPU_ATTN: where each (slot, dim) of a block's K and V lives in the raw (block, head) region."""
 
-    def __init__(self, block_size: int, head_dim: int, k_index: torch.Tensor, v_index: torch.Tensor):
-        self.block_size, self.head_dim = block_size, head_dim
+    def __init__(self, block_size: int, head_dim: int, k_index: torch.Tensor, v_index: torch.Tensor, isa: str):
+        self.block_size, self.head_dim, self.isa = block_size, head_dim, isa
         self.k_index, self.v_index = k_index, v_index  # [block_size * head_dim] raw offsets
+
+    @staticmethod
+    def _write(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+               isa: str) -> None:
+        from vllm._custom_ops import cpu_attn_reshape_and_cache
+
+        num_blocks, heads, block_size, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, heads, block_size * 2, -1).chunk(2, dim=2)
+        cpu_attn_reshape_and_cache(key.to(kv_cache.dtype).contiguous(), value.to(kv_cache.dtype).contiguous(),
+                                   key_cache, value_cache, slots.to(torch.long), isa)
+
+    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+              layer=None) -> None:
+        """Write key/value [n, num_kv_heads, head_dim] into slot indices [n] (block_id * block_size + offset)."""
+        self._write(kv_cache, key, value, slots, self.isa)
 
     @classmethod
     def calibrate(cls, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype,
-                  isa: str) -> "PagedLayout":
+                  isa: str) -> "CpuPagedLayout":
         if block_size > 256 or head_dim > 256:
             raise LayoutError(f"block size {block_size} / head dim {head_dim} too large to calibrate")
         scratch = torch.zeros(1, num_kv_heads, block_size, 2 * head_dim, dtype=dtype)
@@ -54,7 +80,7 @@ class PagedLayout:
         raw = []
         for pattern in (tok, dim):
             scratch.zero_()
-            write_slots(scratch, pattern + 1, pattern + 1, slots, isa)  # +1: tell written from untouched
+            cls._write(scratch, pattern + 1, pattern + 1, slots, isa)  # +1: tell written from untouched
             raw.append(scratch[0, 0].reshape(-1).float() - 1)
         region = block_size * head_dim
         indices = []
@@ -68,7 +94,7 @@ class PagedLayout:
             index = torch.empty(region, dtype=torch.long)
             index[flat] = torch.arange(region) + half.start
             indices.append(index)
-        return cls(block_size, head_dim, indices[0], indices[1])
+        return cls(block_size, head_dim, indices[0], indices[1], isa)
 
     def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, start: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,19 +115,60 @@ class PagedLayout:
 
         return pick(self.k_index), pick(self.v_index)
 
-    def self_test(self, num_kv_heads: int, dtype: torch.dtype, isa: str) -> None:
-        """Write random K/V at a non-zero start across two blocks and read it back exactly."""
-        gen = torch.Generator().manual_seed(0)
-        bs, d = self.block_size, self.head_dim
-        cache = torch.zeros(3, num_kv_heads, bs, 2 * d, dtype=dtype)
-        n, start = bs + bs // 2, bs // 4
-        k = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype)
-        v = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype)
-        table = torch.tensor([2, 0, 1])
-        pos = torch.arange(start, start + n)
-        write_slots(cache, k, v, table[pos // bs] * bs + pos % bs, isa)
-        gk, gv = self.gather(cache, table, start + n)
-        if not (torch.equal(gk[:, start:], k.transpose(0, 1)) and torch.equal(gv[:, start:], v.transpose(0, 1))
-                and not gk[:, :start].any()):
-            raise LayoutError("kvcat self-test failed: K/V written through cpu_attn_reshape_and_cache did not "
-                              "read back; the pinned vLLM's paged layout changed")
+    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None) -> None:
+        cache = torch.zeros(3, num_kv_heads, self.block_size, 2 * self.head_dim, dtype=dtype)
+        k, v, table, start, slots = _self_test_kv(self, num_kv_heads, dtype, "cpu")
+        self.write(cache, k, v, slots)
+        _check_self_test(*self.gather(cache, table, start + len(k)), k, v, start, "cpu_attn_reshape_and_cache")
+
+
+class FlashPagedLayout:
+    """FLASH_ATTN / FLASHINFER / TRITON_ATTN: slot s of a layer is row s % block_size of block s // block_size,
+    holding `[K | V]` for every head, under whatever physical strides vLLM chose for the tensor."""
+
+    def __init__(self, block_size: int, head_dim: int):
+        self.block_size, self.head_dim = block_size, head_dim
+
+    def views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key_cache, value_cache) [num_blocks, block_size, num_kv_heads, head_dim]: the backends' own split."""
+        return kv_cache.transpose(1, 2).split(self.head_dim, dim=-1)
+
+    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+              layer=None) -> None:
+        """Write key/value [n, num_kv_heads, head_dim] into slots [n] with the attention layer's own cache-write
+        op (`layer.impl.do_kv_cache_update`: the op and the views its backend uses, on the current stream)."""
+        if layer is None:
+            raise LayoutError("writing to a CUDA paged cache needs its attention layer (whose backend owns the op)")
+        layer.impl.do_kv_cache_update(layer, key.to(kv_cache.dtype), value.to(kv_cache.dtype), kv_cache,
+                                      slots.to(device=kv_cache.device, dtype=torch.long))
+
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, start: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_kv_heads, num_tokens - start, head_dim] of slots start..num_tokens-1 of a block table."""
+        first, nb = start // self.block_size, -(-num_tokens // self.block_size)
+        if nb <= first:
+            empty = kv_cache.new_empty(kv_cache.shape[1], 0, self.head_dim)
+            return empty, empty
+        lo, hi = start - first * self.block_size, num_tokens - first * self.block_size
+        ids = block_ids[first:nb].to(device=kv_cache.device, dtype=torch.long)
+
+        def pick(cache):  # [nb', bs, H, D] -> [H, nb' * bs, D]
+            blocks = cache[ids]
+            return blocks.permute(2, 0, 1, 3).reshape(blocks.shape[2], -1, self.head_dim)[:, lo:hi]
+
+        return tuple(pick(c) for c in self.views(kv_cache))
+
+    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None, like: torch.Tensor | None = None
+                  ) -> None:
+        """Round trip through the backend's op on a 3-block scratch cache with the real cache's strides."""
+        device = like.device if like is not None else "cpu"
+        shape = (3, num_kv_heads, self.block_size, 2 * self.head_dim)
+        if like is not None:  # the same axis order in memory as the engine's tensor (NHD, HND, ...)
+            order = sorted(range(4), key=lambda i: -like.stride(i))
+            cache = torch.zeros([shape[i] for i in order], dtype=dtype, device=device).permute(
+                *[order.index(i) for i in range(4)])
+        else:
+            cache = torch.zeros(shape, dtype=dtype, device=device)
+        k, v, table, start, slots = _self_test_kv(self, num_kv_heads, dtype, device)
+        self.write(cache, k, v, slots, layer)
+        _check_self_test(*self.gather(cache, table, start + len(k)), k, v, start, "the backend's do_kv_cache_update")
