@@ -56,4 +56,18 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   fi
 fi
 
+# Jane Austen's novels (Debian's r-cran-janeaustenr, unpacked without R or root): the corpus no training reads,
+# on which `kvcat bench kvcat` measures perplexity. Never fatal: only that benchmark needs it.
+JA_DIR="${KVCAT_HOME:-$HOME/.cache/kvcat}/janeaustenr"
+if [ ! -f "$JA_DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" ] && command -v apt-get >/dev/null \
+   && command -v dpkg >/dev/null; then
+  JA_TMP=$(mktemp -d)
+  if (cd "$JA_TMP" && apt-get download -qq r-cran-janeaustenr) >"$VENV/apt-janeaustenr.log" 2>&1; then
+    mkdir -p "$JA_DIR" && dpkg -x "$JA_TMP"/r-cran-janeaustenr_*.deb "$JA_DIR"
+  else
+    echo "setup: could not fetch r-cran-janeaustenr (see $VENV/apt-janeaustenr.log); kvcat bench kvcat needs it" >&2
+  fi
+  rm -rf "$JA_TMP"
+fi
+
 "$VENV/bin/kvcat" models prepare smollm2-135m smollm2-135m-6l tiny-random

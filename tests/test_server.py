@@ -379,6 +379,7 @@ def test_engine_args_from_the_command_line_are_checked_before_the_engine_starts(
         "gpu_memory_utilization": 0.5, "attention_backend": "TRITON_ATTN", "x": {"a": 1}}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_engine_args(["gpu_memory_utilization"])
-    for extra, match in (({"enable_prefix_caching": False}, "kvcat's to set"), ({"no_such_arg": 1}, "no_such_arg")):
+    for extra, match in (({"enable_prefix_caching": False}, "kvcat's to set"), ({"no_such_arg": 1}, "no_such_arg"),
+                         ({"attention_backend": "NO_SUCH"}, "(?i)unknown attention backend: 'NO_SUCH'")):
         with pytest.raises(ValueError, match=match):
             Engine.start(EngineConfig(model="/nonexistent", extra=extra))  # no env side effect

@@ -27,12 +27,15 @@ def tiny_trainer(out=None, **overrides) -> Trainer:
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_each_policy_trains_with_finite_loss(policy):
-    trainer = tiny_trainer(policy=policy, retention=0.5)
+    trainer = tiny_trainer(policy=policy, retention=0.5, **({"w_kl": 0.0} if policy == "ntp" else {}))
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     summary = trainer.run()
     rows = trainer.history
     assert [r["step"] for r in rows] == [1, 2] and summary["steps"] == 2
     for row in rows:
+        if policy == "ntp":  # the control: NTP only, no masked pass
+            assert "kl" not in row and row["loss"] == pytest.approx(row["ntp"])
+            continue
         assert all(math.isfinite(row[k]) for k in ("loss", "ntp", "kl"))
         assert row["kl"] > 0  # half the prefix is hidden from the continuation
         if policy == "router":
@@ -43,7 +46,7 @@ def test_each_policy_trains_with_finite_loss(policy):
         assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"ntp"}))
 def test_masked_pass_with_full_retention_equals_full_pass(policy):
     trainer = tiny_trainer(policy=policy, retention=1.0)
     ids = trainer.data.batch([0, 1])
@@ -179,9 +182,12 @@ BASE_ARGS = ["--model", "tiny-random", "--seq-len", "48", "--corpora", "paul_gra
     (["--policy", "h2o"], "unknown policy 'h2o'"),
     (["--seq-len", "9000"], "exceeds the model's 8192 positions"),
     (["--model", "no-such-model"], "unknown model"),
-    (["--docs", "1", "--seq-len", "4096", "--batch-size", "8"], "fewer than one global batch"),
+    (["--docs", "1", "--seq-len", "1024", "--batch-size", "64"], "fewer than one global batch"),
+    (["--docs", "1", "--seq-len", "8192"], "no training document of paul_graham is 8192 tokens long"),
     (["--steps", "100000"], "would cycle"),
     (["--corpora", "no_such_corpus"], "unknown corpus"),
+    (["--policy", "ntp"], "set w-kl 0"),
+    (["--planted-frac", "1"], "planted-frac must be in [0, 1)"),
 ])
 def test_bad_input_fails_before_compute(cli, tmp_path, args, message):
     res = cli(*BASE_ARGS, "--out", str(tmp_path / "o"), *args)
@@ -206,3 +212,26 @@ def test_output_folder_of_another_run_is_refused(cli, tmp_path):
 def test_config_rejects_empty_prefix_or_continuation():
     with pytest.raises(TrainConfigError, match="prefix-frac"):
         TrainConfig(**{**TINY, "prefix_frac": 0.999}).validate()
+
+
+def test_sequences_stay_inside_one_document_and_planted_facts_sit_in_the_prefix():
+    """Prefix and continuation come from the same document; a planted sequence states its fact in the prefix and
+    asks about it (with the answer) at the start of the continuation; the generated facts are TRAIN-split ones."""
+    from transformers import AutoTokenizer
+
+    from kvcat.models import resolve
+    from kvcat.training.data import PLANTED_KINDS, build_sequences, document_blocks, planted_sequence
+
+    assert document_blocks([[1] * 10, [2] * 7, [3] * 3], 4) == [[1] * 4, [1] * 4, [2] * 4]
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m")[1])
+    for i, kind in enumerate(PLANTED_KINDS):
+        ids = planted_sequence(tok, kind, 256, 192, seed=0, index=i)
+        assert len(ids) == 256
+        prefix, rest = tok.decode(ids[:192]), tok.decode(ids[192:])
+        question, answer = rest.split("Question: ", 1)[1].split("\nAnswer: ", 1)
+        answer = answer.split("\n")[0].strip().rstrip(".")
+        assert answer and answer in prefix, (kind, answer)
+    seqs, info = build_sequences(tok, ("paul_graham",), 256, 0, max_docs=3, planted_frac=0.25, prefix_len=192,
+                                 log=lambda m: None)
+    assert info["packing"] == "within documents" and info["planted_sequences"] == round(
+        info["document_sequences"] / 3) and len(seqs) == info["sequences"]

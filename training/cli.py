@@ -21,12 +21,16 @@ def register(app, bench) -> None:
     smoke = inspect.Parameter("smoke", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="a tiny configuration that checks the pipeline in minutes (it sets only the options left at "
                     "their default)"))
-    bench.command("kvcat")(bench_command("kvcat_training", "KVCatTrainingConfig", smoke=smoke))
+    resume = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, help="continue the evaluation of an interrupted run (finished training is always reused)"))
+    bench.command("kvcat")(bench_command("kvcat_training", "KVCatTrainingConfig", errors=(ValueError,),
+                                         smoke=smoke, resume=resume))
 
 
 def train_command(
     model: str = typer.Option(_DEFAULTS.model, help="zoo name or local HF folder"),
-    policy: str = typer.Option(_DEFAULTS.policy, help="train-time KV sparsification: rand, attn, am, router"),
+    policy: str = typer.Option(_DEFAULTS.policy, help="train-time KV sparsification: ntp (the control, with "
+                                                             "--w-kl 0), rand, attn, am, router"),
     retention: float = typer.Option(_DEFAULTS.retention, help="fraction of prefix KV slots kept, in (0, 1]"),
     steps: int = typer.Option(_DEFAULTS.steps, help="optimisation steps (a larger value extends a finished run)"),
     seq_len: int = typer.Option(_DEFAULTS.seq_len, help="tokens per training sequence (prefix + continuation)"),
@@ -43,6 +47,8 @@ def train_command(
     corpora: str = typer.Option(",".join(_DEFAULTS.corpora), help="comma-separated corpora (TRAIN split)"),
     docs: Optional[int] = typer.Option(_DEFAULTS.max_docs, help="use only this many training documents (seeded "
                                                                 "sample)"),
+    planted_frac: float = typer.Option(_DEFAULTS.planted_frac, help="fraction of sequences with a planted fact "
+                                                                     "asked about in the continuation"),
     save_every: int = typer.Option(_DEFAULTS.save_every, help="checkpoint every N steps (and at the end)"),
     seed: int = typer.Option(_DEFAULTS.seed),
     precision: str = typer.Option(_DEFAULTS.precision, help="auto (bf16 autocast on CUDA), fp32, bf16"),
@@ -64,6 +70,7 @@ def train_command(
                       prefix_frac=prefix_frac, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       router_lr=router_lr, warmup_steps=warmup_steps, w_kl=w_kl, w_ntp=w_ntp, w_budget=w_budget,
                       corpora=tuple(c.strip() for c in corpora.split(",") if c.strip()), max_docs=docs,
+                      planted_frac=planted_frac,
                       save_every=save_every, seed=seed, precision=precision)
     try:
         trainer = Trainer(cfg, out, device=device, log=typer.echo, progress=progress)

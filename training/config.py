@@ -22,15 +22,17 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     # ---- what to train
     model: str = DEFAULT_MODEL  # zoo name or a local HF folder
-    policy: str = "router"  # train-time KV sparsification policy: rand, attn, am, router
+    policy: str = "router"  # train-time KV sparsification policy: ntp (the control: no KL), rand, attn, am, router
     retention: float = 0.5  # fraction of prefix KV slots a continuation query may see, per layer and KV head
     corpora: tuple[str, ...] = ("paul_graham", "sotu", "moby_dick", "kjv")  # TRAIN split only
     max_docs: int | None = None  # use only the first N training documents (after a seeded shuffle)
+    planted_frac: float = 0.0  # fraction of sequences that are generated planted-fact sequences (training/data.py)
 
     # ---- sequences: each is a prefix (to be compressed) followed by a continuation
     seq_len: int = 1024
     prefix_frac: float = 0.75  # prefix length = round(prefix_frac * seq_len)
     observation_window: int = 32  # ATTN: the last prefix queries that score the prefix (SnapKV-style)
+    am_queries: int = 64  # AM: prefix query rows (evenly spread) that score the prefix keys
 
     # ---- optimisation
     steps: int = 1000
@@ -96,6 +98,11 @@ class TrainConfig:
 
         if self.policy not in POLICIES:
             raise TrainConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.policy == "ntp" and self.w_kl != 0:
+            raise TrainConfigError(f"the ntp control trains without the compaction objective: set w-kl 0 (got "
+                                   f"{self.w_kl})")
+        if not 0.0 <= self.planted_frac < 1.0:
+            raise TrainConfigError(f"planted-frac must be in [0, 1), got {self.planted_frac}")
         if not 0.0 < self.retention <= 1.0:
             raise TrainConfigError(f"retention must be in (0, 1], got {self.retention}")
         if self.seq_len < 8:
@@ -106,7 +113,7 @@ class TrainConfig:
             raise TrainConfigError(f"prefix-frac must leave a non-empty prefix and continuation, got "
                                    f"{self.prefix_frac} of {self.seq_len} tokens")
         for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "observation_window",
-                     "router_hidden"):
+                     "am_queries", "router_hidden"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_docs is not None and self.max_docs < 1:

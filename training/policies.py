@@ -11,12 +11,19 @@ sequence gets the same mask whichever process or micro-batch it lands in, and af
 
 | policy | keeps the prefix slots ...                                                                     |
 |--------|------------------------------------------------------------------------------------------------|
+| ntp    | all: the control (trained with w_kl = 0, so no masked pass runs; same data, steps, optimizer)   |
 | rand   | chosen uniformly at random                                                                      |
 | attn   | with the highest mean attention from the last `observation_window` prefix queries (SnapKV-like) |
-| am     | with the highest RMS attention from the continuation's own queries (Attention Matching's HAK    |
-|        | key selection, with the continuation as reference queries)                                      |
+| am     | with the highest RMS attention from `am_queries` of the prefix's own queries, each scored       |
+|        | against every prefix key: Attention Matching's HAK key selection from reference queries the     |
+|        | served method could have (never the continuation's)                                             |
 | router | a small learned per-layer, per-KV-head scorer on (key, value) says keep: Gumbel-sigmoid keep     |
 |        | decisions with a straight-through gradient, target retention r                                  |
+
+AM at serving time (`am-hak`) takes its reference queries from a second pass that re-reads the document, and
+fits beta and C_v; a training step cannot afford that second pass, so `am` reads the first pass's prefix queries
+without the causal mask (each sees the whole prefix, as a re-reading query does) and keeps the selected slots'
+keys and values as they are (no beta / C_v in the masked pass).
 """
 
 from __future__ import annotations
@@ -145,12 +152,29 @@ class AttnPolicy(TopKPolicy):
         return _prefix_attention(query, key, slice(p - window, p), p).mean(dim=2)
 
 
+class NtpPolicy(TopKPolicy):
+    """The control: nothing is hidden (`TrainConfig` requires w_kl = 0, so the masked pass never runs)."""
+
+    name = "ntp"
+
+    def score(self, layer, query, key, value):
+        return torch.zeros(key.shape[0], key.shape[1], self.batch.prefix_len, device=key.device)
+
+    def num_keep(self, prefix_len: int) -> int:
+        return prefix_len
+
+
 class AMPolicy(TopKPolicy):
     name = "am"
 
     def score(self, layer, query, key, value):
         p = self.batch.prefix_len
-        probs = _prefix_attention(query, key, slice(p, query.shape[2]), p)
+        n = min(getattr(self.config, "am_queries", 64), p)
+        rows = torch.linspace(0, p - 1, n, device=query.device).round().long()  # evenly spread, the last included
+        b, h, _, d = query.shape
+        kvh = key.shape[1]
+        q = query[:, :, rows].float().reshape(b, kvh, (h // kvh) * n, d)  # grouped: [B, KVH, groups * n, d]
+        probs = (q @ key[:, :, :p].float().transpose(-1, -2) / math.sqrt(d)).softmax(-1)  # no causal mask
         return probs.square().mean(dim=2).sqrt()
 
 
@@ -220,7 +244,8 @@ class RouterPolicy(Policy):
         return torch.stack([(torch.sigmoid(logit).mean() - self.retention) ** 2 for logit in self.logits]).mean()
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (RandPolicy, AttnPolicy, AMPolicy, RouterPolicy)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (NtpPolicy, RandPolicy, AttnPolicy, AMPolicy,
+                                                                  RouterPolicy)}
 
 
 def make_policy(name: str, retention: float, num_layers: int, num_kv_heads: int, head_dim: int,

@@ -133,7 +133,7 @@ class Trainer:
         cfg, d = self.cfg, self.d
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         self.data, self.data_info = build_sequences(self.tokenizer, cfg.corpora, cfg.seq_len, cfg.seed,
-                                                    cfg.max_docs)
+                                                    cfg.max_docs, cfg.planted_frac, cfg.prefix_len, log=self.log)
         need = cfg.steps * self.global_batch()
         if len(self.data) < self.global_batch():
             raise DataTooSmallError(

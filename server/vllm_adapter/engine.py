@@ -125,7 +125,12 @@ class Engine:
         unknown = set(config.extra) - {f.name for f in fields(AsyncEngineArgs)}
         if unknown:
             raise ValueError(f"vLLM's AsyncEngineArgs has no engine argument(s) {sorted(unknown)}")
-        args = AsyncEngineArgs(**(kwargs | config.extra))
+        extra = dict(config.extra)
+        if isinstance(extra.get("attention_backend"), str):  # the enum AsyncEngineArgs takes, by its name
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+            extra["attention_backend"] = AttentionBackendEnum[extra["attention_backend"].upper()]  # ValueError
+        args = AsyncEngineArgs(**(kwargs | extra))
         vllm_config = args.create_engine_config()
         llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=False)
         return cls(config, llm, vllm_config)
