@@ -45,7 +45,29 @@ def _check_self_test(gk, gv, k, v, start: int, op: str) -> None:
                           "vLLM's paged layout changed")
 
 
-class CpuPagedLayout:
+class _PagedLayout:
+    """What both layouts share: the gather of a request's slots through its block table."""
+
+    block_size: int
+    head_dim: int
+
+    def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_kv_heads, len(ids), block_size, head_dim] of blocks `ids`."""
+        raise NotImplementedError
+
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, start: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_kv_heads, num_tokens - start, head_dim] of slots start..num_tokens-1 of a block table."""
+        first, nb = start // self.block_size, -(-num_tokens // self.block_size)
+        if nb <= first:
+            empty = kv_cache.new_empty(kv_cache.shape[1], 0, self.head_dim)
+            return empty, empty
+        lo, hi = start - first * self.block_size, num_tokens - first * self.block_size
+        ids = block_ids[first:nb].to(device=kv_cache.device, dtype=torch.long)
+        return tuple(x.reshape(x.shape[0], -1, self.head_dim)[:, lo:hi] for x in self.blocks(kv_cache, ids))
+
+
+class CpuPagedLayout(_PagedLayout):
     """CPU_ATTN: where each (slot, dim) of a block's K and V lives in the raw (block, head) region."""
 
     def __init__(self, block_size: int, head_dim: int, k_index: torch.Tensor, v_index: torch.Tensor, isa: str):
@@ -96,24 +118,10 @@ class CpuPagedLayout:
             indices.append(index)
         return cls(block_size, head_dim, indices[0], indices[1], isa)
 
-    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, start: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [num_kv_heads, num_tokens - start, head_dim] of slots start..num_tokens-1 of a block table."""
-        first, nb = start // self.block_size, -(-num_tokens // self.block_size)
-        if nb <= first:
-            empty = kv_cache.new_empty(kv_cache.shape[1], 0, self.head_dim)
-            return empty, empty
-        blocks = kv_cache[block_ids[first:nb].to(torch.long)]  # [nb', H, bs, 2D]
-        count = nb - first
-        flat = blocks.reshape(count, blocks.shape[1], -1)
-        heads = flat.shape[1]
-        lo, hi = start - first * self.block_size, num_tokens - first * self.block_size
-
-        def pick(index):
-            x = flat[..., index].view(count, heads, self.block_size, self.head_dim)
-            return x.permute(1, 0, 2, 3).reshape(heads, count * self.block_size, self.head_dim)[:, lo:hi]
-
-        return pick(self.k_index), pick(self.v_index)
+    def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = kv_cache[ids].reshape(len(ids), kv_cache.shape[1], -1)  # [count, H, bs * 2D]
+        return tuple(flat[..., index].view(len(ids), -1, self.block_size, self.head_dim).transpose(0, 1)
+                     for index in (self.k_index, self.v_index))
 
     def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None) -> None:
         cache = torch.zeros(3, num_kv_heads, self.block_size, 2 * self.head_dim, dtype=dtype)
@@ -122,7 +130,7 @@ class CpuPagedLayout:
         _check_self_test(*self.gather(cache, table, start + len(k)), k, v, start, "cpu_attn_reshape_and_cache")
 
 
-class FlashPagedLayout:
+class FlashPagedLayout(_PagedLayout):
     """FLASH_ATTN / FLASHINFER / TRITON_ATTN: slot s of a layer is row s % block_size of block s // block_size,
     holding `[K | V]` for every head, under whatever physical strides vLLM chose for the tensor."""
 
@@ -142,21 +150,8 @@ class FlashPagedLayout:
         layer.impl.do_kv_cache_update(layer, key.to(kv_cache.dtype), value.to(kv_cache.dtype), kv_cache,
                                       slots.to(device=kv_cache.device, dtype=torch.long))
 
-    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, start: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [num_kv_heads, num_tokens - start, head_dim] of slots start..num_tokens-1 of a block table."""
-        first, nb = start // self.block_size, -(-num_tokens // self.block_size)
-        if nb <= first:
-            empty = kv_cache.new_empty(kv_cache.shape[1], 0, self.head_dim)
-            return empty, empty
-        lo, hi = start - first * self.block_size, num_tokens - first * self.block_size
-        ids = block_ids[first:nb].to(device=kv_cache.device, dtype=torch.long)
-
-        def pick(cache):  # [nb', bs, H, D] -> [H, nb' * bs, D]
-            blocks = cache[ids]
-            return blocks.permute(2, 0, 1, 3).reshape(blocks.shape[2], -1, self.head_dim)[:, lo:hi]
-
-        return tuple(pick(c) for c in self.views(kv_cache))
+    def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(cache[ids].permute(2, 0, 1, 3) for cache in self.views(kv_cache))  # [n, bs, H, D] -> [H, n, bs, D]
 
     def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None, like: torch.Tensor | None = None
                   ) -> None:
