@@ -104,18 +104,18 @@ def planted_sequence(tokenizer, kind: str, seq_len: int, prefix_len: int, seed: 
         if kind == "kv":
             ex = kv_example(num_pairs=max(2, prefix_len // 8), depth=rng.uniform(0.0, 0.6), split="train",
                             seed=seed, index=sub, short=True)
-            doc = ids(ex.document)
         else:
             depth = rng.uniform(0.05, 0.9) * prefix_len / seq_len  # the fact lies inside the prefix
             ex = RETRIEVAL_KINDS[kind](tokenizer, seq_len + 16, depth, split="train", seed=seed, index=sub)
-            doc = ids(ex.document)
+        doc = ids(ex.document)
         prefix = doc[:prefix_len]
-        if len(prefix) < prefix_len or ex.answers[0] not in tokenizer.decode(prefix):
+        prefix_text = tokenizer.decode(prefix)
+        if len(prefix) < prefix_len or ex.answers[0] not in prefix_text:
             continue
         out = prefix + qa(ex.question, ex.answers[0])
         if kind == "kv":  # more questions about keys the prefix holds
             pairs = [(k, v) for k, v in json.loads(ex.document.split("\n", 1)[1]).items()
-                     if f'"{k}": "{v}"' in tokenizer.decode(prefix)]
+                     if f'"{k}": "{v}"' in prefix_text]
             while len(out) < seq_len and pairs:
                 k, v = pairs.pop(rng.randrange(len(pairs)))
                 out += qa(f'What is the value associated with the key "{k}" in the JSON data?', v)

@@ -121,9 +121,10 @@ class TopKPolicy(Policy):
         return out
 
 
-def _prefix_attention(query: torch.Tensor, key: torch.Tensor, rows: slice, prefix_len: int) -> torch.Tensor:
+def _prefix_attention(query: torch.Tensor, key: torch.Tensor, rows: slice | torch.Tensor, prefix_len: int,
+                      causal: bool = True) -> torch.Tensor:
     """Full-pass attention probabilities of query rows `rows` over the prefix columns, grouped per KV head:
-    [B, KVH, groups * len(rows), P] (float32; softmax over every causally visible key)."""
+    [B, KVH, groups * len(rows), P] (float32; softmax over every causally visible key, or over every key)."""
     b, h, n, d = query.shape
     kvh = key.shape[1]
     q = query[:, :, rows].float()
@@ -131,7 +132,8 @@ def _prefix_attention(query: torch.Tensor, key: torch.Tensor, rows: slice, prefi
     logits = q @ k.transpose(-1, -2) / math.sqrt(d)
     row_pos = torch.arange(n, device=q.device)[rows][:, None]
     col_pos = torch.arange(key.shape[2], device=q.device)[None, :]
-    logits = logits.masked_fill(col_pos > row_pos, float("-inf"))
+    if causal:
+        logits = logits.masked_fill(col_pos > row_pos, float("-inf"))
     probs = logits.softmax(-1)[..., :prefix_len]
     return probs.reshape(b, kvh, -1, prefix_len)
 
@@ -171,11 +173,7 @@ class AMPolicy(TopKPolicy):
         p = self.batch.prefix_len
         n = min(getattr(self.config, "am_queries", 64), p)
         rows = torch.linspace(0, p - 1, n, device=query.device).round().long()  # evenly spread, the last included
-        b, h, _, d = query.shape
-        kvh = key.shape[1]
-        q = query[:, :, rows].float().reshape(b, kvh, (h // kvh) * n, d)  # grouped: [B, KVH, groups * n, d]
-        probs = (q @ key[:, :, :p].float().transpose(-1, -2) / math.sqrt(d)).softmax(-1)  # no causal mask
-        return probs.square().mean(dim=2).sqrt()
+        return _prefix_attention(query, key[:, :, :p], rows, p, causal=False).square().mean(dim=2).sqrt()
 
 
 class RouterPolicy(Policy):

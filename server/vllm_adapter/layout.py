@@ -25,31 +25,16 @@ class LayoutError(RuntimeError):
     """vLLM's paged KV layout is not what kvcat expects (a vLLM upgrade changed its internals)."""
 
 
-def _self_test_kv(layout, num_kv_heads: int, dtype: torch.dtype, device) -> tuple:
-    """Random K/V written at a non-zero start across two blocks of a 3-block scratch cache shaped like the
-    engine's; returns what a correct gather must give back."""
-    gen = torch.Generator().manual_seed(0)
-    bs, d = layout.block_size, layout.head_dim
-    n, start = bs + bs // 2, bs // 4
-    k = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype).to(device)
-    v = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype).to(device)
-    table = torch.tensor([2, 0, 1], device=device)
-    pos = torch.arange(start, start + n, device=device)
-    return k, v, table, start, table[pos // bs] * bs + pos % bs
-
-
-def _check_self_test(gk, gv, k, v, start: int, op: str) -> None:
-    if not (torch.equal(gk[:, start:], k.transpose(0, 1)) and torch.equal(gv[:, start:], v.transpose(0, 1))
-            and not gk[:, :start].any()):
-        raise LayoutError(f"kvcat self-test failed: K/V written through {op} did not read back; the pinned "
-                          "vLLM's paged layout changed")
-
-
 class _PagedLayout:
     """What both layouts share: the gather of a request's slots through its block table."""
 
     block_size: int
     head_dim: int
+    op: str  # the cache-write op, named in the self-test's error
+
+    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+              layer=None) -> None:
+        raise NotImplementedError
 
     def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_kv_heads, len(ids), block_size, head_dim] of blocks `ids`."""
@@ -66,9 +51,34 @@ class _PagedLayout:
         ids = block_ids[first:nb].to(device=kv_cache.device, dtype=torch.long)
         return tuple(x.reshape(x.shape[0], -1, self.head_dim)[:, lo:hi] for x in self.blocks(kv_cache, ids))
 
+    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None, like: torch.Tensor | None = None
+                  ) -> None:
+        """Random K/V written with the engine's op at a non-zero start across two blocks of a 3-block scratch
+        cache (with `like`'s device and axis order in memory: NHD, HND, ...) must read back bit for bit."""
+        device = like.device if like is not None else "cpu"
+        bs, d = self.block_size, self.head_dim
+        shape = (3, num_kv_heads, bs, 2 * d)
+        order = sorted(range(4), key=lambda i: -like.stride(i)) if like is not None else list(range(4))
+        cache = torch.zeros([shape[i] for i in order], dtype=dtype, device=device).permute(
+            *[order.index(i) for i in range(4)])
+        gen = torch.Generator().manual_seed(0)
+        n, start = bs + bs // 2, bs // 4
+        k = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype).to(device)
+        v = torch.randn(n, num_kv_heads, d, generator=gen).to(dtype).to(device)
+        table = torch.tensor([2, 0, 1], device=device)
+        pos = torch.arange(start, start + n, device=device)
+        self.write(cache, k, v, table[pos // bs] * bs + pos % bs, layer)
+        gk, gv = self.gather(cache, table, start + n)
+        if not (torch.equal(gk[:, start:], k.transpose(0, 1)) and torch.equal(gv[:, start:], v.transpose(0, 1))
+                and not gk[:, :start].any()):
+            raise LayoutError(f"kvcat self-test failed: K/V written through {self.op} did not read back; the "
+                              "pinned vLLM's paged layout changed")
+
 
 class CpuPagedLayout(_PagedLayout):
     """CPU_ATTN: where each (slot, dim) of a block's K and V lives in the raw (block, head) region."""
+
+    op = "cpu_attn_reshape_and_cache"
 
     def __init__(self, block_size: int, head_dim: int, k_index: torch.Tensor, v_index: torch.Tensor, isa: str):
         self.block_size, self.head_dim, self.isa = block_size, head_dim, isa
@@ -123,16 +133,12 @@ class CpuPagedLayout(_PagedLayout):
         return tuple(flat[..., index].view(len(ids), -1, self.block_size, self.head_dim).transpose(0, 1)
                      for index in (self.k_index, self.v_index))
 
-    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None) -> None:
-        cache = torch.zeros(3, num_kv_heads, self.block_size, 2 * self.head_dim, dtype=dtype)
-        k, v, table, start, slots = _self_test_kv(self, num_kv_heads, dtype, "cpu")
-        self.write(cache, k, v, slots)
-        _check_self_test(*self.gather(cache, table, start + len(k)), k, v, start, "cpu_attn_reshape_and_cache")
-
 
 class FlashPagedLayout(_PagedLayout):
     """FLASH_ATTN / FLASHINFER / TRITON_ATTN: slot s of a layer is row s % block_size of block s // block_size,
     holding `[K | V]` for every head, under whatever physical strides vLLM chose for the tensor."""
+
+    op = "the backend's do_kv_cache_update"
 
     def __init__(self, block_size: int, head_dim: int):
         self.block_size, self.head_dim = block_size, head_dim
@@ -152,18 +158,3 @@ class FlashPagedLayout(_PagedLayout):
 
     def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(cache[ids].permute(2, 0, 1, 3) for cache in self.views(kv_cache))  # [n, bs, H, D] -> [H, n, bs, D]
-
-    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None, like: torch.Tensor | None = None
-                  ) -> None:
-        """Round trip through the backend's op on a 3-block scratch cache with the real cache's strides."""
-        device = like.device if like is not None else "cpu"
-        shape = (3, num_kv_heads, self.block_size, 2 * self.head_dim)
-        if like is not None:  # the same axis order in memory as the engine's tensor (NHD, HND, ...)
-            order = sorted(range(4), key=lambda i: -like.stride(i))
-            cache = torch.zeros([shape[i] for i in order], dtype=dtype, device=device).permute(
-                *[order.index(i) for i in range(4)])
-        else:
-            cache = torch.zeros(shape, dtype=dtype, device=device)
-        k, v, table, start, slots = _self_test_kv(self, num_kv_heads, dtype, device)
-        self.write(cache, k, v, slots, layer)
-        _check_self_test(*self.gather(cache, table, start + len(k)), k, v, start, "the backend's do_kv_cache_update")
