@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kvcat.bench import mean_or_none
 from kvcat.console import option
 from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
 from kvcat.eval.metrics import mean_ppl, ppl_gap, window_nll
@@ -188,19 +189,15 @@ def evaluate(label: str, path, policy: str, split: str, windows, cases, cells: l
     base = {"checkpoint": label, "policy": policy, "split": split, "base_ppl": round(mean_ppl(full), 4),
             "base_ppls": [round(mean_ppl([f]), 4) for f in full]}
     rows = [{**base, "method": "full", "ratio": 1, "ppl_gap": 0.0, "ppl_gaps": [0.0] * len(full),
-             "retrieval_acc": _mean(full_hits), "hits": full_hits}]
+             "retrieval_acc": mean_or_none(full_hits), "hits": full_hits}]
     for m, r in cells:
         gaps = [round(ppl_gap([c], [f]), 4) for c, f in zip(nll[(m, r)], full)]
         rows.append({**base, "method": m, "ratio": r, "ppl_gap": round(ppl_gap(nll[(m, r)], full), 4),
-                     "ppl_gaps": gaps, "retrieval_acc": _mean(hits[(m, r)]), "hits": hits[(m, r)]})
+                     "ppl_gaps": gaps, "retrieval_acc": mean_or_none(hits[(m, r)]), "hits": hits[(m, r)]})
     log(f"{label} ({split}): {len(cells)} method x ratio over {len(windows)} windows and {len(cases)} cases "
         f"({time.perf_counter() - t0:.0f} s); " + ", ".join(
             f"{r['method']} {r['ratio']}x gap {r['ppl_gap']:.3f} acc {r['retrieval_acc']}" for r in rows[1:]))
     return rows
-
-
-def _mean(values) -> float | None:
-    return round(statistics.mean(values), 4) if values else None
 
 
 def _std(values) -> float | None:

@@ -1,6 +1,6 @@
 """The kvpress side of `kvcat bench peers`: run NVIDIA kvpress presses on token ids that kvcat prepared.
 
-    .peers-venv/bin/python benchmarks/kvpress_runner.py JOB.json RESULT.json
+    .peers-venv/bin/python benchmarks/kvpress_runner.py JOB.json STORE.json
 
 Runs in the peers venv (scripts/peers_venv.sh: kvpress needs transformers < 5.3), so it must not import
 kvcat: kvcat tokenizes, prepares the held-out data and scores every output with its own metrics; this
@@ -13,10 +13,14 @@ standard-library-only file, by path). The job (JSON):
      "runs": [["none", 1], ["snapkv", 8], ...],   # (press, kvcat ratio); "none" = no press; ratio 1 = cr 0
      "max_new_tokens": 24, "stop_ids": [2]}
 
-The result (JSON, rewritten after every run): {"versions": {...}, "job_sha", "runs": [{"press", "ratio",
-"compression_ratio", "windows": [{"nll_sum", "count"}], "prompts": [{"ids", "text"}], "compress_s": [...],
-"kept_per_head": [slots per KV head kept, per item], "peak_rss_mb", "seconds", "error"}]}. When RESULT.json
-already holds runs of the same job (same JSON, same versions), those are kept and only the others run.
+The store (STORE.json, rewritten after every run) keeps the runs' raw records: {"versions": {...},
+"model": folder name, "data_sha", "record_format", "runs": [{"press", "ratio", "compression_ratio", "windows":
+[{"nll_sum", "count"}], "prompts": [{"ids", "text"}], "compress_s": [...], "kept_per_head": [slots per KV head
+kept, per item], "peak_rss_mb", "seconds", "error"}]}. A stored run is reused, not run again, while its data
+(`data_sha`: the job without its list of runs, the model's folder name and config), the versions of kvpress,
+transformers and torch, and RECORD_FORMAT are the same: a change to kvcat's own methods never costs kvpress's
+hours again. Stores of another job are replaced. (A store of the older format, keyed by the sha of the whole
+job's JSON, is taken over when that sha matches.)
 
 kvpress facts this relies on (kvpress 0.5.x):
 - a press compresses during prefill only: `with press(model): model.model(input_ids=ctx, past_key_values=
@@ -43,6 +47,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+
+# Bump when what a run records or how it measures changes: stored runs of another format are run again.
+RECORD_FORMAT = 1
 
 
 def log(msg: str) -> None:
@@ -231,39 +239,69 @@ def versions() -> dict:
     return {p: version(p) for p in ("kvpress", "transformers", "torch")}
 
 
+def data_sha(job: dict) -> str:
+    """What a run's records depend on besides the press and ratio: the job without its runs (token ids,
+    generation settings) and the model, by folder name and config (its absolute path is this machine's)."""
+    model = Path(job["model"])
+    config = (model / "config.json").read_text() if (model / "config.json").is_file() else ""
+    data = {k: v for k, v in job.items() if k not in ("runs", "model")}
+    text = json.dumps({"data": data, "model": model.name, "config": config}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stored_runs(out: Path, store: dict, job_sha: str) -> list[dict]:
+    """The runs of `out` this job may reuse (same data, versions and record format; a failed run is run
+    again, a press that cannot run here is not), or none."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    same_data = old.get("data_sha") == store["data_sha"] or (
+        "data_sha" not in old and old.get("job_sha") == job_sha)  # the older format: the whole job's sha
+    if same_data and old.get("versions") == store["versions"] and \
+            old.get("record_format", RECORD_FORMAT) == RECORD_FORMAT:
+        kept = [r for r in old["runs"] if not r.get("error") or r["error"].startswith("not run")]
+        log(f"reusing the {len(kept)} runs stored in {out}" + (f" ({len(old['runs']) - len(kept)} failed runs "
+            "are run again)" if len(kept) < len(old["runs"]) else ""))
+        return kept
+    log(f"the runs stored in {out} are of other data, versions or record format: they are replaced")
+    return []
+
+
+def _save(store: dict, out: Path) -> None:
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(store, indent=1))
+    tmp.replace(out)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        sys.exit("usage: kvpress_runner.py JOB.json RESULT.json")
+        sys.exit("usage: kvpress_runner.py JOB.json STORE.json")
     text = Path(argv[0]).read_text()
     job, out = json.loads(text), Path(argv[1])
-    job_sha = hashlib.sha256(text.encode()).hexdigest()
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
-    runner = Runner(job)
-    result = {"versions": versions(), "model": job["model"], "job_sha": job_sha, "runs": []}
-    if out.is_file():  # the runs a previous call of this very job saved (an interrupted benchmark, resumed)
-        old = json.loads(out.read_text())
-        if old.get("job_sha") == job_sha and old.get("versions") == result["versions"]:
-            result["runs"] = old["runs"]
-            log(f"resuming: {len(old['runs'])} runs already in {out}")
-    finished = {(rec["press"], float(rec["ratio"])) for rec in result["runs"]}
+    store = {"versions": versions(), "model": Path(job["model"]).name, "data_sha": data_sha(job),
+             "record_format": RECORD_FORMAT, "runs": []}
+    store["runs"] = stored_runs(out, store, hashlib.sha256(text.encode()).hexdigest())
+    finished = {(rec["press"], float(rec["ratio"])) for rec in store["runs"]}
     runs = [(str(p), float(r)) for p, r in job["runs"] if (str(p), float(r)) not in finished]
-    log(f"kvpress {result['versions']['kvpress']}, transformers {result['versions']['transformers']}; "
-        f"{len(job.get('windows', []))} windows, {len(job.get('prompts', []))} prompts, {len(runs)} runs")
+    log(f"kvpress {store['versions']['kvpress']}, transformers {store['versions']['transformers']}; "
+        f"{len(job.get('windows', []))} windows, {len(job.get('prompts', []))} prompts, {len(runs)} runs to do")
+    runner = Runner(job) if runs else None
     for i, (name, ratio) in enumerate(runs):
         rec = runner.run(job, name, ratio, tokenizer)
-        result["runs"].append(rec)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)
+        store["runs"].append(rec)
+        _save(store, out)
         kept = rec["kept_per_head"]
         status = (f"FAILED ({rec['error']})" if rec["error"] else
                   f"kept {sum(kept) / max(len(kept), 1):.1f} slots/head on average")
         log(f"run {i + 1}/{len(runs)}: {name} at {ratio:g}x in {rec['seconds']} s: {status}")
+    if not runs:  # nothing ran: the store is still written in this format (a taken-over older one converted)
+        _save(store, out)
 
 
 if __name__ == "__main__":

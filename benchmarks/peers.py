@@ -25,8 +25,10 @@ kvcat.eval.metrics functions:
 Ratio r means round(N / r) KV slots per head kept on average, in both systems (kvpress: compression_ratio
 1 - 1/r). Ratio 1 is the full cache in both: the fairness check wants their full-cache PPLs on the same
 windows within 1% (both values and the relative difference are in the JSON).
-Every window, case and kvpress run is saved as it ends (peers.partial.json, peers.kvpress.partial.json):
-`--resume` continues an interrupted run from there, with the same settings and code.
+Every window and case is saved as it ends (peers.partial.json): `--resume` continues an interrupted run from
+there, with the same settings and code. kvpress's runs are stored in peers.kvpress.json as they end and reused
+by every later run on the same data and package versions (kvpress_runner.py), resumed or not: a change to
+kvcat's methods reruns kvcat's side only.
 Writes benchmarks/results/peers.json, .md (table) and .png (PPL gap and retrieval accuracy vs ratio).
 """
 
@@ -36,10 +38,12 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcat.bench import mean_or_none
 from kvcat.console import option
 from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
 from kvcat.eval.metrics import mean_ppl, ppl, ppl_gap, retrieved
@@ -49,8 +53,9 @@ PEERS_PYTHON = REPO / ".peers-venv" / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "kvpress_runner.py"
 FAIRNESS_TOLERANCE = 0.01
 MAX_NEW_TOKENS = 48  # as `kvcat bench retrieval`
-CODE = ("kvcat", "compaction", "benchmarks/peers.py", "benchmarks/kvpress_runner.py", "benchmarks/compaction.py",
-        "benchmarks/retrieval.py", "scripts/peers_venv.sh", "pyproject.toml")
+# the code kvcat's records come from (kvpress's runs are keyed by their data and versions instead)
+CODE = ("kvcat", "compaction", "benchmarks/peers.py", "benchmarks/compaction.py", "benchmarks/retrieval.py",
+        "pyproject.toml")
 
 
 @dataclass
@@ -81,26 +86,21 @@ def log(msg: str) -> None:
     print(f"[bench peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return round(statistics.mean(xs), 4) if xs else None
-
-
-def run_kvpress(job: dict, result_file: Path) -> dict:
-    """The kvpress runner in the peers venv on `job`; returns its result (raises when it cannot run). The
-    runner saves every run in `result_file` as it ends and skips the runs a previous call of the same job
-    saved there."""
+def run_kvpress(job: dict, store: Path) -> dict:
+    """The kvpress runner in the peers venv on `job`; returns its result, the job's runs only (raises when it
+    cannot run). The runner keeps every run in `store` as it ends and reuses the runs stored there on the
+    same data and versions."""
     if not PEERS_PYTHON.is_file():
         raise RuntimeError(f"{PEERS_PYTHON} is missing: make the peers venv first (bash scripts/peers_venv.sh)")
-    job_file = result_file.with_name(result_file.stem + ".job.json")
-    job_file.write_text(json.dumps(job))
-    try:
-        proc = subprocess.run([str(PEERS_PYTHON), str(RUNNER), str(job_file), str(result_file)], cwd=REPO)
-    finally:
-        job_file.unlink(missing_ok=True)
-    if proc.returncode != 0 or not result_file.is_file():
+    with tempfile.TemporaryDirectory() as tmp:
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        proc = subprocess.run([str(PEERS_PYTHON), str(RUNNER), str(job_file), str(store)], cwd=REPO)
+    if proc.returncode != 0 or not store.is_file():
         raise RuntimeError(f"the kvpress runner failed (exit {proc.returncode}); see its output above")
-    return json.loads(result_file.read_text())
+    result = json.loads(store.read_text())
+    wanted = {(str(p), float(r)) for p, r in job["runs"]}
+    return {**result, "runs": [rec for rec in result["runs"] if (rec["press"], float(rec["ratio"])) in wanted]}
 
 
 def run(config: PeersConfig, resume: bool = False) -> dict:
@@ -126,9 +126,7 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
     # the records come from kvcat's model and methods, this script and the kvpress runner (the server and
     # training code may change between the sessions of a long resumed run)
     done = Checkpoint(c.out, record, resume, log, code=CODE)
-    kvpress_partial = done.path.with_name(Path(c.out).stem + ".kvpress.partial.json")
-    if not resume:
-        kvpress_partial.unlink(missing_ok=True)
+    kvpress_store = Path(c.out).with_name(Path(c.out).stem + ".kvpress.json")
     lm = load_model(c.model, dtype="float32")
     tok = lm.tokenizer
     windows = data.token_windows(tok, c.doc_tokens, c.continuation, c.docs, split="heldout", seed=c.seed)
@@ -194,7 +192,7 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
            "runs": [["none", 1.0]] + [[p, r] for r in ratios for p in press_names],
            "max_new_tokens": MAX_NEW_TOKENS, "stop_ids": [tok.eos_token_id]}
     start = time.perf_counter()
-    peer = run_kvpress(job, kvpress_partial)
+    peer = run_kvpress(job, kvpress_store)
     log(f"kvpress done in {time.perf_counter() - start:.0f} s")
 
     result = {"model": c.model, **provenance(), **done.provenance(),
@@ -215,7 +213,6 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
             f"{fair['kvpress_full_ppl']} ({fair['relative_difference']:.2%})")
     publish(result, c.out, table, plot, log)
     done.finish()
-    kvpress_partial.unlink(missing_ok=True)
     return result
 
 
@@ -233,15 +230,15 @@ def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], nam
     def accuracy(correct: list[bool]) -> dict:
         if not correct:
             return {"retrieval_acc": None}
-        return {"retrieval_acc": _mean(correct),
-                **{f"acc_{k}": _mean([x for x, ex in zip(correct, suite) if ex.task == k]) for k in kinds}}
+        return {"retrieval_acc": mean_or_none(correct),
+                **{f"acc_{k}": mean_or_none([x for x, ex in zip(correct, suite) if ex.task == k]) for k in kinds}}
 
     per_case = {("kvcat", "full", 1.0): [cs["full_correct"] for cs in cases]}
     rows = [{"system": "kvcat", "method": "full", "ratio": 1.0,
              "ppl": round(mean_ppl([tuple(w["full"]) for w in windows]), 4) if windows else None,
              "ppl_gap": round(ppl_gap([tuple(w["full"]) for w in windows], reference), 4) if windows else None,
              **accuracy(per_case[("kvcat", "full", 1.0)]),
-             "compress_s": _mean([w["prefill_s"] for w in windows]),
+             "compress_s": mean_or_none([w["prefill_s"] for w in windows]),
              "peak_rss_mb": round(max(w["prefill_rss"] for w in windows), 1) if windows else None}]
     for m in names:
         for r in ratios:
@@ -258,9 +255,9 @@ def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], nam
                          "ppl": round(mean_ppl([a for a, _ in nll]), 4) if nll else None,
                          "ppl_gap": round(ppl_gap([a for a, _ in nll], [b for _, b in nll]), 4) if nll else None,
                          **accuracy(correct),
-                         "compress_s": _mean([g.get("compact_s") for g in got]),
+                         "compress_s": mean_or_none([g.get("compact_s") for g in got]),
                          "peak_rss_mb": round(max(g["rss"] for g in got if "rss" in g), 1),
-                         "achieved_ratio": _mean([g.get("ratio") for g in got])})
+                         "achieved_ratio": mean_or_none([g.get("ratio") for g in got])})
     n_win = len(windows)
     peer_full = None
     answers = {}
@@ -280,9 +277,9 @@ def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], nam
         kept = rec["kept_per_head"]
         rows.append({**row, "ppl": round(mean_ppl(nlls), 4) if nlls else None,
                      "ppl_gap": round(ppl_gap(nlls, reference), 4) if nlls else None, **accuracy(correct),
-                     "compress_s": _mean(rec["compress_s"]), "compress_s_windows": _mean(rec["compress_s"][:n_win]),
-                     "peak_rss_mb": rec["peak_rss_mb"],
-                     "achieved_ratio": _mean([n / k for n, k in zip(contexts, kept) if k])})
+                     "compress_s": mean_or_none(rec["compress_s"]),
+                     "compress_s_windows": mean_or_none(rec["compress_s"][:n_win]), "peak_rss_mb": rec["peak_rss_mb"],
+                     "achieved_ratio": mean_or_none([n / k for n, k in zip(contexts, kept) if k])})
     if peer_full is None:
         raise RuntimeError("kvpress's full-cache run failed: no fairness check possible")
     paired = []

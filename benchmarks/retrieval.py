@@ -21,12 +21,12 @@ Writes benchmarks/results/retrieval.json, .md and .png; `--resume` continues an 
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcat.bench import mean_or_none
 from kvcat.console import option
 from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
 
@@ -125,31 +125,27 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
     return result
 
 
-def _mean(xs) -> float | None:
-    return round(statistics.mean(xs), 4) if xs else None
-
-
 def aggregate(cases: list[dict], names: list[str], ratios: list[float]) -> list[dict]:
     """Accuracy overall and per kind, the share of the full context's accuracy kept, and compaction time."""
     kinds = sorted({c["kind"] for c in cases})
-    full = _mean([c["full"] for c in cases])
+    full = mean_or_none([c["full"] for c in cases])
     rows = [{"method": "full", "ratio": 1.0, "accuracy": full,
-             **{f"acc_{k}": _mean([c["full"] for c in cases if c["kind"] == k]) for k in kinds},
-             "prefill_s": _mean([c["prefill_s"] for c in cases])},
-            {"method": "none", "ratio": None, "accuracy": _mean([c["none"] for c in cases]),
-             **{f"acc_{k}": _mean([c["none"] for c in cases if c["kind"] == k]) for k in kinds}}]
+             **{f"acc_{k}": mean_or_none([c["full"] for c in cases if c["kind"] == k]) for k in kinds},
+             "prefill_s": mean_or_none([c["prefill_s"] for c in cases])},
+            {"method": "none", "ratio": None, "accuracy": mean_or_none([c["none"] for c in cases]),
+             **{f"acc_{k}": mean_or_none([c["none"] for c in cases if c["kind"] == k]) for k in kinds}}]
     for m in names:
         for r in ratios:
             key = f"{m}|{r:g}"
             got = [c["rows"][key] for c in cases]
-            acc = _mean([g["correct"] for g in got])
+            acc = mean_or_none([g["correct"] for g in got])
             rows.append({"method": m, "ratio": r, "accuracy": acc,
-                         **{f"acc_{k}": _mean([c["rows"][key]["correct"] for c in cases if c["kind"] == k])
+                         **{f"acc_{k}": mean_or_none([c["rows"][key]["correct"] for c in cases if c["kind"] == k])
                             for k in kinds},
                          "of_full": round(acc / full, 4) if full else None,
-                         "served_ratio": _mean([g["served_ratio"] for g in got if "served_ratio" in g]),
-                         "compact_s": _mean([g["compact_s"] for g in got]),
-                         "compact_over_prefill": _mean([g["vs_prefill"] for g in got])})
+                         "served_ratio": mean_or_none([g["served_ratio"] for g in got if "served_ratio" in g]),
+                         "compact_s": mean_or_none([g["compact_s"] for g in got]),
+                         "compact_over_prefill": mean_or_none([g["vs_prefill"] for g in got])})
     return rows
 
 

@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -363,6 +364,12 @@ class PeakRSS:
     def rss(pid: int | str = "self") -> float:
         with open(f"/proc/{pid}/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def mean_or_none(values) -> float | None:
+    """The mean of the values that are not None, to 4 decimals (a table's cell), or None when none is."""
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 4) if values else None
 
 
 def config_record(config) -> dict:

@@ -87,6 +87,36 @@ def test_peers_runner_gets_peak_rss_without_kvcat():
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
 
 
+def test_peers_kvpress_runs_are_reused_on_the_same_data_only(tmp_path):
+    """kvpress's stored runs outlive a change to kvcat's methods: reused while the data (token ids, model) and
+    versions are the same, whatever the list of runs; a failed run is run again; other data replaces them."""
+    from kvcat.bench import load_source
+
+    runner = load_source(Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_runner.py", "kvpress_runner")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"hidden_size": 8}')
+    job = {"model": str(tmp_path / "m"), "windows": [{"context": [1, 2], "continuation": [3]}], "prompts": [],
+           "runs": [["none", 1.0], ["snapkv", 8.0]], "max_new_tokens": 4, "stop_ids": [2]}
+    versions = {"kvpress": "0.5.5"}
+    ok = {"press": "snapkv", "ratio": 8.0, "error": None}
+    not_here = {"press": "kvzap", "ratio": 8.0, "error": "not run: needs a hub download"}
+    failed = {"press": "tova", "ratio": 8.0, "error": "RuntimeError: out of memory"}
+    store = tmp_path / "peers.kvpress.json"
+
+    def stored(job_, old: dict) -> list[dict]:
+        store.write_text(json.dumps(old))
+        new = {"versions": versions, "data_sha": runner.data_sha(job_)}
+        return runner.stored_runs(store, new, "sha-of-this-job-text")
+
+    same = {"versions": versions, "data_sha": runner.data_sha(job), "runs": [ok, not_here, failed]}
+    assert stored({**job, "runs": [["tova", 16.0]]}, same) == [ok, not_here]  # another list of runs: reused
+    assert stored(job, {**same, "versions": {"kvpress": "0.6"}}) == []
+    assert stored({**job, "windows": [{"context": [1, 5], "continuation": [3]}]}, same) == []
+    assert stored({**job, "model": str(tmp_path / "elsewhere" / "m")}, same) == []  # config differs (none there)
+    legacy = {"versions": versions, "job_sha": "sha-of-this-job-text", "runs": [ok]}  # the older format
+    assert stored(job, legacy) == [ok] and stored(job, {**legacy, "job_sha": "other"}) == []
+
+
 def test_retrieval_summary_pairs_methods_on_the_same_cases(tmp_path):
     """The retrieval benchmark's accuracy, share of the full document's, paired counts and sign test; the
     table and README markers are filled from its Markdown."""
