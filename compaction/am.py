@@ -1,8 +1,8 @@
 """Attention Matching methods for a whole model: AM-HAK, AM-HAK-fast, AM-OMP and AM-OMP-fast.
 
 Each wraps a per-head solver from `solvers.py`: for every layer and KV head, the head's keys/values and the
-reference queries of its GQA group (at most `max_queries`, a deterministic subsample) go in, one Solution
-(C_k, beta, C_v) comes out.
+reference queries of its GQA group (a deterministic subsample: `max_queries`, or the 4 per slot a fit needs
+where that is more) go in, one Solution (C_k, beta, C_v) comes out.
 
 What a compacted cache keeps is decided by two things a later question cannot tell us in advance:
 - reference queries (`queries`): "repeat" reconstructs the whole document chunk by chunk
@@ -10,7 +10,10 @@ What a compacted cache keeps is decided by two things a later question cannot te
   (`attention.KeyScores`: max or RMS attention weight) while a sample of them is fitted on;
 - salient tokens (`salient_frac` of every head's budget): the document's least predictable spans
   (`solvers.salient_tokens`), where planted facts, names and numbers sit. Keys ranked by attention alone
-  drop them at 8x: every token of a copy gets the same attention from its copy query.
+  drop them at 8x: every token of a copy gets the same attention from its copy query. The surprisal is
+  the prefill's (given the whole prefix); `salient_context=C` scores each token given only the C-4C tokens
+  before it instead (one more pass), so that facts of a repeated form (a list of like facts) stay salient
+  after the first; not yet tuned (benchmarks/NOTES.md).
 Each head keeps its fitted beta / C_v only where they beat plain eviction values on the context's own last
 queries (`select_on="last"`). Per-head budgets are uniform by default: vLLM's paged blocks hold every KV head
 of a layer for each slot, so a served cache costs its widest head. `budgets="nonuniform"` (a per-model
@@ -40,7 +43,8 @@ log = logging.getLogger(__name__)
 
 # Shared by every AM method; see benchmarks/NOTES.md for the tune-split figures behind each value.
 COMMON = {"queries": "repeat", "budgets": "uniform", "max_queries": 4096, "sink": 4, "recent": 16,
-          "recent_frac": 0.0, "on_policy": False, "select_on": "last", "salient_frac": 0.5, "salient_window": 32}
+          "recent_frac": 0.0, "on_policy": False, "select_on": "last", "salient_frac": 0.5, "salient_window": 32,
+          "salient_context": 0}
 
 
 class AMMethod(Method):
@@ -63,16 +67,27 @@ class AMMethod(Method):
 
     @property
     def needs_token_nll(self) -> bool:
-        return self.params["salient_frac"] > 0
+        return self.params["salient_frac"] > 0 and self.params["salient_context"] == 0
+
+    def prepare(self, lm: LoadedModel, state: DocumentState) -> None:
+        super().prepare(lm, state)
+        if self.params["salient_frac"] > 0 and self.params["salient_context"]:
+            state.local_surprisal(lm, self.params["salient_context"])
+
+    def input_seconds(self, state: DocumentState) -> float:
+        return super().input_seconds(state) + state.query_s.get(f"surprisal@{self.params['salient_context']}", 0.0)
 
     def salient(self, state: DocumentState, t: int, memo: dict) -> torch.Tensor | None:
         """The document's salient tokens a head of budget t keeps (salient_frac of t; see
-        `solvers.salient_tokens`), computed once per budget."""
+        `solvers.salient_tokens`), computed once per budget. The surprisal is the prefill's (given the whole
+        prefix) with salient_context 0, else given only that many tokens before each token."""
         count = round(self.params["salient_frac"] * t)
-        if count == 0 or state.prefill.token_nll is None:
+        ctx = self.params["salient_context"]
+        nll = state.surprisal.get(ctx) if ctx else state.prefill.token_nll
+        if count == 0 or nll is None:
             return None
         if count not in memo:
-            memo[count] = salient_tokens(state.prefill.token_nll, count, self.params["salient_window"])
+            memo[count] = salient_tokens(nll, count, self.params["salient_window"])
         return memo[count]
 
     def solver_kwargs(self) -> dict:
@@ -103,7 +118,10 @@ class AMMethod(Method):
             lq = group_queries(last[layer], lm.spec.num_kv_heads) if last is not None else [None] * len(K)
             heads = []
             ks = self.key_scores(source, layer, lm.spec.num_kv_heads)
-            for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, self.params["max_queries"])):
+            # the fitted sample: max_queries, raised to the FIT_MIN_QUERIES_PER_SLOT a fit needs wherever the
+            # document has that many (else a long document at a low ratio silently kept eviction values)
+            cap = max(self.params["max_queries"], FIT_MIN_QUERIES_PER_SLOT * int(budgets[layer].max()))
+            for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, cap)):
                 score = {"score_queries": lq[h]} if "score_last" in self.params else {}
                 if ks is not None:
                     score["key_scores"] = ks[h]
@@ -121,8 +139,8 @@ class AMMethod(Method):
         state.streamed_s = source.stream.seconds if source.stream is not None else 0.0  # ... and run by it
         skipped = sum(s.underdetermined for layer in out for s in layer)
         if skipped:
-            log.warning("%s: %d of %d heads kept eviction values: fewer than %d reference queries per slot "
-                        "(raise max_queries or lower the ratio)", self.name, skipped,
+            log.warning("%s: %d of %d heads kept eviction values: the document has fewer than %d reference "
+                        "queries per slot (a shorter document or a higher ratio fits)", self.name, skipped,
                         sum(len(layer) for layer in out), FIT_MIN_QUERIES_PER_SLOT)
         return out
 

@@ -221,6 +221,17 @@ class Method(ABC):
         """Whether the method reads the context's own queries across the whole document (not only the last)."""
         return "context" in (self.query_mode or "")
 
+    def prepare(self, lm: LoadedModel, state: DocumentState) -> None:
+        """Compute what the method reads from the document beyond its prefill, memoized in `state` (reference
+        queries; a method may add more). Runs before a compaction's clock starts: `input_seconds` charges it
+        to every compaction that reads it, computed now or earlier for another ratio or method."""
+        if self.query_mode and not self.streams_queries:
+            get_queries(lm, state, self.query_mode)
+
+    def input_seconds(self, state: DocumentState) -> float:
+        """Seconds spent on `prepare`'s inputs (and on streamed queries) for this document."""
+        return state.query_s.get(self.query_mode, 0.0) if self.query_mode else 0.0
+
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
         """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden."""
         return uniform_budgets(lm.spec.num_layers, lm.spec.num_kv_heads, t)
@@ -244,13 +255,12 @@ class Method(ABC):
                       target_tokens: int | None = None, progress: Progress | None = None) -> CompactCache:
         """Compact a document whose state (K/V, queries) is already computed to t slots per head on average
         (also the block of new tokens in incremental compaction, `incremental.extend`)."""
+        self.prepare(lm, state)
         start = time.perf_counter()
-        if self.query_mode and not self.streams_queries:
-            get_queries(lm, state, self.query_mode)
         budgets = self.head_budgets(lm, state, t)
         solutions = self.solve_layers(lm, state, budgets, progress)
-        # a streaming method records its queries' seconds while solving; memoized queries are charged as well
-        extra_s = state.query_s.get(self.query_mode, 0.0) if self.query_mode else 0.0
+        # a streaming method records its queries' seconds while solving; memoized inputs are charged as well
+        extra_s = self.input_seconds(state)
         solve_s = time.perf_counter() - start - (state.streamed_s if self.streams_queries else 0.0)
         info = {"prefill_s": round(state.prefill_s, 4), "queries_s": round(extra_s, 4),
                 "solve_s": round(solve_s, 4), "compact_s": round(state.prefill_s + extra_s + solve_s, 4),

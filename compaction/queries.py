@@ -28,7 +28,7 @@ import torch
 
 from kvcat import prompts
 from kvcat.attention import KeyScores, use_kvcat_attention
-from kvcat.inference import Prefill, as_ids, prefill
+from kvcat.inference import Prefill, as_ids, local_surprisal, prefill
 from kvcat.models import LoadedModel
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
@@ -53,6 +53,16 @@ class DocumentState:
     context_sample: bool = True  # prefill.queries hold a sample of the whole context (else the last ones)
     keep_queries: bool = False  # memoize streamed reconstruction queries (benchmarks: many ratios, one document)
     streamed_s: float = 0.0  # seconds the last streaming compaction spent computing its queries
+    surprisal: dict[int, torch.Tensor] = field(default_factory=dict)  # context -> local surprisal [N]
+
+    def local_surprisal(self, lm: LoadedModel, context: int) -> torch.Tensor:
+        """Each token's surprisal given only its last `context`+ tokens (`inference.local_surprisal`, windows
+        of 4 x context), computed once; its seconds go to query_s["surprisal@CONTEXT"]."""
+        if context not in self.surprisal:
+            start = time.perf_counter()
+            self.surprisal[context] = local_surprisal(lm, self.ids, context, 4 * context).cpu()
+            self.query_s[f"surprisal@{context}"] = time.perf_counter() - start
+        return self.surprisal[context]
 
     @property
     def num_tokens(self) -> int:
@@ -393,6 +403,8 @@ def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = Fa
         state.queries.update({m: old.queries[m] for m in keep})
         state.query_s.update({m: old.query_s[m] for m in keep if m in old.query_s})
         state.scores.update(old.scores)
+        state.surprisal.update(old.surprisal)
+        state.query_s.update({k: v for k, v in old.query_s.items() if k.startswith("surprisal@")})
         state.keep_queries = old.keep_queries
     _STATES[key] = state
     _STATES.move_to_end(key)

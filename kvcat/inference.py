@@ -114,6 +114,28 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
     return Prefill(keys=keys, values=values, queries=q, last_logits=logits.float(), token_nll=nll)
 
 
+@torch.no_grad()
+def local_surprisal(lm: LoadedModel, tokens, context: int = 128, window: int = 512) -> torch.Tensor:
+    """[N] surprisal of each token given only the `context` to `window - 1` tokens before it (overlapping
+    windows of `window` tokens, one at a time; fewer for the document's first tokens). Unlike the prefill's
+    surprisal, given everything before it, a span here stays surprising when the document has already shown
+    its pattern: the fourth fact of a list of like facts scores as high as the first."""
+    if not 0 < context < window:
+        raise ValueError(f"need 0 < context < window, got context {context}, window {window}")
+    ids = as_ids(tokens, lm.device)[0]
+    n = ids.numel()
+    nll = torch.zeros(n, device=ids.device)
+    for start in range(0, max(n - context, 1), window - context):
+        seg = ids[start:start + window]
+        logits = lm.model(input_ids=seg[None], use_cache=False).logits[0].float()
+        # logits[j] predicts token start + j + 1; a later window scores only tokens with `context` before them
+        first = 0 if start == 0 else context - 1
+        nll[start + first + 1:start + seg.numel()] = torch.nn.functional.cross_entropy(
+            logits[first:-1], seg[first + 1:], reduction="none")
+        del logits
+    return nll
+
+
 @functools.cache
 def _peek_layer() -> type:
     """A cache layer that lets attention see past + new K/V but stores nothing new (queries-only passes);

@@ -105,14 +105,15 @@ def test_key_scores_record_the_attention_they_compute():
 
 
 def test_underdetermined_fits_are_reported_and_logged(small, caplog):
-    """Too few reference queries per slot: the heads keep eviction values, and the cache and log say so."""
+    """Too few reference queries per slot: the heads keep eviction values, and the cache and log say so; a
+    small max_queries is raised to what the fit needs where the document has that many queries."""
     state = _state(small, 200)
     with caplog.at_level(logging.WARNING, logger="kvcat.compaction.am"):
-        cache = get_method("am-hak", max_queries=64).compact(small, state.ids, ratio=2)  # 64 < 4 x 100
+        cache = get_method("am-hak", queries="last").compact(small, state.ids, ratio=2)  # 3 x 64 < 4 x 100
     assert cache.info["heads_underdetermined"] == cache.info["heads"] == small.spec.num_layers * small.spec.num_kv_heads
     assert "kept eviction values" in caplog.text
-    fitted = get_method("am-hak").compact(small, state.ids, ratio=8)
-    assert fitted.info["heads_underdetermined"] == 0
+    raised = get_method("am-hak", max_queries=64).compact(small, state.ids, ratio=2)  # 3 x 200 copies >= 4 x 100
+    assert raised.info["heads_underdetermined"] == 0
 
 
 @pytest.mark.parametrize("mode", ["repeat", "repeat+self-study"])
@@ -159,6 +160,30 @@ def test_am_keeps_salient_tokens_in_every_head(small):
         for h in range(K.shape[0]):
             kept = {i for i in range(200) if (cache.keys[layer][h] == K[h, i]).all(-1).any()}
             assert salient <= kept
+
+
+def test_local_surprisal_sees_only_the_last_tokens(small):
+    """Within the first window it is the prefill's surprisal; later, each token is scored given only the
+    window before it (a text repeated 12 times is surprising again once its first copy is out of sight)."""
+    from kvcat.inference import local_surprisal
+
+    state = _state(small, 300)
+    whole = state.prefill.token_nll
+    local = local_surprisal(small, state.ids, context=32, window=128)
+    torch.testing.assert_close(local[:128], whole[:128], atol=2e-3, rtol=1e-3)
+    for i in (130, 200, 299):  # scored in the window that starts at the last multiple of 96 with >= 32 before i
+        start = max(s for s in range(0, 300, 96) if i - s >= 32)
+        seg = state.ids[start:i + 1]
+        logits = small.model(input_ids=seg[None].to(small.device)).logits[0, -2].float()
+        assert float(local[i]) == pytest.approx(float(torch.log_softmax(logits, -1)[seg[-1]].neg()), abs=2e-3)
+    assert float(local[200:].mean()) > float(whole[200:].mean())  # the repeats are no longer predicted
+    with pytest.raises(ValueError, match="context < window"):
+        local_surprisal(small, state.ids, context=64, window=64)
+    # an AM method with salient_context reads it, memoized in the state with its seconds
+    cache = get_method("am-hak-fast", salient_context=32).compact(small, state.ids, ratio=8)
+    st = queries.document_state(small, state.ids)
+    assert 32 in st.surprisal and st.query_s["surprisal@32"] > 0
+    assert cache.info["queries_s"] >= st.query_s["surprisal@32"]
 
 
 def test_global_budgets_spread_the_total_over_heads_by_reconstruction_scores(small):
