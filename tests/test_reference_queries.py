@@ -174,7 +174,8 @@ def test_local_surprisal_sees_only_the_last_tokens(small):
     for i in (130, 200, 299):  # scored in the window that starts at the last multiple of 96 with >= 32 before i
         start = max(s for s in range(0, 300, 96) if i - s >= 32)
         seg = state.ids[start:i + 1]
-        logits = small.model(input_ids=seg[None].to(small.device)).logits[0, -2].float()
+        with torch.no_grad():
+            logits = small.model(input_ids=seg[None].to(small.device)).logits[0, -2].float()
         assert float(local[i]) == pytest.approx(float(torch.log_softmax(logits, -1)[seg[-1]].neg()), abs=2e-3)
     assert float(local[200:].mean()) > float(whole[200:].mean())  # the repeats are no longer predicted
     with pytest.raises(ValueError, match="context < window"):
@@ -183,7 +184,7 @@ def test_local_surprisal_sees_only_the_last_tokens(small):
     cache = get_method("am-hak-fast", salient_context=32).compact(small, state.ids, ratio=8)
     st = queries.document_state(small, state.ids)
     assert 32 in st.surprisal and st.query_s["surprisal@32"] > 0
-    assert cache.info["queries_s"] >= st.query_s["surprisal@32"]
+    assert cache.info["queries_s"] == pytest.approx(st.query_s["surprisal@32"], abs=1e-3)  # info is rounded
 
 
 def test_global_budgets_spread_the_total_over_heads_by_reconstruction_scores(small):
