@@ -13,7 +13,7 @@ What a compacted cache keeps is decided by two things a later question cannot te
   drop them at 8x: every token of a copy gets the same attention from its copy query. The surprisal is
   the prefill's (given the whole prefix); `salient_context=C` scores each token given only the C-4C tokens
   before it instead (one more pass), so that facts of a repeated form (a list of like facts) stay salient
-  after the first; not yet tuned (benchmarks/NOTES.md).
+  after the first; off: no better on the tune split (benchmarks/NOTES.md).
 Each head keeps its fitted beta / C_v only where they beat plain eviction values on the context's own last
 queries (`select_on="last"`). Per-head budgets are uniform by default: vLLM's paged blocks hold every KV head
 of a layer for each slot, so a served cache costs its widest head. `budgets="nonuniform"` (a per-model
