@@ -123,8 +123,8 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
     names, press_names = list(c.methods), list(c.presses)
     ratios = list(dict.fromkeys(float(r) for r in c.ratios if r > 1))  # ratio 1, the full cache, runs anyway
     record = {**config_record(c), "max_new_tokens": MAX_NEW_TOKENS, "split": "heldout"}
-    # the records come from kvcat's model and methods, this script and the kvpress runner (the server and
-    # training code may change between the sessions of a long resumed run)
+    # kvcat's records come from its model and methods and this script (CODE; the server and training code may
+    # change between the sessions of a long resumed run); kvpress's runs are reused by their data instead
     done = Checkpoint(c.out, record, resume, log, code=CODE)
     kvpress_store = Path(c.out).with_name(Path(c.out).stem + ".kvpress.json")
     lm = load_model(c.model, dtype="float32")

@@ -66,24 +66,28 @@ class AMMethod(Method):
         return True  # solve_layers takes its reference queries one layer at a time (LayerQueries)
 
     @property
+    def local_context(self) -> int:
+        """The context of the local surprisal the salient spans read (0: none, the prefill's is read)."""
+        return self.params["salient_context"] if self.params["salient_frac"] > 0 else 0
+
+    @property
     def needs_token_nll(self) -> bool:
-        return self.params["salient_frac"] > 0 and self.params["salient_context"] == 0
+        return self.params["salient_frac"] > 0 and self.local_context == 0
 
     def prepare(self, lm: LoadedModel, state: DocumentState) -> None:
         super().prepare(lm, state)
-        if self.params["salient_frac"] > 0 and self.params["salient_context"]:
-            state.local_surprisal(lm, self.params["salient_context"])
+        if self.local_context:
+            state.local_surprisal(lm, self.local_context)
 
     def input_seconds(self, state: DocumentState) -> float:
-        return super().input_seconds(state) + state.query_s.get(f"surprisal@{self.params['salient_context']}", 0.0)
+        return super().input_seconds(state) + state.surprisal_s.get(self.local_context, 0.0)
 
     def salient(self, state: DocumentState, t: int, memo: dict) -> torch.Tensor | None:
         """The document's salient tokens a head of budget t keeps (salient_frac of t; see
         `solvers.salient_tokens`), computed once per budget. The surprisal is the prefill's (given the whole
         prefix) with salient_context 0, else given only that many tokens before each token."""
         count = round(self.params["salient_frac"] * t)
-        ctx = self.params["salient_context"]
-        nll = state.surprisal.get(ctx) if ctx else state.prefill.token_nll
+        nll = state.surprisal.get(self.local_context) if self.local_context else state.prefill.token_nll
         if count == 0 or nll is None:
             return None
         if count not in memo:

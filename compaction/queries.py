@@ -54,14 +54,15 @@ class DocumentState:
     keep_queries: bool = False  # memoize streamed reconstruction queries (benchmarks: many ratios, one document)
     streamed_s: float = 0.0  # seconds the last streaming compaction spent computing its queries
     surprisal: dict[int, torch.Tensor] = field(default_factory=dict)  # context -> local surprisal [N]
+    surprisal_s: dict[int, float] = field(default_factory=dict)  # context -> seconds to compute it
 
     def local_surprisal(self, lm: LoadedModel, context: int) -> torch.Tensor:
         """Each token's surprisal given only its last `context`+ tokens (`inference.local_surprisal`, windows
-        of 4 x context), computed once; its seconds go to query_s["surprisal@CONTEXT"]."""
+        of 4 x context), computed once (its seconds in surprisal_s)."""
         if context not in self.surprisal:
             start = time.perf_counter()
             self.surprisal[context] = local_surprisal(lm, self.ids, context, 4 * context).cpu()
-            self.query_s[f"surprisal@{context}"] = time.perf_counter() - start
+            self.surprisal_s[context] = time.perf_counter() - start
         return self.surprisal[context]
 
     @property
@@ -404,7 +405,7 @@ def document_state(lm: LoadedModel, ids: torch.Tensor, context_sample: bool = Fa
         state.query_s.update({m: old.query_s[m] for m in keep if m in old.query_s})
         state.scores.update(old.scores)
         state.surprisal.update(old.surprisal)
-        state.query_s.update({k: v for k, v in old.query_s.items() if k.startswith("surprisal@")})
+        state.surprisal_s.update(old.surprisal_s)
         state.keep_queries = old.keep_queries
     _STATES[key] = state
     _STATES.move_to_end(key)

@@ -183,8 +183,8 @@ def test_local_surprisal_sees_only_the_last_tokens(small):
     # an AM method with salient_context reads it, memoized in the state with its seconds
     cache = get_method("am-hak-fast", salient_context=32).compact(small, state.ids, ratio=8)
     st = queries.document_state(small, state.ids)
-    assert 32 in st.surprisal and st.query_s["surprisal@32"] > 0
-    assert cache.info["queries_s"] == pytest.approx(st.query_s["surprisal@32"], abs=1e-3)  # info is rounded
+    assert 32 in st.surprisal and st.surprisal_s[32] > 0
+    assert cache.info["queries_s"] == pytest.approx(st.surprisal_s[32], abs=1e-3)  # info is rounded
 
 
 def test_global_budgets_spread_the_total_over_heads_by_reconstruction_scores(small):
