@@ -69,17 +69,18 @@ def deploy_tools(module: str) -> ModuleType:
 
 def cpu_model() -> str:
     """The CPU's model name and the ISA flags vLLM's CPU speed depends on (bf16 / AMX: an order of magnitude)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    from kvcat.config import cpu_flags
+
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+            if key.strip() == "model name":
                 name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
                 break
     except OSError:
         pass
+    flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(isa) or 'no AVX2'}{'' if {'avx512_bf16', 'amx_bf16'} & flags else '; no bf16'})"
 

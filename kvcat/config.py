@@ -24,6 +24,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's ISA flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 matmuls beat float32 here: a GPU, or a CPU with AVX-512 bf16 or AMX (elsewhere torch's and vLLM's
+    CPU bf16 is an order of magnitude slower than float32)."""
+    return device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

@@ -383,3 +383,14 @@ def test_engine_args_from_the_command_line_are_checked_before_the_engine_starts(
                          ({"attention_backend": "NO_SUCH"}, "(?i)unknown attention backend: 'NO_SUCH'")):
         with pytest.raises(ValueError, match=match):
             Engine.start(EngineConfig(model="/nonexistent", extra=extra))  # no env side effect
+
+
+def test_serve_refuses_an_unknown_compaction_dtype_before_loading_anything():
+    from typer.testing import CliRunner
+
+    from kvcat import cli
+
+    cli._register_packages()
+    res = CliRunner().invoke(cli.app, ["serve", "--model", "smollm2-135m", "--compaction-dtype", "int8"])
+    assert res.exit_code != 0
+    assert "--compaction-dtype: unknown dtype 'int8'" in res.output
