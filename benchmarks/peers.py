@@ -178,9 +178,14 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
     for j, (p, ex) in enumerate(zip(prompts, suite)):
         if j < len(done["cases"]):
             continue
-        full = answer(full_cache(prefill(lm, p.context_ids), lm.spec.fingerprint), p)
+        start = time.perf_counter()
+        pre = prefill(lm, p.context_ids)
+        prefill_s = time.perf_counter() - start
+        full = answer(full_cache(pre, lm.spec.fingerprint), p)
+        del pre
         rows = compact_all(p.context_ids, lambda cache, p=p, ex=ex: _scored_answer(answer(cache, p), ex))
         done.add("cases", {"id": ex.id, "kind": ex.task, "tokens": len(p.context_ids), "expected": ex.answers[0],
+                           "prefill_s": prefill_s,
                            **{f"full_{k}": v for k, v in _scored_answer(full, ex).items()}, "rows": rows})
         log(f"kvcat: case {j + 1}/{len(suite)} {ex.id} done: full={int(done['cases'][-1]['full_correct'])} "
             + " ".join(f"{k}={int(v['correct'])}" for k, v in rows.items() if "correct" in v))
@@ -238,7 +243,9 @@ def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], nam
              "ppl": round(mean_ppl([tuple(w["full"]) for w in windows]), 4) if windows else None,
              "ppl_gap": round(ppl_gap([tuple(w["full"]) for w in windows], reference), 4) if windows else None,
              **accuracy(per_case[("kvcat", "full", 1.0)]),
-             "compress_s": mean_or_none([w["prefill_s"] for w in windows]),
+             # over the same documents as the methods' seconds (cases recorded before 2026-12-06 lack theirs)
+             "compress_s": mean_or_none([w["prefill_s"] for w in windows] + [cs["prefill_s"] for cs in cases
+                                                                               if "prefill_s" in cs]),
              "peak_rss_mb": round(max(w["prefill_rss"] for w in windows), 1) if windows else None}]
     for m in names:
         for r in ratios:
