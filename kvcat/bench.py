@@ -69,17 +69,9 @@ def deploy_tools(module: str) -> ModuleType:
 
 def cpu_model() -> str:
     """The CPU's model name and the ISA flags vLLM's CPU speed depends on (bf16 / AMX: an order of magnitude)."""
-    from kvcat.config import cpu_flags
+    from kvcat.config import cpu_flags, cpu_info
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-                break
-    except OSError:
-        pass
+    name = cpu_info("model name") or platform.processor() or platform.machine()
     flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(isa) or 'no AVX2'}{'' if {'avx512_bf16', 'amx_bf16'} & flags else '; no bf16'})"

@@ -24,16 +24,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's ISA flags from /proc/cpuinfo (empty where it cannot be read)."""
+def cpu_info(field: str) -> str | None:
+    """A field of the first processor in /proc/cpuinfo ("model name", "flags"); None where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                return set(value.split())
+            if key.strip() == field:
+                return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's ISA flags (empty where /proc/cpuinfo cannot be read)."""
+    return set((cpu_info("flags") or "").split())
 
 
 def bf16_is_fast(device: torch.device) -> bool:
