@@ -46,6 +46,21 @@ def as_ids(tokens, device) -> torch.Tensor:
     return ids[None] if ids.dim() == 1 else ids
 
 
+NLL_SLICE = 32  # positions whose vocabulary logits are held at once (SmolLM2: 32 x 49,152 fp32 = 6.3 MB)
+
+
+def _chunk_nll(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target_i | hidden_i) for each row, NLL_SLICE rows of logits at a time. A whole 512-token chunk's
+    logits at once raised a 4k-token SmolLM2 prefill's peak to 2.9x its K/V (1.3x without them); slices of 64
+    rows 2.0x, 32 rows 1.7x at the same speed, 16 rows 1.2x but 7% slower (benchmarks/NOTES.md)."""
+    head = lm.model.get_output_embeddings()
+    if len(targets) == 0:  # a last chunk of one token: nothing after it to predict
+        return hidden.new_zeros(0)
+    return torch.cat([torch.nn.functional.cross_entropy(head(hidden[i:i + NLL_SLICE]).float(),
+                                                        targets[i:i + NLL_SLICE], reduction="none")
+                      for i in range(0, len(targets), NLL_SLICE)])
+
+
 @torch.no_grad()
 def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: int = 512,
             past: Prefill | None = None, query_positions: torch.Tensor | None = None,
@@ -63,8 +78,8 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
     With `keep_new_kv=False` (a queries-only pass after `past`, e.g. reference queries), the new tokens'
     K/V are used by attention but not stored: the result holds the K/V of `past` only, and the pass never
     holds a second copy of the whole cache.
-    With `token_nll`, each token's surprisal under the model is kept (every position's logits, one chunk at
-    a time: the output layer runs on all tokens, about a fifth more work for SmolLM2)."""
+    With `token_nll`, each token's surprisal under the model is kept (the output layer runs on every
+    position, NLL_SLICE of them at a time: about a fifth more work for SmolLM2)."""
     from transformers import DynamicCache
 
     ids = as_ids(tokens, lm.device)
@@ -99,14 +114,16 @@ def prefill(lm: LoadedModel, tokens, capture_queries: bool = False, chunk_size: 
         chunk = ids[:, start:start + chunk_size]
         pos = torch.arange(offset + start, offset + start + chunk.shape[1], device=ids.device)[None]
         keep = qp[(qp >= start) & (qp < start + chunk.shape[1])] - start if qp is not None else None
-        out = lm.model(input_ids=chunk, past_key_values=past, use_cache=True, position_ids=pos,
-                       kvcat_queries=queries, kvcat_query_rows=keep, logits_to_keep=0 if token_nll else 1)
-        if token_nll:  # logits of position i predict token i + 1 (the next chunk's first token included)
+        kwargs = dict(input_ids=chunk, past_key_values=past, use_cache=True, position_ids=pos,
+                      kvcat_queries=queries, kvcat_query_rows=keep)
+        if token_nll:  # hidden state i predicts token i + 1 (the next chunk's first token included)
+            hidden = lm.model.get_decoder()(**kwargs).last_hidden_state[0]
             end = min(start + chunk.shape[1] + 1, n)
-            nll[start + 1:end] = torch.nn.functional.cross_entropy(
-                out.logits[0, :end - start - 1].float(), ids[0, start + 1:end], reduction="none")
-        logits = out.logits[0, -1]
-        del out
+            nll[start + 1:end] = _chunk_nll(lm, hidden[:end - start - 1], ids[0, start + 1:end])
+            logits = lm.model.get_output_embeddings()(hidden[-1])
+            del hidden
+        else:
+            logits = lm.model(**kwargs, logits_to_keep=1).logits[0, -1]
     keys = [layer.keys[0] for layer in past.layers]
     values = [layer.values[0] for layer in past.layers]
     q = [queries[i].data for i in range(len(keys))] if queries is not None else None

@@ -137,6 +137,9 @@ def test_token_nll_is_the_models_surprisal(small):
     want = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
     assert got[0] == 0 and got.shape == (150,)
     torch.testing.assert_close(got[1:], want, rtol=1e-4, atol=1e-4)
+    seam = prefill(small, ids, chunk_size=149, token_nll=True)  # a last chunk of one token
+    torch.testing.assert_close(seam.token_nll, got, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seam.last_logits, logits[-1], rtol=1e-4, atol=1e-4)
 
 
 def test_salient_tokens_find_the_unpredictable_span():
