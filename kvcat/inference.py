@@ -144,12 +144,11 @@ def local_surprisal(lm: LoadedModel, tokens, context: int = 128, window: int = 5
     nll = torch.zeros(n, device=ids.device)
     for start in range(0, max(n - context, 1), window - context):
         seg = ids[start:start + window]
-        logits = lm.model(input_ids=seg[None], use_cache=False).logits[0].float()
-        # logits[j] predicts token start + j + 1; a later window scores only tokens with `context` before them
+        hidden = lm.model.get_decoder()(input_ids=seg[None], use_cache=False).last_hidden_state[0]
+        # hidden[j] predicts token start + j + 1; a later window scores only tokens with `context` before them
         first = 0 if start == 0 else context - 1
-        nll[start + first + 1:start + seg.numel()] = torch.nn.functional.cross_entropy(
-            logits[first:-1], seg[first + 1:], reduction="none")
-        del logits
+        nll[start + first + 1:start + seg.numel()] = _chunk_nll(lm, hidden[first:-1], seg[first + 1:])
+        del hidden
     return nll
 
 
