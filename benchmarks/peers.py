@@ -157,6 +157,13 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
                                   "ratio": cache.ratio}
         return rows
 
+    def timed_prefill(ids: list[int]):
+        """The plain prefill of one context with its seconds and peak RSS: what each compaction is set against."""
+        start = time.perf_counter()
+        with PeakRSS() as mem:
+            pre = prefill(lm, ids)
+        return pre, time.perf_counter() - start, mem.peak
+
     def answer(cache, p) -> str:
         return tok.decode(CacheSession(lm, cache).generate(p.question_ids, max_new_tokens=MAX_NEW_TOKENS),
                           skip_special_tokens=True).strip()
@@ -164,28 +171,23 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
     for i, w in enumerate(windows):
         if i < len(done["windows"]):
             continue
-        start = time.perf_counter()
-        with PeakRSS() as mem:
-            pre = prefill(lm, list(w.prefix_ids))
-        prefill_s = time.perf_counter() - start
+        pre, prefill_s, prefill_rss = timed_prefill(list(w.prefix_ids))
         full = window_nll(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids)))
         del pre
         rows = compact_all(list(w.prefix_ids), lambda cache, w=w: {
             "nll": window_nll(continuation_nll(lm, cache, list(w.continuation_ids)))})
         done.add("windows", {"reference": window_nll(full_prefix_nll(lm, w)), "full": full, "prefill_s": prefill_s,
-                             "prefill_rss": mem.peak, "rows": rows})
+                             "prefill_rss": prefill_rss, "rows": rows})
         log(f"kvcat: window {i + 1}/{len(windows)} done")
     for j, (p, ex) in enumerate(zip(prompts, suite)):
         if j < len(done["cases"]):
             continue
-        start = time.perf_counter()
-        pre = prefill(lm, p.context_ids)
-        prefill_s = time.perf_counter() - start
+        pre, prefill_s, prefill_rss = timed_prefill(p.context_ids)
         full = answer(full_cache(pre, lm.spec.fingerprint), p)
         del pre
         rows = compact_all(p.context_ids, lambda cache, p=p, ex=ex: _scored_answer(answer(cache, p), ex))
         done.add("cases", {"id": ex.id, "kind": ex.task, "tokens": len(p.context_ids), "expected": ex.answers[0],
-                           "prefill_s": prefill_s,
+                           "prefill_s": prefill_s, "prefill_rss": prefill_rss,
                            **{f"full_{k}": v for k, v in _scored_answer(full, ex).items()}, "rows": rows})
         log(f"kvcat: case {j + 1}/{len(suite)} {ex.id} done: full={int(done['cases'][-1]['full_correct'])} "
             + " ".join(f"{k}={int(v['correct'])}" for k, v in rows.items() if "correct" in v))

@@ -145,3 +145,32 @@ def test_retrieval_summary_pairs_methods_on_the_same_cases(tmp_path):
     readme.write_text("before\n<!-- table:retrieval -->\nold\n<!-- /table:retrieval -->\nafter\n")
     assert update_readme(readme, tmp_path) == ["retrieval"]
     assert "*Written by test.*" in readme.read_text() and "old" not in readme.read_text()
+
+
+def test_serve_summary_puts_the_compaction_seconds_against_the_servers_cold_prefill():
+    """`kvcat bench serve`'s rows: means over documents, KV bytes in whole blocks, and /v1/compact's seconds
+    over the kvcat server's own cold prefill on the compacted-cold row (in the JSON and under the table)."""
+    from kvcat.bench import load_script
+
+    serve = load_script("serve")
+
+    def s(ttft, tok_s=20.0):
+        return {"ttft_s": ttft, "decode_tok_s": tok_s}
+
+    samples = {("kvcat", "full-cold", 1.0): [s(4.0), s(6.0)], ("kvcat", "full-warm", 1.0): [s(0.2), s(0.2)],
+               ("kvcat", "no-context", 1.0): [s(0.04), s(0.04)],
+               ("kvcat", "compacted-cold", 10.0): [s(0.05), s(0.05)],
+               ("kvcat", "compacted-warm", 10.0): [s(0.05), s(0.05)],
+               ("kvcat", "plain-same-length", 10.0): [s(0.05, 25.0), s(0.05, 25.0)]}
+    slots = {("full-cold", 1.0): [1000, 1000], ("full-warm", 1.0): [1000, 1000], ("no-context", 1.0): [0],
+             ("compacted-cold", 10.0): [100, 100], ("compacted-warm", 10.0): [100, 100],
+             ("plain-same-length", 10.0): [100, 100]}
+    rows = serve.summarise(samples, slots, {10.0: [30.0, 40.0]}, block=16, per_token=10, budget=160_000)
+    cold = next(r for r in rows if r["mode"] == "compacted-cold")
+    assert cold["compaction_s"] == 35.0 and cold["compaction_s_all"] == [30.0, 40.0]
+    assert cold["compaction_vs_full_cold"] == 7.0  # 35 s over the 5 s mean cold prefill
+    assert cold["kv_bytes"] == 112 * 10 and rows[0]["kv_bytes"] == 1008 * 10  # whole 16-token blocks
+    assert cold["decode_vs_plain"] == 0.8 and cold["ttft_vs_no_context"] == 1.25
+    assert not any("compaction_s" in r for r in rows if r["mode"] != "compacted-cold")
+    text = serve.table({"rows": rows})
+    assert "10x 35.0 s (7.0x the cold prefill)" in text
