@@ -25,6 +25,10 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the end of its log."""
 
 
+PORT_CLASH = "address already in use"  # uvicorn's bind error, in the server's log
+START_TRIES = 3  # a port found free can be taken before the server binds it (vLLM opens its own sockets first)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +59,7 @@ class ServerProcess:
         self.cmd += list(args)
 
     def _child(self, port: int | None, log_path, env: dict | None, ready_timeout: float) -> None:
+        self.port_given = port is not None
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="kvcat-serve-",
@@ -76,6 +81,19 @@ class ServerProcess:
             return ""
 
     def start(self) -> "ServerProcess":
+        """Start the child and wait until it is ready. A port this class chose that another process took in the
+        meantime is replaced by a new free one, up to START_TRIES times; a port the caller gave never is."""
+        for tries_left in range(START_TRIES - 1, -1, -1):
+            try:
+                return self._start_once()
+            except ServerStartError as e:
+                if self.port_given or tries_left == 0 or PORT_CLASH not in str(e) or "--port" not in self.cmd:
+                    raise
+            self.port = free_port()
+            self.base = f"http://127.0.0.1:{self.port}"
+            self.cmd[self.cmd.index("--port") + 1] = str(self.port)
+
+    def _start_once(self) -> "ServerProcess":
         import httpx
 
         log = open(self.log_path, "w")
