@@ -267,6 +267,10 @@ def plot(result: dict, out: Path) -> list[str]:
             axes[1][col].errorbar(x, acc, yerr=se, **style)
         axes[0][col].set(title=method, ylabel="PPL gap (compacted - full)", xscale="log")
         axes[1][col].set(xlabel="compaction ratio", ylabel="retrieval accuracy", xscale="log", ylim=(-0.05, 1.05))
+        ratios = sorted({r["ratio"] for r in rows})
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xticks(ratios, [f"{x:g}x" for x in ratios])
+            ax.minorticks_off()
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"KV-CAT on {result['model']} vs its NTP control (held-out; {result['config']['eval_corpus']} "
                  f"windows, retrieval cases)")
@@ -278,16 +282,16 @@ def plot(result: dict, out: Path) -> list[str]:
     curves = result.get("training_curves") or {}
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for policy, rows_ in curves.items():
+        for i, (policy, rows_) in enumerate(curves.items()):
             steps = [r["step"] for r in rows_]
-            if policy != "ntp":
-                axes[0].plot(steps, [r.get("kl") for r in rows_], label=policy)
-            axes[1].plot(steps, [r.get("ntp") for r in rows_], label=policy)
+            if policy != "ntp":  # the control trains without the KL term
+                axes[0].plot(steps, [r.get("kl") for r in rows_], label=policy, color=f"C{i}")
+            axes[1].plot(steps, [r.get("ntp") for r in rows_], label=policy, color=f"C{i}")
         axes[0].set_title("self-distillation KL (masked vs full)")
         axes[1].set_title("NTP loss (full pass)")
         for ax in axes:
             ax.set_xlabel("step")
-        axes[1].legend(fontsize=8)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out.with_name(f"{out.stem}_training.png")
         fig.savefig(path, dpi=110)
