@@ -328,8 +328,9 @@ def plot(result: dict, path: Path) -> Path:
         ax1.plot([r["ratio"] for r in rs], [r["ppl_gap"] for r in rs], **style)
         ax2.scatter([r["compact_s"] for r in rs], [r["ppl_gap"] for r in rs], label=m)
         ax3.plot([r["ratio"] for r in rs], [r.get(third) for r in rs], **style)
+    goals = " and ".join(f"{x:g}x" for x in SPEED_GOALS.values())
     ax3.set(xscale="log", xlabel="compaction ratio", ylabel=third_label,
-            title="retrieval vs ratio" if needles else "speed vs ratio (grey: the goals, 2.5x and 1.5x)")
+            title="retrieval vs ratio" if needles else f"speed vs ratio (grey: the goals, {goals})")
     goal_styles = zip(SPEED_GOALS.items(), ("--", "-."))
     prefill_s = next((r["prefill_s"] for r in result["rows"] if r["method"] == "full"), None)
     if prefill_s:

@@ -252,6 +252,7 @@ def plot(result: dict, out: Path) -> list[str]:
     rows = [r for r in result["rows"] if r["split"] == "heldout" and r["method"] != "full"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    ratios = sorted({r["ratio"] for r in rows})
     fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6.6), squeeze=False)
     for col, method in enumerate(methods):
         for ck in checkpoints:
@@ -267,7 +268,6 @@ def plot(result: dict, out: Path) -> list[str]:
             axes[1][col].errorbar(x, acc, yerr=se, **style)
         axes[0][col].set(title=method, ylabel="PPL gap (compacted - full)", xscale="log")
         axes[1][col].set(xlabel="compaction ratio", ylabel="retrieval accuracy", xscale="log", ylim=(-0.05, 1.05))
-        ratios = sorted({r["ratio"] for r in rows})
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xticks(ratios, [f"{x:g}x" for x in ratios])
             ax.minorticks_off()

@@ -61,7 +61,6 @@ class ServerProcess:
     def _child(self, port: int | None, log_path, env: dict | None, ready_timeout: float) -> None:
         self.port_given = port is not None
         self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="kvcat-serve-",
                                                                               suffix=".log")[1])
         self.env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
@@ -70,6 +69,10 @@ class ServerProcess:
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -90,7 +93,6 @@ class ServerProcess:
                 if self.port_given or tries_left == 0 or PORT_CLASH not in str(e) or "--port" not in self.cmd:
                     raise
             self.port = free_port()
-            self.base = f"http://127.0.0.1:{self.port}"
             self.cmd[self.cmd.index("--port") + 1] = str(self.port)
 
     def _start_once(self) -> "ServerProcess":

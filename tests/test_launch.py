@@ -36,7 +36,7 @@ def taken_port():
 
 def _child_on(port: int, given: bool) -> ServerProcess:
     srv = ServerProcess("unused", port=port if given else None, ready_timeout=30)
-    srv.port, srv.base = port, f"http://127.0.0.1:{port}"
+    srv.port = port
     srv.cmd = [sys.executable, "-c", CHILD, "--port", str(port)]
     return srv
 
