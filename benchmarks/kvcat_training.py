@@ -262,7 +262,7 @@ def plot(result: dict, out: Path) -> list[str]:
             if not pts:
                 continue
             x = [p for p, _ in pts]
-            style = {"linestyle": "--" if ck in ("base", "ntp") else "-", "marker": "o", "label": ck, "capsize": 2}
+            style = {"linestyle": "--" if ck in ("base", "kvcat-ntp") else "-", "marker": "o", "label": ck, "capsize": 2}
             axes[0][col].errorbar(x, [r["ppl_gap"] for _, r in pts], yerr=[_std(r["ppl_gaps"]) or 0 for _, r in pts],
                                   **style)
             acc = [r["retrieval_acc"] or 0.0 for _, r in pts]

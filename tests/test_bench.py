@@ -174,3 +174,44 @@ def test_serve_summary_puts_the_compaction_seconds_against_the_servers_cold_pref
     assert not any("compaction_s" in r for r in rows if r["mode"] != "compacted-cold")
     text = serve.table({"rows": rows})
     assert "10x 35.0 s (7.0x the cold prefill)" in text
+
+
+def test_kvcat_bench_chooses_a_kvcat_checkpoint_and_reads_the_goals_against_the_control(tmp_path):
+    """`kvcat bench kvcat`'s report: the tune-split choice never picks the base or the control; the goals
+    are read against the control at the chosen (method, ratio); a run without the control, or evaluated on a
+    training corpus, is refused before any training."""
+    from kvcat.bench import load_script
+
+    kb = load_script("kvcat_training")
+
+    def row(ck, policy, split, method, ratio, gap, hits, ppl=30.0):
+        return {"checkpoint": ck, "policy": policy, "split": split, "method": method, "ratio": ratio,
+                "ppl_gap": gap, "ppl_gaps": [gap - 0.5, gap + 0.5], "retrieval_acc": sum(hits) / len(hits),
+                "hits": hits, "base_ppl": ppl, "base_ppls": [ppl - 1, ppl + 1]}
+
+    tune = [row("kvcat-am", "am", "tune", "am-hak-fast", 8, 2.0, [1, 0]),
+            row("kvcat-rand", "rand", "tune", "am-hak-fast", 8, 1.0, [1, 0]),
+            row("kvcat-ntp", "ntp", "tune", "am-hak-fast", 8, 0.1, [1, 1])]
+    assert kb.choose(tune, "am-hak-fast", 8) == "kvcat-rand"  # same retrieval, smaller gap; never the control
+    with pytest.raises(ValueError, match="besides ntp"):
+        kb.choose(tune[2:], "am-hak-fast", 8)
+
+    held = [row("kvcat-ntp", "ntp", "heldout", "full", 1, 0.0, [1, 1, 1, 1], ppl=30.0),
+            row("kvcat-ntp", "ntp", "heldout", "am-hak-fast", 8, 3.0, [1, 0, 0, 0], ppl=30.0),
+            row("kvcat-rand", "rand", "heldout", "full", 1, 0.0, [1, 1, 1, 1], ppl=30.3),
+            row("kvcat-rand", "rand", "heldout", "am-hak-fast", 8, 1.8, [1, 1, 0, 0], ppl=30.3)]
+    s = kb.summarise(tune + held, "kvcat-rand", "am-hak-fast", 8)
+    assert (s["retrieval_ratio"], s["retrieval_ok"]) == (2.0, True)
+    assert (s["gap_ratio"], s["gap_ok"]) == (0.6, True)
+    assert s["ppl_change_pct"] == pytest.approx(1.0) and s["ppl_ok"]
+    step = {"ntp_step_s": 10.0, "kvcat_step_s": 16.0, "ratio": 1.6, "batch": 4, "seq_len": 512}
+    text = kb.table({"rows": tune + held, "summary": s, "step_time": step, "config": {"eval_corpus": "jane_austen"}})
+    assert "| kvcat-rand | am-hak-fast | 1.800 ± 0.71 / 0.50 | 30.300 ± 1.41 | 1.00 |" in text
+    assert "| 1.60 | not met |" in text and text.count("| met |") == 3
+
+    for bad, message in ((dict(policies=("am",)), "include ntp"),
+                         (dict(eval_corpus="kjv"), "is a training corpus"),
+                         (dict(retention=1.5), "retention must be in")):
+        with pytest.raises(ValueError, match=message):
+            kb.run(kb.KVCatTrainingConfig(**bad, work_dir=tmp_path / "w", out=tmp_path / "k.json"))
+    assert not (tmp_path / "w").exists() and not (tmp_path / "k.json").exists()
