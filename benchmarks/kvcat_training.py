@@ -262,7 +262,8 @@ def plot(result: dict, out: Path) -> list[str]:
             if not pts:
                 continue
             x = [p for p, _ in pts]
-            style = {"linestyle": "--" if ck in ("base", "kvcat-ntp") else "-", "marker": "o", "label": ck, "capsize": 2}
+            dashed = ck in ("base", "kvcat-ntp")  # the references; KV-CAT checkpoints solid
+            style = {"linestyle": "--" if dashed else "-", "marker": "o", "label": ck, "capsize": 2}
             axes[0][col].errorbar(x, [r["ppl_gap"] for _, r in pts], yerr=[_std(r["ppl_gaps"]) or 0 for _, r in pts],
                                   **style)
             acc = [r["retrieval_acc"] or 0.0 for _, r in pts]
