@@ -53,7 +53,7 @@ class KVCatTrainingConfig:
     # at 1/8 had gap 1.40 against 1.77 at 1/2 and the control's 1.80, same retrieval (benchmarks/NOTES.md)
     retention: float = option(0.125, help="fraction of prefix KV slots a policy keeps while training")
     # training (identical for every policy): 120 x 4 x 512 = 245,760 tokens, 4x the last published run
-    steps: int = option(120, help="training steps per policy (about 30-60 s each on 2 CPU cores)")
+    steps: int = option(120, help="training steps per policy (7-22 s each on 2 CPU cores)")
     docs: int | None = option(None, help="training documents (default: the whole TRAIN split)")
     seq_len: int = option(512, help="training sequence length")
     batch_size: int = option(2, help="sequences per micro-batch")
