@@ -40,6 +40,7 @@ METHODS = (DEFAULT_METHOD, "am-hak", "snapkv", "truncation")  # post-hoc; "trunc
 REGISTRY = {"truncation": "recent"}
 MAX_NEW_TOKENS = 48  # as benchmarks/retrieval.py: a passage answer comes after the echoed question
 CODE = ("kvcat", "compaction", "training", "benchmarks/kvcat_training.py", "pyproject.toml")
+CONTROL = "kvcat-ntp"  # the NTP control's checkpoint label: every trained policy's is f"kvcat-{policy}"
 
 
 @dataclass
@@ -262,7 +263,7 @@ def plot(result: dict, out: Path) -> list[str]:
             if not pts:
                 continue
             x = [p for p, _ in pts]
-            dashed = ck in ("base", "kvcat-ntp")  # the references; KV-CAT checkpoints solid
+            dashed = ck in ("base", CONTROL)  # the references; KV-CAT checkpoints solid
             style = {"linestyle": "--" if dashed else "-", "marker": "o", "label": ck, "capsize": 2}
             axes[0][col].errorbar(x, [r["ppl_gap"] for _, r in pts], yerr=[_std(r["ppl_gaps"]) or 0 for _, r in pts],
                                   **style)
@@ -348,9 +349,9 @@ def table(result: dict) -> str:
 def summarise(rows: list[dict], chosen: str, method: str, ratio: int) -> dict:
     """The chosen checkpoint against the NTP control on the held-out split, at (method, ratio), and the goals."""
     held = {(r["checkpoint"], r["method"], r["ratio"]): r for r in rows if r["split"] == "heldout"}
-    me, ctl = held[(chosen, method, ratio)], held[("kvcat-ntp", method, ratio)]
+    me, ctl = held[(chosen, method, ratio)], held[(CONTROL, method, ratio)]
     acc, cacc = me["retrieval_acc"] or 0.0, ctl["retrieval_acc"] or 0.0
-    ppl, cppl = held[(chosen, "full", 1)]["base_ppl"], held[("kvcat-ntp", "full", 1)]["base_ppl"]
+    ppl, cppl = held[(chosen, "full", 1)]["base_ppl"], held[(CONTROL, "full", 1)]["base_ppl"]
     return {"chosen": chosen, "method": method, "ratio": ratio, "retrieval": acc, "control_retrieval": cacc,
             "retrieval_ratio": round(acc / cacc, 3) if cacc else None, "retrieval_ok": acc >= 1.5 * cacc and acc > 0,
             "gap": me["ppl_gap"], "control_gap": ctl["ppl_gap"],
