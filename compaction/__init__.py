@@ -1,9 +1,13 @@
-"""kvcat.compaction: KV-cache compaction methods behind one interface (see `base.py`).
+"""kvcat.compaction: KV-cache compaction methods, one dataclass each (see `base.py`), by name (`registry.py`).
 
     from kvcat.compaction import get_method
     cache = get_method("am-hak").compact(lm, context_ids, ratio=10)
 """
 
-from kvcat.compaction.base import (METHODS, CompactionError, Method, get_method, method_names,  # noqa: F401
-                                   resolve_budget)
-from kvcat.compaction import am, eviction, optimize  # noqa: F401,E402  (register the methods)
+from kvcat.compaction.base import CompactionError, Method, slots_per_head
+from kvcat.compaction.registry import METHODS, get_method, method_names, register
+
+# the built-in methods register themselves, once, here
+from kvcat.compaction import am, eviction, optimize  # noqa: E402,F401  isort: skip
+
+__all__ = ["METHODS", "CompactionError", "Method", "get_method", "method_names", "register", "slots_per_head"]

@@ -27,6 +27,8 @@ Why the defaults are what they are: benchmarks/NOTES.md (chosen on the tune spli
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
@@ -34,32 +36,64 @@ from kvcat.heap import release_free_memory
 from kvcat.models import LoadedModel
 
 from . import budgets as budgets_mod
-from .base import Method, Progress, attention_scale, group_queries, pad_layer, register
+from .base import Method, Progress, attention_scale, group_queries, pad_layer
+from .document import DocumentState
 from .eviction import global_counts
-from .queries import QUERY_MODES, DocumentState, LayerQueries, get_queries
-from .solvers import FIT_MIN_QUERIES_PER_SLOT, SOLVERS, Solution, salient_tokens
+from .fit import FIT_MIN_QUERIES_PER_SLOT, Solution
+from .queries import LayerQueries, QueryMode, get_queries
+from .registry import register
+from .solvers import hak, omp, salient_tokens
 
 log = logging.getLogger(__name__)
 
-# Shared by every AM method; see benchmarks/NOTES.md for the tune-split figures behind each value.
-COMMON = {"queries": "repeat", "budgets": "uniform", "max_queries": 4096, "sink": 4, "recent": 16,
-          "recent_frac": 0.0, "on_policy": False, "select_on": "last", "salient_frac": 0.5, "salient_window": 32,
-          "salient_context": 0}
 
-
+@dataclass
 class AMMethod(Method):
-    solver: str = ""
-    choices = {"queries": tuple(QUERY_MODES), "budgets": ("uniform", "nonuniform", "global"),
-               "score": ("rms", "mean", "max"), "select_on": ("last", "holdout")}
+    """What every AM method shares: reference queries, budgets, forced and salient tokens, the fit's judge.
+    Subclasses give the per-head solver (`solve_head`). See benchmarks/NOTES.md for the figures behind each
+    default."""
+
+    queries: QueryMode = "repeat"
+    """Reference queries fitted on and ranking the keys (`queries.QUERY_MODES`)."""
+    budgets: Literal["uniform", "nonuniform", "global"] = "uniform"
+    """Slots per head: equal (a paged engine's layout), a per-model sensitivity profile, or one global top-k."""
+    max_queries: int = 4096
+    """Reference queries fitted per KV head: a seeded sample, raised to 4 per slot where the document has them."""
+    sink: int = 4
+    """First tokens every head keeps (attention sinks)."""
+    recent: int = 16
+    """Last tokens every head keeps."""
+    recent_frac: float = 0.0
+    """... or this fraction of the head's budget, where that is more."""
+    on_policy: bool = False
+    """Each layer's queries come from a model whose earlier layers already run on their compacted cache."""
+    select_on: Literal["last", "holdout"] = "last"
+    """What judges each head's fit against plain eviction values: the context's last queries or held-out ones."""
+    salient_frac: float = 0.5
+    """Share of every head's budget kept for the document's least predictable spans (`solvers.salient_tokens`)."""
+    salient_window: int = 32
+    """Tokens per span whose mean surprisal ranks it."""
+    salient_context: int = 0
+    """Surprisal given only this many tokens before each token (one more pass); 0: the prefill's own."""
+    refit_values: bool = False
+    """Fit C_v by least squares (else the kept keys' own values)."""
+    ridge: float = 1e-6
+    """Ridge of the least-squares fits, relative to their normal matrix's mean diagonal."""
+    holdout_every: int = 5
+    """With select_on="holdout": every k-th reference query is held out to judge the fit."""
+    score_last: float = 0.0
+    """Weight of the context's last queries in the key choice (the reference queries': 1 - score_last)."""
+
+    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries",)
 
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
-        if self.params["budgets"] == "global":  # KVzip's allocation: one top-k over every head's key scores
+        if self.budgets == "global":  # KVzip's allocation: one top-k over every head's key scores
             get_queries(lm, state, "repeat")  # records the reconstruction's key scores (all layers at once)
             L, H = lm.spec.num_layers, lm.spec.num_kv_heads
             if ("reconstruction", 0) in state.scores:
                 scores = torch.stack([state.scores[("reconstruction", i)].per_kv_head(H, "max") for i in range(L)])
                 return global_counts(scores, t * L * H)
-        return budgets_mod.head_budgets(lm, state.num_tokens, t, self.params["budgets"])
+        return budgets_mod.head_budgets(lm, state.num_tokens, t, self.budgets)
 
     @property
     def streams_queries(self) -> bool:
@@ -68,11 +102,11 @@ class AMMethod(Method):
     @property
     def local_context(self) -> int:
         """The context of the local surprisal the salient spans read (0: none, the prefill's is read)."""
-        return self.params["salient_context"] if self.params["salient_frac"] > 0 else 0
+        return self.salient_context if self.salient_frac > 0 else 0
 
     @property
     def needs_token_nll(self) -> bool:
-        return self.params["salient_frac"] > 0 and self.local_context == 0
+        return self.salient_frac > 0 and self.local_context == 0
 
     def prepare(self, lm: LoadedModel, state: DocumentState) -> None:
         super().prepare(lm, state)
@@ -86,34 +120,40 @@ class AMMethod(Method):
         """The document's salient tokens a head of budget t keeps (salient_frac of t; see
         `solvers.salient_tokens`), computed once per budget. The surprisal is the prefill's (given the whole
         prefix) with salient_context 0, else given only that many tokens before each token."""
-        count = round(self.params["salient_frac"] * t)
+        count = round(self.salient_frac * t)
         nll = state.surprisal.get(self.local_context) if self.local_context else state.prefill.token_nll
         if count == 0 or nll is None:
             return None
         if count not in memo:
-            memo[count] = salient_tokens(nll, count, self.params["salient_window"])
+            memo[count] = salient_tokens(nll, count, self.salient_window)
         return memo[count]
-
-    def solver_kwargs(self) -> dict:
-        skip = set(COMMON) | {"queries", "score_last"}
-        extra = {"score_weight": self.params["score_last"]} if "score_last" in self.params else {}
-        return {k: v for k, v in self.params.items() if k not in skip} | extra | {"sink": self.params["sink"]}
-
-    def wants_last(self) -> bool:
-        return self.params["select_on"] == "last" or self.params.get("score_last", 0) > 0
 
     def key_scores(self, source: LayerQueries, layer: int, num_kv_heads: int) -> torch.Tensor | None:
         """[num_kv_heads, N] key ranks recorded by every reconstruction query, for solvers that rank keys by
         attention (HAK); None where the solver picks keys itself (OMP) or the mode has no reconstruction."""
         return None
 
+    def fitted_queries(self, t: int) -> int:
+        """Reference queries fitted per head of budget t: max_queries, raised to the FIT_MIN_QUERIES_PER_SLOT a
+        fit needs wherever the document has that many (else a long document at a low ratio kept eviction values)."""
+        return max(self.max_queries, FIT_MIN_QUERIES_PER_SLOT * t)
+
+    def recent_tokens(self, t: int) -> int:
+        """Last tokens a head of budget t keeps."""
+        return max(self.recent, round(self.recent_frac * t))
+
+    def solve_head(self, K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, t: int, *, scale: float,
+                   validation: torch.Tensor | None = None, score_queries: torch.Tensor | None = None,
+                   key_scores: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Solution:
+        """One KV head: keys K, values V [N, d], fitted reference queries Q [n, d], t slots -> its Solution."""
+        raise NotImplementedError
+
     def solve_layers(self, lm: LoadedModel, state: DocumentState, budgets: torch.Tensor,
                      progress: Progress | None) -> list[list[Solution]]:
-        solve = SOLVERS[self.solver]
         scale = attention_scale(lm)
-        source = LayerQueries(lm, state, self.params["queries"])
-        last = get_queries(lm, state, "last") if self.wants_last() else None
-        on_last = self.params["select_on"] == "last"
+        source = LayerQueries(lm, state, self.queries)
+        last = get_queries(lm, state, "last") if self.select_on == "last" or self.score_last > 0 else None
+        on_last = self.select_on == "last"
         out: list[list[Solution]] = []
         salient: dict[int, torch.Tensor] = {}
         for layer in range(lm.spec.num_layers):
@@ -122,24 +162,18 @@ class AMMethod(Method):
             lq = group_queries(last[layer], lm.spec.num_kv_heads) if last is not None else [None] * len(K)
             heads = []
             ks = self.key_scores(source, layer, lm.spec.num_kv_heads)
-            # the fitted sample: max_queries, raised to the FIT_MIN_QUERIES_PER_SLOT a fit needs wherever the
-            # document has that many (else a long document at a low ratio silently kept eviction values)
-            cap = max(self.params["max_queries"], FIT_MIN_QUERIES_PER_SLOT * int(budgets[layer].max()))
+            cap = self.fitted_queries(int(budgets[layer].max()))
             for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, cap)):
-                score = {"score_queries": lq[h]} if "score_last" in self.params else {}
-                if ks is not None:
-                    score["key_scores"] = ks[h]
                 t = int(budgets[layer, h])
-                recent = max(self.params["recent"], round(self.params["recent_frac"] * t))
-                heads.append(solve(K[h], V[h], qh, t, scale=scale, validation=lq[h] if on_last else None,
-                                   **score, **self.solver_kwargs(), recent=recent,
-                                   keep=self.salient(state, t, salient)))
+                heads.append(self.solve_head(K[h], V[h], qh, t, scale=scale, validation=lq[h] if on_last else None,
+                                             score_queries=lq[h], key_scores=ks[h] if ks is not None else None,
+                                             keep=self.salient(state, t, salient)))
             out.append(heads)
-            source.advance(pad_layer(heads) if self.params["on_policy"] else None)
+            source.advance(pad_layer(heads) if self.on_policy else None)
             release_free_memory()  # the layer's solve buffers (else the heap creeps: +100 MB over 30 layers)
             if progress:
                 progress(layer + 1, lm.spec.num_layers)
-        state.query_s[self.params["queries"]] = source.seconds  # charged to this compaction (compact_state)
+        state.query_s[self.queries] = source.seconds  # charged to this compaction (compact_state)
         state.streamed_s = source.stream.seconds if source.stream is not None else 0.0  # ... and run by it
         skipped = sum(s.underdetermined for layer in out for s in layer)
         if skipped:
@@ -150,48 +184,86 @@ class AMMethod(Method):
 
 
 @register
+@dataclass
 class AMHAK(AMMethod):
     """AM with highest-attention keys: salient tokens, then the keys the reconstruction's copy queries attend
     to most (max weight), NNLS beta clamped to [e^-3, e^3] on a sample of those queries, values kept (a
     least-squares C_v with refit_values=True)."""
 
-    name = "am-hak"
-    solver = "hak"
-    defaults = {**COMMON, "max_queries": 2048, "score": "max", "fit_beta": True, "beta_bounds": (-3.0, 3.0),
-                "nnls_iters": 2, "refit_values": False, "ridge": 1e-6, "holdout_every": 5, "score_last": 0.0}
+    name: ClassVar[str] = "am-hak"
+
+    max_queries: int = 2048
+    score: Literal["rms", "mean", "max"] = "max"
+    """Key rank: max or RMS attention weight over every copy query, or the mean over the fitted sample."""
+    fit_beta: bool = True
+    """Fit beta (off: beta = 0, what stock attention kernels can serve)."""
+    beta_bounds: tuple[float, float] = (-3.0, 3.0)
+    """Bounds of beta: the mass weights lie in [e^lo, e^hi]."""
+    nnls_iters: int = 2
+    """Projected-gradient steps after the clamped least-squares weights."""
 
     def key_scores(self, source: LayerQueries, layer: int, num_kv_heads: int) -> torch.Tensor | None:
         rec = source.key_scores(layer)
-        if rec is None or self.params["score"] == "mean":
+        if rec is None or self.score == "mean":
             return None
-        return rec.per_kv_head(num_kv_heads, self.params["score"])
+        return rec.per_kv_head(num_kv_heads, self.score)
+
+    def solve_head(self, K, V, Q, t, *, scale, validation=None, score_queries=None, key_scores=None,
+                   keep=None) -> Solution:
+        return hak(K, V, Q, t, scale=scale, score=self.score, sink=self.sink, recent=self.recent_tokens(t),
+                   fit_beta=self.fit_beta, beta_bounds=self.beta_bounds, nnls_iters=self.nnls_iters,
+                   refit_values=self.refit_values, ridge=self.ridge, holdout_every=self.holdout_every,
+                   validation=validation, score_queries=score_queries, score_weight=self.score_last,
+                   key_scores=key_scores, keep=keep)
 
 
 @register
+@dataclass
 class AMHAKFast(AMHAK):
     """AM-HAK without the reconstruction pass: the prefill's own (sampled) queries are fitted on and the
     context's last queries rank the keys besides the salient tokens (about 1.6x the prefill's time)."""
 
-    name = "am-hak-fast"
-    defaults = {**AMHAK.defaults, "queries": "context", "score_last": 1.0}
+    name: ClassVar[str] = "am-hak-fast"
+
+    queries: QueryMode = "context"
+    score_last: float = 1.0
 
 
 @register
+@dataclass
 class AMOMP(AMMethod):
-    """AM with orthogonal matching pursuit on the attention mass (weights up to e^3, drops beta < -7)."""
+    """AM with orthogonal matching pursuit on the attention mass (weights up to e^3, drops beta < -7).
+    Not re-tuned since the salient tokens and the whole-document reconstruction came in (salient_frac 0)."""
 
-    name = "am-omp"
-    solver = "omp"
-    # weights at most e^3 ("upper"), as HAK's bound (benchmarks/NOTES.md). Not re-tuned since the salient
-    # tokens and the whole-document reconstruction came in: it keeps its choice of every slot.
-    defaults = {**COMMON, "salient_frac": 0.0, "k_choice": 1, "refit_every": 1, "upper": 3.0, "drop_below": -7.0,
-                "refit_values": True, "ridge": 1e-6, "holdout_every": 5, "score_last": 0.0}
+    name: ClassVar[str] = "am-omp"
+
+    salient_frac: float = 0.0
+    refit_values: bool = True
+    k_choice: int = 1
+    """Keys added per pursuit step."""
+    refit_every: int = 1
+    """Pursuit steps between refits of the weights."""
+    upper: float = 3.0
+    """Largest beta (log mass weight) of a kept key: e^3, HAK's bound (benchmarks/NOTES.md)."""
+    drop_below: float = -7.0
+    """Keys whose beta falls below this are dropped and replaced (at most 3 rounds)."""
+
+    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "k_choice", "refit_every")
+
+    def solve_head(self, K, V, Q, t, *, scale, validation=None, score_queries=None, key_scores=None,
+                   keep=None) -> Solution:  # OMP picks its keys itself: no key_scores
+        return omp(K, V, Q, t, scale=scale, sink=self.sink, recent=self.recent_tokens(t), k_choice=self.k_choice,
+                   refit_every=self.refit_every, upper=self.upper, drop_below=self.drop_below,
+                   refit_values=self.refit_values, ridge=self.ridge, holdout_every=self.holdout_every,
+                   validation=validation, score_queries=score_queries, score_weight=self.score_last, keep=keep)
 
 
 @register
+@dataclass
 class AMOMPFast(AMOMP):
     """AM-OMP selecting 4 keys per step and refitting the weights every 2 steps."""
 
-    name = "am-omp-fast"
-    solver = "omp"
-    defaults = {**AMOMP.defaults, "k_choice": 4, "refit_every": 2}
+    name: ClassVar[str] = "am-omp-fast"
+
+    k_choice: int = 4
+    refit_every: int = 2

@@ -1,14 +1,15 @@
-"""The compaction method interface and its string registry.
+"""The compaction method interface: one dataclass per method, its parameters typed fields with defaults.
 
-    method = get_method("am-hak", queries="repeat")
+    method = AMHAK(queries="repeat")                           # or get_method("am-hak", queries="repeat")
     cache = method.compact(lm, context_ids, ratio=10)          # or target_tokens=...
     fn = method.compressor(10); cache = fn(lm, context_ids)    # a "prefix -> cache" function for eval
 
-A method is one small class: it sees the document's memoized state (prefill K/V and reference queries, see
-`queries.document_state`) and per-head budgets, and returns one `Solution` (C_k, beta, C_v, indices) per
-layer and KV head; this module validates the input, pads heads with different counts (beta = -inf) and
-packages a `CompactCache`. Budgets: t = round(N / ratio) slots per head on average; a method may spread
-them unevenly across heads (the mean stays t).
+A method sees the document's memoized state (prefill K/V and reference queries, see `queries.document_state`)
+and per-head budgets, and returns one `Solution` (C_k, beta, C_v, indices) per layer and KV head; this module
+checks the input and the parameters (their annotations: types and Literal choices), pads heads with different
+counts (beta = -inf) and packages a `CompactCache`. Budgets: t = round(N / ratio) slots per head on average
+(`slots_per_head`); a method may spread them unevenly across heads (the mean stays t). The name registry that
+the CLI, the server and the benchmarks use is `registry.py`; how to add a method: docs/compaction-methods.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from dataclasses import Field, dataclass, fields
+from functools import cache
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -24,8 +28,9 @@ from kvcat.cache import CompactCache
 from kvcat.inference import ContextTooLongError
 from kvcat.models import LoadedModel
 
-from .queries import DocumentState, document_state, get_queries
-from .solvers import Solution
+from .document import DocumentState
+from .fit import Solution
+from .queries import document_state, get_queries
 
 Progress = Callable[[int, int], None]  # (layers done, layers total)
 
@@ -34,45 +39,13 @@ class CompactionError(ValueError):
     """Bad input to a compaction: ratio, budget, empty or too long document, unknown method or parameter."""
 
 
-METHODS: dict[str, type["Method"]] = {}
-ALIASES = {"truncation": "recent", "streamingllm": "streaming-llm", "knorm": "key-norm", "am": "am-hak",
-           "omp": "am-omp", "cartridges": "optimize"}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: add a method to the registry under `cls.name` (idempotent for the same class)."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} needs a `name`")
-    if METHODS.get(cls.name, cls) is not cls:
-        raise TypeError(f"method name {cls.name!r} is already registered by {METHODS[cls.name].__name__}")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    from . import am, eviction, optimize  # noqa: F401  (registration side effects)
-
-
-def get_method(name: str, **params: Any) -> "Method":
-    """Instantiate a registered method by name; unknown names or parameters raise CompactionError."""
-    _load_all()
-    name = ALIASES.get(name, name)
-    if name not in METHODS:
-        raise CompactionError(f"unknown compaction method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name](**params)
-
-
-def method_names() -> list[str]:
-    _load_all()
-    return sorted(METHODS)
-
-
 # --------------------------------------------------------------------------------------------------
 # Input checks
 
 
-def resolve_budget(num_tokens: int, ratio: float | None = None, target_tokens: int | None = None) -> int:
-    """Average slots per head for an N-token context: N / ratio, or target_tokens. Must be in [1, N)."""
+def slots_per_head(num_tokens: int, ratio: float | None = None, target_tokens: int | None = None) -> int:
+    """Average slots per head for an N-token context: round(N / ratio), or target_tokens. Must be in [1, N).
+    The one place a ratio becomes a budget: the methods, the CLI and the server call it."""
     if (ratio is None) == (target_tokens is None):
         raise CompactionError("give exactly one of ratio and target_tokens")
     if ratio is not None:
@@ -165,46 +138,81 @@ def package(solutions: Sequence[Sequence[Solution]], num_tokens: int, fingerprin
 
 
 # --------------------------------------------------------------------------------------------------
+# Parameters: the dataclass fields of a method
+
+
+@cache
+def parameters(cls: type) -> tuple[Field, ...]:
+    """A method class's parameters: its dataclass fields set by the constructor, in declaration order."""
+    return tuple(f for f in fields(cls) if f.init)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _conforms(hint: Any, value: Any) -> bool:
+    """Whether a parameter value has its annotated type (ints pass for floats, lists for tuples)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (Union, UnionType):
+        return any(_conforms(a, value) for a in args)
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and len(value) == len(args) and all(map(_conforms, args, value))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) or hint is bool:
+        return hint is bool and isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def check_parameter(method: type[Method], f: Field, value: Any) -> None:
+    """Refuse a value of the wrong type, outside its Literal choices, or negative where the default is not
+    (below 1 for the names in `at_least_one`), naming the parameter."""
+    hint = _hints(method)[f.name]
+    if not _conforms(hint, value):
+        if get_origin(hint) is Literal:
+            raise CompactionError(f"parameter {f.name!r} of {method.name!r} is one of "
+                                  f"{', '.join(map(str, get_args(hint)))}; got {value!r}")
+        raise CompactionError(f"parameter {f.name!r} of {method.name!r} should be like {f.default!r}, got {value!r}")
+    default, low = f.default, 1 if f.name in method.at_least_one else 0
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 and (
+            not value >= low or value == float("inf")):
+        raise CompactionError(f"parameter {f.name!r} of {method.name!r} must be a finite number >= {low}, "
+                              f"got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
 # The interface
 
 
+@dataclass
 class Method(ABC):
-    """One compaction method. Subclasses set `name`, `defaults` and implement `solve_layers`."""
+    """One compaction method. Subclasses are dataclasses: they set `name`, declare their parameters as typed
+    fields with defaults (checked on construction) and implement `solve_layers`."""
 
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    choices: ClassVar[dict[str, tuple]] = {}  # parameters that take one of a few values
-    # numeric parameters with a non-negative default must stay >= 0; these ones >= 1
-    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "k_choice", "refit_every", "window", "kernel", "chunk",
-                                                "logit_tokens")
+    at_least_one: ClassVar[tuple[str, ...]] = ()  # numeric parameters that must be >= 1 (the others >= 0)
 
-    def __init__(self, **params: Any):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise CompactionError(f"method {self.name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
-                                  f"it takes: {', '.join(sorted(self.defaults)) or 'none'}")
-        for key, value in params.items():
-            if not _same_kind(self.defaults[key], value):
-                raise CompactionError(f"parameter {key!r} of {self.name!r} should be like "
-                                      f"{self.defaults[key]!r}, got {value!r}")
-            default, low = self.defaults[key], 1 if key in self.at_least_one else 0
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 and (
-                    not value >= low or value == float("inf")):
-                raise CompactionError(f"parameter {key!r} of {self.name!r} must be a finite number >= {low}, "
-                                      f"got {value!r}")
-            if key in self.choices and value not in self.choices[key]:
-                raise CompactionError(f"parameter {key!r} of {self.name!r} is one of "
-                                      f"{', '.join(map(str, self.choices[key]))}; got {value!r}")
-        self.params: dict[str, Any] = {**self.defaults, **params}
+    def __post_init__(self) -> None:
+        for f in parameters(type(self)):
+            check_parameter(type(self), f, getattr(self, f.name))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every parameter by name: recorded in the cache, part of memo keys and of on-the-fly context ids."""
+        return {f.name: getattr(self, f.name) for f in parameters(type(self))}
 
     # ---- what a subclass provides ---------------------------------------------------------------------
     @property
     def query_mode(self) -> str | None:
-        """Which reference queries the method needs beyond the prefill (None: only K/V and context queries)."""
-        return self.params.get("queries")
+        """Which reference queries the method needs beyond the prefill: its `queries` parameter, where it has
+        one (None: only K/V and context queries)."""
+        return getattr(self, "queries", None)
 
     @property
     def streams_queries(self) -> bool:
@@ -246,7 +254,7 @@ class Method(ABC):
                 target_tokens: int | None = None, progress: Progress | None = None) -> CompactCache:
         """Compact one document (token ids) to about N / ratio (or target_tokens) slots per head."""
         ids = as_context_ids(lm, context_ids)
-        t = resolve_budget(ids.numel(), ratio, target_tokens)
+        t = slots_per_head(ids.numel(), ratio, target_tokens)
         state = document_state(lm, ids, context_sample=self.needs_context_sample, token_nll=self.needs_token_nll)
         return self.compact_state(lm, state, t, ratio=ratio, target_tokens=target_tokens,
                                   progress=progress)
@@ -276,20 +284,6 @@ class Method(ABC):
 
         compress.__name__ = f"{self.name}@{ratio:g}x"
         return compress
-
-
-def _same_kind(default: Any, value: Any) -> bool:
-    """A parameter value of the type its default has (ints pass for floats; None defaults take anything)."""
-    if default is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    if isinstance(default, (tuple, list)):
-        return isinstance(value, (tuple, list)) and len(value) == len(default) and all(
-            _same_kind(d, v) for d, v in zip(default, value))
-    return isinstance(value, type(default))
 
 
 def _jsonable(v: Any) -> bool:

@@ -24,6 +24,9 @@ import torch
 from kvcat.config import kvcat_home
 from kvcat.models import LoadedModel
 
+from .base import attention_scale, group_queries, uniform_budgets
+from .solvers import hak
+
 FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 PROFILE_VERSION = 1
 _MEMO: dict[str, dict] = {}
@@ -99,9 +102,6 @@ def compute_profile(lm: LoadedModel, texts: Sequence[Sequence[int]], prefix_frac
                     fractions: Sequence[float] = FRACTIONS, max_queries: int = 512) -> dict:
     from kvcat.attention import use_kvcat_attention
     from kvcat.inference import prefill
-
-    from .base import attention_scale, group_queries
-    from .solvers import hak
 
     L, H, Hq, d = lm.spec.num_layers, lm.spec.num_kv_heads, lm.spec.num_heads, lm.spec.head_dim
     g = Hq // H
@@ -276,7 +276,7 @@ def head_budgets(lm: LoadedModel, n: int, t: int, mode: str = "nonuniform") -> t
     """[num_layers, num_kv_heads] slot counts with mean t (max n)."""
     L, H = lm.spec.num_layers, lm.spec.num_kv_heads
     if mode == "uniform":
-        return torch.full((L, H), t, dtype=torch.long)
+        return uniform_budgets(L, H, t)
     if mode != "nonuniform":
         raise ValueError(f"unknown budgets mode {mode!r}: uniform or nonuniform")
     prof = load_profile(lm)

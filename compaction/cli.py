@@ -1,9 +1,7 @@
-"""`kvcat compact FILE --model M --ratio 10 --method am-hak --out doc.kvc`, `kvcat bench
-compaction|retrieval|peers` (their options: the config dataclasses of benchmarks/*.py)."""
+"""`kvcat compact FILE --model M --ratio 10 --method am-hak --out doc.kvc`."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
-def register(app: typer.Typer, bench: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     @app.command("compact")
     def compact(
         file: Path = typer.Argument(..., help="a UTF-8 text file: the document to compact"),
@@ -45,7 +43,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from kvcat.console import console, fail
         from kvcat.models import ModelError, load_model
 
-        from .base import get_method, resolve_budget
+        from kvcat.compaction import get_method, slots_per_head
 
         if ratio is None and target_tokens is None:
             ratio = 10.0
@@ -72,7 +70,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             fail(str(exc))
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         try:  # check the budget before the expensive part
-            resolve_budget(len(ids), ratio, target_tokens)
+            slots_per_head(len(ids), ratio, target_tokens)
         except ValueError as exc:
             fail(str(exc))
         start = time.perf_counter()
@@ -101,29 +99,3 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                       f"{cache.info.get('queries_s', 0):.2f} s, solve {cache.info.get('solve_s', 0):.2f} s)"
                       f" -> {out}")
 
-    from kvcat.bench import bench_command
-
-    resume = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, help="continue an interrupted run of the same command (same settings and code; its records are in "
-                    "OUT's .partial.json)"))
-    bench.command("compaction")(bench_command("compaction", "CompactionConfig", resume=resume))
-    bench.command("retrieval")(bench_command("retrieval", "RetrievalConfig", errors=(ValueError,), resume=resume))
-    bench.command("peers")(bench_command("peers", "PeersConfig", prepare=_peers_venv, resume=resume))
-
-
-def _peers_venv() -> None:
-    """Make kvpress's venv .peers-venv/ with scripts/peers_venv.sh (seconds once it is made): kvpress needs a
-    transformers older than kvcat's."""
-    import subprocess
-
-    from kvcat.bench import REPO
-    from kvcat.console import fail
-
-    setup = REPO / "scripts" / "peers_venv.sh"
-    try:
-        proc = subprocess.run(["bash", str(setup)], cwd=REPO)
-    except OSError as exc:
-        fail(f"could not run {setup}: {exc}")
-    if proc.returncode != 0:
-        fail(f"{setup} failed (exit {proc.returncode}): the kvpress venv .peers-venv/ could not be made; "
-             "it needs Python 3.11 and PyPI to install kvpress (see the output above)")

@@ -18,20 +18,26 @@ fewer slots are padded with beta = -inf by `base.package`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
 
 from kvcat.models import LoadedModel
 
-from .base import Method, Progress, attention_scale, group_queries, register
-from .queries import DocumentState, get_queries
-from .solvers import Solution
+from .base import Method, Progress, attention_scale, group_queries
+from .document import DocumentState
+from .fit import Solution
+from .queries import get_queries
+from .registry import register
 
 
+@dataclass
 class Eviction(Method):
     """Score-based eviction; subclasses implement `scores` ([H, N], higher = keep)."""
 
-    global_budget = False
+    global_budget: ClassVar[bool] = False  # one top-k over every head and layer (else top t per head)
 
     def scores(self, lm: LoadedModel, state: DocumentState, layer: int) -> torch.Tensor:
         raise NotImplementedError
@@ -85,10 +91,11 @@ def _positions(n: int, device) -> torch.Tensor:
 
 
 @register
+@dataclass
 class Recent(Eviction):
     """Truncation: keep the most recent t tokens."""
 
-    name = "recent"
+    name: ClassVar[str] = "recent"
 
     def scores(self, lm, state, layer):
         H, n = lm.spec.num_kv_heads, state.num_tokens
@@ -96,28 +103,34 @@ class Recent(Eviction):
 
 
 @register
+@dataclass
 class StreamingLLM(Eviction):
     """Attention sinks (first `sink` tokens) plus the most recent tokens."""
 
-    name = "streaming-llm"
-    defaults = {"sink": 4}
+    name: ClassVar[str] = "streaming-llm"
+
+    sink: int = 4
+    """First tokens kept whatever the budget."""
 
     def scores(self, lm, state, layer):
         H, n = lm.spec.num_kv_heads, state.num_tokens
         s = _positions(n, lm.device).clone()
-        s[: self.params["sink"]] = float("inf")
+        s[: self.sink] = float("inf")
         return s.expand(H, n)
 
 
 @register
+@dataclass
 class Random(Eviction):
     """t uniformly random tokens per head."""
 
-    name = "random"
-    defaults = {"seed": 0}
+    name: ClassVar[str] = "random"
+
+    seed: int = 0
+    """Seed of the choice (with the layer index)."""
 
     def scores(self, lm, state, layer):
-        gen = torch.Generator().manual_seed(int(self.params["seed"]) * 100003 + layer)
+        gen = torch.Generator().manual_seed(self.seed * 100003 + layer)
         return torch.rand(lm.spec.num_kv_heads, state.num_tokens, generator=gen)
 
 
@@ -131,16 +144,23 @@ def _attention(q: torch.Tensor, k: torch.Tensor, scale: float, q_pos: torch.Tens
 
 
 @register
+@dataclass
 class SnapKV(Eviction):
     """Attention of the last `window` context queries (mean over them and the group), average-pooled;
     the window itself is always kept."""
 
-    name = "snapkv"
-    defaults = {"window": 32, "kernel": 7}
+    name: ClassVar[str] = "snapkv"
+
+    window: int = 32
+    """Last context queries whose attention scores the keys (all kept)."""
+    kernel: int = 7
+    """Width of the average pooling over the scores."""
+
+    at_least_one: ClassVar[tuple[str, ...]] = ("window", "kernel")
 
     def scores(self, lm, state, layer):
         n, H = state.num_tokens, lm.spec.num_kv_heads
-        w = min(int(self.params["window"]), n)
+        w = min(self.window, n)
         sel = state.query_pos >= n - w  # the stored context queries always include the last ones
         q = state.prefill.queries[layer][:, sel.to(state.prefill.queries[layer].device)]  # [Hq, w', d]
         K = state.prefill.keys[layer]
@@ -151,23 +171,32 @@ class SnapKV(Eviction):
         for h in range(H):
             a = _attention(q[h * g:(h + 1) * g].reshape(g * w, -1), K[h], attention_scale(lm), pos.repeat(g))
             s = a.mean(0)
-            k = int(self.params["kernel"])
-            s = F.avg_pool1d(s[None, None], kernel_size=k, stride=1, padding=k // 2)[0, 0][:n]
+            s = F.avg_pool1d(s[None, None], kernel_size=self.kernel, stride=1, padding=self.kernel // 2)[0, 0][:n]
             s[n - w:] = float("inf")
             out.append(s)
         return torch.stack(out)
 
 
 @register
+@dataclass
 class H2O(Eviction):
     """Heavy hitters (causal accumulated attention of all context queries) + recent half of the budget."""
 
-    name = "h2o"
-    defaults = {"recent_frac": 0.5, "chunk": 512}
-    needs_context_sample = True
+    name: ClassVar[str] = "h2o"
+
+    recent_frac: float = 0.5
+    """Share of the mean budget kept for the most recent tokens."""
+    chunk: int = 512
+    """Context queries per block of the accumulated attention."""
+
+    at_least_one: ClassVar[tuple[str, ...]] = ("chunk",)
+
+    @property
+    def needs_context_sample(self) -> bool:
+        return True
 
     def adjust(self, scores, budgets):
-        recent = int(round(float(budgets.float().mean()) * float(self.params["recent_frac"])))
+        recent = int(round(float(budgets.float().mean()) * float(self.recent_frac)))
         if recent <= 0:
             return scores
         out = scores.clone()
@@ -183,8 +212,8 @@ class H2O(Eviction):
         out = []
         for h in range(H):
             acc = torch.zeros(n, device=K.device)
-            for start in range(0, m, int(self.params["chunk"])):
-                stop = min(start + int(self.params["chunk"]), m)
+            for start in range(0, m, self.chunk):
+                stop = min(start + self.chunk, m)
                 pos = state.query_pos[start:stop].to(K.device).repeat(g)
                 q = q_all[h * g:(h + 1) * g, start:stop].reshape(-1, q_all.shape[-1])
                 acc += _attention(q, K[h], attention_scale(lm), pos).sum(0)
@@ -193,14 +222,16 @@ class H2O(Eviction):
 
 
 @register
+@dataclass
 class KVzip(Eviction):
     """Max attention from the context-reconstruction queries (every token of the document copied, see
-    `queries.Reconstruction`); global eviction across heads and layers."""
+    `reconstruction.Reconstruction`); global eviction across heads and layers."""
 
-    name = "kvzip"
-    defaults = {"queries": "repeat"}
-    choices = {"queries": ("repeat",)}
-    global_budget = True
+    name: ClassVar[str] = "kvzip"
+    global_budget: ClassVar[bool] = True
+
+    queries: Literal["repeat"] = "repeat"
+    """The reconstruction's copy queries score the keys (the only mode)."""
 
     def scores(self, lm, state, layer):
         q = get_queries(lm, state, "repeat")[layer]  # also records the reconstruction's key scores
@@ -213,10 +244,11 @@ class KVzip(Eviction):
 
 
 @register
+@dataclass
 class KeyNorm(Eviction):
     """Keep the keys with the smallest L2 norm."""
 
-    name = "key-norm"
+    name: ClassVar[str] = "key-norm"
 
     def scores(self, lm, state, layer):
         return -state.prefill.keys[layer].float().norm(dim=-1)

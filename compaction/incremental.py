@@ -25,8 +25,9 @@ from kvcat.cache import CompactCache
 from kvcat.inference import CacheSession, ContextTooLongError, Prefill
 from kvcat.models import LoadedModel
 
-from .base import CompactionError, Method, Progress, resolve_budget
-from .queries import DocumentState, context_query_positions, repeat_input
+from .base import CompactionError, Method, Progress, slots_per_head
+from .document import DocumentState
+from .queries import context_query_positions, repeat_input
 
 SUPPORTED_QUERIES = (None, "context", "repeat")
 
@@ -82,7 +83,7 @@ def extend(lm: LoadedModel, cache: CompactCache, new_ids, method: Method, ratio:
         raise CompactionError("fewer than two new tokens: nothing to compact")
     if cache.num_tokens + ids.numel() > lm.spec.max_positions:
         raise ContextTooLongError(cache.num_tokens + ids.numel(), lm.spec.max_positions, "conversation")
-    t = resolve_budget(ids.numel(), ratio, target_tokens)
+    t = slots_per_head(ids.numel(), ratio, target_tokens)
     state = segment_state(lm, cache, ids, method.query_mode)
     block = method.compact_state(lm, state, t, ratio=ratio, target_tokens=target_tokens, progress=progress)
     return cache.concat(block)

@@ -13,36 +13,60 @@ paper compares models by exactly this number.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 
 from kvcat.cache import CompactCache
 from kvcat.models import LoadedModel
 
-from .base import CompactionError, Method, Progress, attention_scale, get_method, group_queries, register
-from .queries import QUERY_MODES, DocumentState, get_queries, repeat_input
-from .solvers import Solution
+from .base import CompactionError, Method, Progress, attention_scale, group_queries
+from .document import DocumentState
+from .fit import Solution
+from .queries import QueryMode, get_queries, repeat_input
+from .registry import get_method, register
 
 
 @register
+@dataclass
 class Optimized(Method):
     """Adam on (C_k, beta, C_v), initialised from method `init`, against the full cache."""
 
-    name = "optimize"
-    defaults = {"init": "am-hak", "objective": "attention", "steps": 100, "lr": 1e-2, "target_loss": None,
-                "queries": "repeat", "max_queries": 1024, "logit_tokens": 256}
-    choices = {"objective": ("attention", "logits"), "queries": tuple(QUERY_MODES)}
+    name: ClassVar[str] = "optimize"
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.params["init"] in ("optimize", "cartridges"):
+    init: str = "am-hak"
+    """The registered method whose cache the optimization starts from."""
+    objective: Literal["attention", "logits"] = "attention"
+    """Per-head attention outputs and mass, or end-to-end next-token distributions."""
+    steps: int = 100
+    """Adam steps."""
+    lr: float = 1e-2
+    """Adam's learning rate."""
+    target_loss: float | None = None
+    """The loss whose first step is reported (`steps_to_target` in the cache's info)."""
+    queries: QueryMode = "repeat"
+    """Reference queries of the attention objective."""
+    max_queries: int = 1024
+    """Reference queries per KV head in the attention objective (a seeded sample)."""
+    logit_tokens: int = 256
+    """Tokens of the repeat prompt + context whose next-token distributions the logits objective matches."""
+
+    init_method: Method = field(init=False, repr=False, compare=False)
+    report: dict = field(init=False, repr=False, compare=False)  # loss curve, steps to target_loss
+
+    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "logit_tokens")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init in ("optimize", "cartridges"):
             raise CompactionError("optimize starts from another method's result: give init=am-hak (or another)")
-        self.init_method = get_method(self.params["init"])
-        self.report: dict = {}
+        self.init_method = get_method(self.init)
+        self.report = {}
 
     @property
     def needs_context_sample(self) -> bool:
-        return "context" in self.params["queries"] or self.init_method.needs_context_sample
+        return "context" in self.queries or self.init_method.needs_context_sample
 
     def head_budgets(self, lm, state, t):
         return self.init_method.head_budgets(lm, state, t)
@@ -52,11 +76,11 @@ class Optimized(Method):
         if self.init_method.query_mode:
             get_queries(lm, state, self.init_method.query_mode)
         init = self.init_method.solve_layers(lm, state, budgets, None)
-        if self.params["objective"] == "attention":
+        if self.objective == "attention":
             out, curve = self._attention_objective(lm, state, init, progress)
         else:
             out, curve = self._logit_objective(lm, state, init, progress)
-        target = self.params["target_loss"]
+        target = self.target_loss
         hit = next((i for i, v in enumerate(curve) if target is not None and v <= target), None)
         self.report = {"loss_curve": [round(v, 6) for v in curve], "steps_to_target": hit,
                        "initial_loss": curve[0] if curve else None, "final_loss": curve[-1] if curve else None}
@@ -72,14 +96,14 @@ class Optimized(Method):
     # ---- per-layer attention matching by gradient ---------------------------------------------------
     def _attention_objective(self, lm, state, init, progress):
         scale = attention_scale(lm)
-        queries = get_queries(lm, state, self.params["queries"])
-        steps, lr = int(self.params["steps"]), float(self.params["lr"])
+        queries = get_queries(lm, state, self.queries)
+        steps, lr = self.steps, float(self.lr)
         curve = torch.zeros(steps + 1, dtype=torch.float64)
         out = []
         count = 0
         for layer, heads in enumerate(init):
             K, V = state.prefill.keys[layer].float(), state.prefill.values[layer].float()
-            qs = group_queries(queries[layer], lm.spec.num_kv_heads, self.params["max_queries"], seed=1)
+            qs = group_queries(queries[layer], lm.spec.num_kv_heads, self.max_queries, seed=1)
             new = []
             for h, sol in enumerate(heads):
                 q = qs[h].float()
@@ -118,8 +142,7 @@ class Optimized(Method):
 
         use_kvcat_attention(lm.model)
         n0 = state.num_tokens
-        text = repeat_input(lm, state.ids.tolist(), min(int(self.params["logit_tokens"]),
-                                                        max(lm.spec.max_positions - n0, 2)))
+        text = repeat_input(lm, state.ids.tolist(), min(self.logit_tokens, max(lm.spec.max_positions - n0, 2)))
         ids = torch.tensor([text], device=lm.device)
         pos = torch.arange(n0, n0 + len(text), device=lm.device)[None]
 
@@ -144,12 +167,12 @@ class Optimized(Method):
             params.append([t.requires_grad_(True) for t in (k, v, b)])
         live = [torch.isfinite(p[2].detach()) for p in params]
         flat = [t for p in params for t in p]
-        opt = torch.optim.Adam(flat, lr=float(self.params["lr"]))
+        opt = torch.optim.Adam(flat, lr=float(self.lr))
         flags = [prm.requires_grad for prm in lm.model.parameters()]
         for prm in lm.model.parameters():
             prm.requires_grad_(False)
         curve = []
-        steps = int(self.params["steps"])
+        steps = self.steps
         try:
             with torch.enable_grad():
                 for step in range(steps + 1):

@@ -6,8 +6,9 @@ Modes (each gives, per layer, queries [num_heads, n, head_dim]):
 - "repeat": context reconstruction over the whole document: "Repeat the previous context verbatim." as the
   next chat question, then one chunk of the document, for every chunk, each run *after* the cached context
   (continuing from its K/V); the queries of the instruction and the copy look back at every token, like
-  later questions do. `Reconstruction` runs it one decoder layer at a time (one layer's queries in memory,
-  key scores recorded inside its attention, on-policy for free); `LayerQueries` serves any mode that way.
+  later questions do. `reconstruction.Reconstruction` runs it one decoder layer at a time (one layer's
+  queries in memory, key scores recorded inside its attention, on-policy for free); `LayerQueries` serves
+  any mode that way.
 - "self-study": the model writes a few short texts about the context (summary, questions, key facts) over
   its K/V; the queries of those generated tokens.
 - "repeat+self-study", "repeat+context", "repeat+last": both, concatenated.
@@ -22,52 +23,26 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from kvcat import prompts
-from kvcat.attention import KeyScores, use_kvcat_attention
-from kvcat.inference import Prefill, as_ids, local_surprisal, prefill
+from kvcat.attention import KeyScores
+from kvcat.inference import as_ids, prefill
 from kvcat.models import LoadedModel
 
-REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
+from .document import DocumentState
+from .reconstruction import REPEAT_INSTRUCTION, Reconstruction, repeat_queries
+
+# The modes a method's `queries` parameter takes (QUERY_MODES below computes each)
+QueryMode = Literal["context", "repeat", "self-study", "repeat+self-study", "repeat+context", "last", "repeat+last"]
+
 SELF_STUDY_PROMPTS = (
     "\n\nSummarize the text above in a few sentences.\n",
     "\n\nWrite three questions about the text above, with their answers.\n",
     "\n\nList the key facts, names and numbers in the text above.\n",
 )
-
-
-@dataclass
-class DocumentState:
-    """Everything a compaction method needs about one document, computed once."""
-
-    ids: torch.Tensor  # [N] token ids
-    prefill: Prefill  # K/V and (a sample of) the context's own queries
-    prefill_s: float  # seconds the prefill took
-    query_pos: torch.Tensor  # [n] positions of the context queries kept in prefill.queries (sorted)
-    queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # mode -> per layer [H, n, d]
-    query_s: dict[str, float] = field(default_factory=dict)  # mode -> extra seconds to get them
-    scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # eviction scores, shared across ratios
-    context_sample: bool = True  # prefill.queries hold a sample of the whole context (else the last ones)
-    keep_queries: bool = False  # memoize streamed reconstruction queries (benchmarks: many ratios, one document)
-    streamed_s: float = 0.0  # seconds the last streaming compaction spent computing its queries
-    surprisal: dict[int, torch.Tensor] = field(default_factory=dict)  # context -> local surprisal [N]
-    surprisal_s: dict[int, float] = field(default_factory=dict)  # context -> seconds to compute it
-
-    def local_surprisal(self, lm: LoadedModel, context: int) -> torch.Tensor:
-        """Each token's surprisal given only its last `context`+ tokens (`inference.local_surprisal`, windows
-        of 4 x context), computed once (its seconds in surprisal_s)."""
-        if context not in self.surprisal:
-            start = time.perf_counter()
-            self.surprisal[context] = local_surprisal(lm, self.ids, context, 4 * context).cpu()
-            self.surprisal_s[context] = time.perf_counter() - start
-        return self.surprisal[context]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.prefill.num_tokens
 
 
 def _tokens(lm: LoadedModel, text: str) -> list[int]:
@@ -78,8 +53,6 @@ def _tokens(lm: LoadedModel, text: str) -> list[int]:
 # spaced segments totalling REPEAT_MAX_TOKENS (their passes run over a whole conversation at once).
 REPEAT_MAX_TOKENS = 768
 REPEAT_SEGMENT = 192
-# The "repeat" reference queries reconstruct the whole document, REPEAT_CHUNK tokens per copy prompt.
-REPEAT_CHUNK = 512
 
 
 def repeat_segments(ids: list[int], max_tokens: int = REPEAT_MAX_TOKENS, segment: int = REPEAT_SEGMENT) -> list[int]:
@@ -97,124 +70,6 @@ def repeat_input(lm: LoadedModel, ids: list[int], room: int | None = None) -> li
     then a copy of the context (all of it, or segments of REPEAT_MAX_TOKENS). Cut to `room` tokens."""
     out = prompts.question_ids(lm.tokenizer, REPEAT_INSTRUCTION) + repeat_segments(list(ids))
     return out[: max(room, 0)] if room is not None else out
-
-
-def reconstruction_inputs(lm: LoadedModel, ids: list[int], room: int, chunk: int = REPEAT_CHUNK) -> list[list[int]]:
-    """Context reconstruction prompts that together copy every token of the document (as KVzip does): the
-    repeat instruction in the question slot, then one chunk of the document. Each runs right after the
-    context (positions N..), so `room` (positions left after it) bounds instruction + chunk; [] when not
-    even the instruction and two tokens fit."""
-    head = prompts.question_ids(lm.tokenizer, REPEAT_INSTRUCTION)
-    size = min(chunk, room - len(head))
-    if size < 2:
-        return []
-    return [head + ids[a:a + size] for a in range(0, len(ids), size)]
-
-
-class _LayerPast:
-    """The minimal cache interface an attention module calls (`update`) for one layer's pass: attention sees
-    the given K/V [H, T, d] followed by the new tokens', and nothing is stored."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values = keys[None], values[None]
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2), \
-            torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
-
-
-class Reconstruction:
-    """The "repeat" reference queries, computed one layer at a time: every chunk of the document is copied
-    after the repeat instruction (`reconstruction_inputs`), over the document's K/V.
-
-    Running the decoder layer by layer keeps one layer's queries at a time (about 9.7 MB for a 4k-token
-    SmolLM2 document instead of 290 MB for all layers) plus the prompts' hidden states, and makes on-policy
-    queries free: after a layer is compacted, `advance(compacted)` runs that layer's attention over its
-    compacted cache, so the next layer's queries come from a model whose earlier layers are compacted.
-
-        rec = Reconstruction(lm, state)
-        for layer in range(L):
-            q = rec.queries(layer)       # [num_heads, n, head_dim], post-RoPE
-            ...                          # solve the layer
-            rec.advance()                # or rec.advance((C_k, C_v, beta)) for on-policy queries
-    """
-
-    def __init__(self, lm: LoadedModel, state: DocumentState, chunk: int = REPEAT_CHUNK):
-        use_kvcat_attention(lm.model)
-        self.lm, self.state, self.layer, self.seconds = lm, state, 0, 0.0
-        start = time.perf_counter()
-        n0 = state.num_tokens
-        inputs = reconstruction_inputs(lm, state.ids.tolist(), lm.spec.max_positions - n0, chunk)
-        decoder = lm.model.model
-        with torch.no_grad():
-            self.hidden = [decoder.embed_tokens(as_ids(x, lm.device)) for x in inputs]
-            self.positions = [torch.arange(n0, n0 + len(x), device=lm.device)[None] for x in inputs]
-            self.rope = [decoder.rotary_emb(h, position_ids=p) for h, p in zip(self.hidden, self.positions)]
-        self._out: list[torch.Tensor] | None = None
-        self.key_scores: KeyScores | None = None
-        self.seconds += time.perf_counter() - start
-
-    @property
-    def empty(self) -> bool:
-        """No room after the document for a copy prompt (the caller falls back to the context's queries)."""
-        return not self.hidden
-
-    @torch.no_grad()
-    def _run(self, layer: int, keys, values, bias=None, capture: dict | None = None,
-             scores: KeyScores | None = None) -> list[torch.Tensor]:
-        block = self.lm.model.model.layers[layer]
-        past = _LayerPast(keys.to(self.lm.model.dtype), values.to(self.lm.model.dtype))
-        out = []
-        for h, pos, rope in zip(self.hidden, self.positions, self.rope):
-            out.append(block(h, position_ids=pos, past_key_values=past, use_cache=True, position_embeddings=rope,
-                             kvcat_queries=capture, kvcat_bias={layer: bias} if bias is not None else None,
-                             kvcat_key_scores={layer: scores} if scores is not None else None))
-        return out
-
-    def queries(self, layer: int) -> torch.Tensor:
-        """Post-RoPE queries of every copy prompt at `layer` [num_heads, n, head_dim]. The attention they pay
-        each document key is recorded on the way (`key_scores`): every copy query scores the keys, however
-        few of them a solver later fits on."""
-        if layer != self.layer:
-            raise RuntimeError(f"reconstruction is at layer {self.layer}; asked for layer {layer}")
-        start = time.perf_counter()
-        got: dict[int, list[torch.Tensor]] = {}
-        pre = self.state.prefill
-        self.key_scores = KeyScores(self.lm.spec.num_heads, self.state.num_tokens, self.lm.device)
-        self._out = self._run(layer, pre.keys[layer], pre.values[layer], capture=got, scores=self.key_scores)
-        q = torch.cat(got[layer], dim=1)
-        self.seconds += time.perf_counter() - start
-        return q
-
-    def advance(self, compacted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Move to the next layer: the prompts' hidden states after this layer over the full cache, or over
-        `compacted` = (keys [H, t, d], values [H, t, d], beta [H, t]) for on-policy queries."""
-        if self._out is None:
-            raise RuntimeError("advance() before queries() of this layer")
-        start = time.perf_counter()
-        if compacted is None:
-            self.hidden = self._out
-        else:
-            keys, values, beta = compacted
-            self.hidden = self._run(self.layer, keys, values, bias=beta.to(self.lm.model.dtype))
-        self._out = None
-        self.layer += 1
-        self.seconds += time.perf_counter() - start
-
-
-def repeat_queries(lm: LoadedModel, state: DocumentState) -> list[torch.Tensor]:
-    """All layers' reconstruction queries at once (optimize, incremental joins; AM methods stream them
-    through `LayerQueries` instead), their key scores memoized beside them. No room after the context: the
-    context's own queries."""
-    rec = Reconstruction(lm, state)
-    if rec.empty:
-        return list(state.prefill.queries)
-    out = []
-    for layer in range(lm.spec.num_layers):
-        out.append(rec.queries(layer))
-        state.scores[("reconstruction", layer)] = rec.key_scores
-        rec.advance()
-    return out
 
 
 @torch.no_grad()

@@ -1,11 +1,15 @@
-"""Every registered compaction method on the tiny model; bad input; memoized document state; the CLI."""
+"""Every registered compaction method on the tiny model; bad input and parameters; memoized document state; the
+CLI."""
+
+import dataclasses
+import typing
 
 import pytest
 import torch
 
 from kvcat.cache import CacheError, CompactCache
 from kvcat.compaction import queries
-from kvcat.compaction.base import METHODS, CompactionError, get_method, method_names
+from kvcat.compaction import METHODS, CompactionError, get_method, method_names
 from kvcat.inference import CacheSession, ContextTooLongError, continuation_nll
 
 TEXT = ("The lighthouse keeper counted ships every night. On the ninth night a red ship arrived, "
@@ -69,6 +73,25 @@ def test_bad_documents_and_names_are_refused(tiny):
         get_method("am-hak", colour="red")
 
 
+@pytest.mark.parametrize("params, match", [
+    (dict(colour="red"), "no parameter.*colour"), (dict(max_queries=0), "'max_queries' .* >= 1"),
+    (dict(score="median"), "'score' of 'am-hak' is one of rms, mean, max"), (dict(fit_beta=1), "'fit_beta'"),
+    (dict(beta_bounds=[1.0]), "'beta_bounds'"), (dict(ridge=float("nan")), "'ridge'"), (dict(queries=3), "'queries'"),
+])
+def test_bad_parameters_are_refused_naming_the_field(params, match):
+    with pytest.raises(CompactionError, match=match):
+        get_method("am-hak", **params)
+
+
+def test_methods_are_dataclasses_with_typed_parameters():
+    method = get_method("am-hak", max_queries=512, beta_bounds=[-2, 2])  # what JSON gives: lists, ints
+    assert method.max_queries == 512 and method.params["beta_bounds"] == [-2, 2]
+    for name, cls in METHODS.items():
+        assert "__dataclass_fields__" in vars(cls), name  # each method its own dataclass: fields = parameters
+        assert list(get_method(name).params) == [f.name for f in dataclasses.fields(cls) if f.init]
+    assert set(typing.get_args(queries.QueryMode)) == set(queries.QUERY_MODES)
+
+
 def test_document_state_is_shared_across_methods_and_ratios(tiny, monkeypatch):
     queries.clear_memo()
     ids = _ids(tiny, 100)
@@ -124,7 +147,8 @@ def test_cli_compact_and_bad_input(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     assert "N = " in res.output and "KV bytes" in res.output and out.is_file()
     CompactCache.load(out, expect_fingerprint=tiny.spec.fingerprint)
-    for args, msg in [(["--ratio", "0.5"], "above 1"), (["--method", "nope"], "unknown compaction method")]:
+    for args, msg in [(["--ratio", "0.5"], "above 1"), (["--method", "nope"], "unknown compaction method"),
+                      (["--param", "max_queries=0"], "'max_queries'")]:
         bad = tmp_path / "bad.kvc"
         res = runner.invoke(cli.app, ["compact", str(doc), "--model", "tiny-random", "--out", str(bad),
                                       "--device", "cpu", *args])

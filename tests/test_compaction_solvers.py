@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from kvcat.compaction import budgets, solvers
+from kvcat.compaction import budgets, fit, solvers
+
+SOLVERS = {"hak": solvers.hak, "omp": solvers.omp}
 
 
 def _head(n=120, d=16, q=200, seed=0):
@@ -16,27 +18,27 @@ def _head(n=120, d=16, q=200, seed=0):
     return K, V, Q
 
 
-@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
+@pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_keeping_everything_is_exact(name):
     K, V, Q = _head()
-    s = solvers.SOLVERS[name](K, V, Q, K.shape[0])
+    s = SOLVERS[name](K, V, Q, K.shape[0])
     assert torch.equal(s.keys, K) and torch.equal(s.values, V) and torch.all(s.beta == 0)
     assert torch.equal(s.indices, torch.arange(K.shape[0]))
-    err = solvers.matching_errors(K, V, Q, s)
+    err = fit.matching_errors(K, V, Q, s)
     assert err["output_rel_err"] < 1e-6 and err["log_mass_err"] < 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
+@pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_solution_shapes_and_fit_beats_plain_eviction(name):
     K, V, Q = _head()
     t = 30
-    s = solvers.SOLVERS[name](K, V, Q, t)
+    s = SOLVERS[name](K, V, Q, t)
     assert s.keys.shape == (t, K.shape[1]) and s.values.shape == (t, K.shape[1]) and s.beta.shape == (t,)
     assert torch.equal(s.keys, K[s.indices])  # keys are a subset of the original keys
     assert torch.all(s.indices[1:] > s.indices[:-1])  # sorted, distinct
     assert torch.isfinite(s.beta).all() and torch.isfinite(s.values).all()
-    plain = solvers.Solution(K[s.indices], torch.zeros(t), V[s.indices], s.indices)
-    fitted, evicted = solvers.matching_errors(K, V, Q, s), solvers.matching_errors(K, V, Q, plain)
+    plain = fit.Solution(K[s.indices], torch.zeros(t), V[s.indices], s.indices)
+    fitted, evicted = fit.matching_errors(K, V, Q, s), fit.matching_errors(K, V, Q, plain)
     assert fitted["output_rel_err"] < evicted["output_rel_err"]
     assert fitted["log_mass_err"] < evicted["log_mass_err"]
 
@@ -58,7 +60,7 @@ def test_mass_weights_recover_a_known_mixture():
     g = torch.Generator().manual_seed(0)
     M = torch.rand(300, 5, generator=g)
     w_true = torch.tensor([0.5, 1.0, 2.0, 4.0, 0.1])
-    w = solvers.fit_mass_weights(M, M @ w_true, 1e-6, None, iters=0, ridge=0.0)
+    w = fit.fit_mass_weights(M, M @ w_true, 1e-6, None, iters=0, ridge=0.0)
     assert torch.allclose(w, w_true, atol=1e-3)
 
 
@@ -99,7 +101,7 @@ def test_holdout_keeps_the_fit_only_where_it_generalizes(seed, monkeypatch):
     unchecked = solvers.hak(K, V, Q, t)
     checked = solvers.hak(K, V, Q, t, holdout_every=5)
     assert torch.equal(checked.indices, unchecked.indices)
-    err = lambda s: solvers.matching_errors(K, V, fresh, s)["output_rel_err"]  # noqa: E731
+    err = lambda s: fit.matching_errors(K, V, fresh, s)["output_rel_err"]  # noqa: E731
     assert err(checked) < err(unchecked)
     # with plenty of queries the choice costs (almost) nothing against the unchecked fit
     K, V, Q = _head(seed=seed)  # err() reads the new K, V
@@ -120,15 +122,15 @@ def test_validation_queries_choose_the_variant_per_head(name):
     g = torch.Generator().manual_seed(7)
     shift = torch.randn(K.shape[1], generator=g) * 2.0
     val = torch.randn(64, K.shape[1], generator=g) * 0.5 + shift  # concentrated elsewhere than Q
-    s = solvers.SOLVERS[name](K, V, Q, 30, validation=val)
-    fitted = solvers.SOLVERS[name](K, V, Q, 30)
+    s = SOLVERS[name](K, V, Q, 30, validation=val)
+    fitted = SOLVERS[name](K, V, Q, 30)
     assert torch.equal(s.indices, fitted.indices)
     zeros = torch.zeros(30)
-    plain = solvers.Solution(K[s.indices], zeros, V[s.indices], s.indices)
-    no_beta = solvers.Solution(K[s.indices], zeros, solvers.fit_values(
-        torch.softmax((Q @ K[s.indices].T) * K.shape[1] ** -0.5, 1), solvers.attention_output(K, V, Q),
+    plain = fit.Solution(K[s.indices], zeros, V[s.indices], s.indices)
+    no_beta = fit.Solution(K[s.indices], zeros, fit.fit_values(
+        torch.softmax((Q @ K[s.indices].T) * K.shape[1] ** -0.5, 1), fit.attention_output(K, V, Q),
         V[s.indices]), s.indices)
-    err = lambda x: solvers.matching_errors(K, V, val, x)["output_rel_err"]  # noqa: E731
+    err = lambda x: fit.matching_errors(K, V, val, x)["output_rel_err"]  # noqa: E731
     assert err(s) <= min(err(fitted), err(plain), err(no_beta)) + 1e-6
 
 
@@ -138,8 +140,8 @@ def test_empty_validation_falls_back_to_the_held_out_rule(name):
     judges on held-out reference queries, as without validation."""
     K, V, Q = _head(seed=2)
     d = K.shape[1]
-    empty = solvers.SOLVERS[name](K, V, Q, 30, validation=torch.empty(0, d), holdout_every=5)
-    held = solvers.SOLVERS[name](K, V, Q, 30, holdout_every=5)
+    empty = SOLVERS[name](K, V, Q, 30, validation=torch.empty(0, d), holdout_every=5)
+    held = SOLVERS[name](K, V, Q, 30, holdout_every=5)
     assert torch.equal(empty.indices, held.indices) and torch.allclose(empty.values, held.values)
     assert torch.allclose(empty.beta, held.beta)
 
@@ -171,7 +173,7 @@ def test_omp_weighs_the_score_queries_mass():
     """OMP with score queries at weight a matches their attention mass better than without them."""
     K, V, Q = _head(seed=5)
     S = torch.randn(16, K.shape[1], generator=torch.Generator().manual_seed(11)) * 1.5 + 1.0
-    err = lambda s: solvers.matching_errors(K, V, S, s)["log_mass_err"]  # noqa: E731
+    err = lambda s: fit.matching_errors(K, V, S, s)["log_mass_err"]  # noqa: E731
     plain = solvers.omp(K, V, Q, 20, refit_values=False)
     weighted = solvers.omp(K, V, Q, 20, refit_values=False, score_queries=S, score_weight=0.5)
     assert err(weighted) < err(plain)

@@ -6,8 +6,7 @@ import torch
 
 from kvcat import data
 from kvcat.cache import CacheError
-from kvcat.compaction import get_method
-from kvcat.compaction.base import CompactionError
+from kvcat.compaction import CompactionError, get_method
 from kvcat.compaction.incremental import extend, segment_state
 from kvcat.inference import CacheSession, ContextTooLongError, continuation_nll, full_cache, prefill
 

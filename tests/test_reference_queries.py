@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from kvcat.compaction import get_method, queries, solvers
+from kvcat.compaction import get_method, queries, reconstruction, solvers
 from kvcat.inference import prefill
 
 TEXT = ("Harbour log. The red ship Aurora docked at pier nine; its captain, Ines Varga, paid in copper. "
@@ -21,23 +21,23 @@ def _state(lm, n):
 
 def test_reconstruction_copies_every_token_in_chunks(tiny):
     ids = list(range(100, 1100))
-    head = queries.reconstruction_inputs(tiny, [1, 2], room=10_000)[0][:-2]
-    prompts = queries.reconstruction_inputs(tiny, ids, room=10_000, chunk=300)
+    head = reconstruction.reconstruction_inputs(tiny, [1, 2], room=10_000)[0][:-2]
+    prompts = reconstruction.reconstruction_inputs(tiny, ids, room=10_000, chunk=300)
     assert [len(p) - len(head) for p in prompts] == [300, 300, 300, 100]
     assert all(p[:len(head)] == head for p in prompts)
     assert sum((p[len(head):] for p in prompts), []) == ids
     # little room after the context: smaller chunks, still every token; no room at all: none
-    small = queries.reconstruction_inputs(tiny, ids, room=len(head) + 50)
+    small = reconstruction.reconstruction_inputs(tiny, ids, room=len(head) + 50)
     assert sum((p[len(head):] for p in small), []) == ids and max(map(len, small)) == len(head) + 50
-    assert queries.reconstruction_inputs(tiny, ids, room=len(head) + 1) == []
+    assert reconstruction.reconstruction_inputs(tiny, ids, room=len(head) + 1) == []
 
 
 def test_layer_stream_equals_a_whole_model_pass(small):
     """The reconstruction run one decoder layer at a time gives the queries a normal forward pass of the
     same prompt over the document's K/V records."""
     state = _state(small, 200)
-    rec = queries.Reconstruction(small, state, chunk=64)
-    prompts = queries.reconstruction_inputs(small, state.ids.tolist(), small.spec.max_positions - 200, chunk=64)
+    rec = reconstruction.Reconstruction(small, state, chunk=64)
+    prompts = reconstruction.reconstruction_inputs(small, state.ids.tolist(), small.spec.max_positions - 200, chunk=64)
     whole = [prefill(small, p, capture_queries=True, past=state.prefill, keep_new_kv=False).queries for p in prompts]
     for layer in range(small.spec.num_layers):
         got = rec.queries(layer)
@@ -51,7 +51,7 @@ def test_on_policy_over_an_identity_compaction_is_off_policy(small):
     """advance() over the layer's own full K/V with beta = 0 changes nothing; over a real compaction the
     next layer's queries move."""
     state = _state(small, 160)
-    off, on, moved = (queries.Reconstruction(small, state) for _ in range(3))
+    off, on, moved = (reconstruction.Reconstruction(small, state) for _ in range(3))
     for layer in range(3):
         q_off, q_on, q_moved = off.queries(layer), on.queries(layer), moved.queries(layer)
         torch.testing.assert_close(q_on, q_off, rtol=1e-4, atol=1e-4)
