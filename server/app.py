@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvcat.server import metrics
 from kvcat.server.config import ServerConfig
 from kvcat.server.errors import ApiError
-from kvcat.server.protocol import ErrorResponse, error_body
+from kvcat.server.responses import ErrorResponse, error_body
 from kvcat.server.routes import AppState, router
 from kvcat.server.serving import Serving
 
@@ -165,9 +165,13 @@ async def _start(config: ServerConfig, state: AppState):
     from kvcat.server.store import ContextStore, open_blobs
     from kvcat.server.vllm_adapter.engine import Engine, EngineConfig
 
-    lm = await asyncio.to_thread(load_model, config.model, config.compaction_dtype)
+    dtypes = config.dtypes()
+    state.dtypes = dtypes
+    for purpose, choice in dtypes.items():
+        log.info("%s dtype %s (asked: %s): %s", purpose, choice.dtype, choice.requested, choice.reason)
+    lm = await asyncio.to_thread(load_model, config.model, dtypes["compaction"].dtype)
     name = config.served_name or lm.spec.name
-    ecfg = EngineConfig(model=str(lm.spec.path), dtype=config.dtype, max_model_len=config.max_model_len,
+    ecfg = EngineConfig(model=str(lm.spec.path), dtype=dtypes["engine"].dtype, max_model_len=config.max_model_len,
                         tensor_parallel_size=config.tensor_parallel_size, beta=config.beta,
                         kv_cache_gib=config.kv_cache_gib, served_name=name, extra=config.engine_extra)
     location = config.store or str(kvcat_home() / "contexts")

@@ -1,4 +1,4 @@
-"""`kvcat serve` (and `kvcat bench serve`): the HTTP server over vLLM with compacted contexts."""
+"""`kvcat serve`: the HTTP server over vLLM with compacted contexts."""
 
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           port: int = typer.Option(8000, help="port"),
           beta: bool = typer.Option(ServerConfig.beta, "--beta/--no-beta",
                                     help="honour beta in attention (kvcat backend) or use stock kernels"),
-          dtype: str = typer.Option(ServerConfig.dtype, help="engine dtype: auto, float32, bfloat16, float16"),
+          dtype: str = typer.Option(ServerConfig.dtype, help="engine dtype: auto (bfloat16 on a GPU or a CPU with "
+                                                              "AMX / AVX-512 bf16, float32 elsewhere), float32, "
+                                                              "bfloat16, float16 (GPU only)"),
           compaction_dtype: str = typer.Option(
-              ServerConfig.compaction_dtype, help="dtype compaction runs in: float32, or bfloat16 (about half the "
-                                                  "seconds where the CPU has AMX / AVX-512 bf16, slightly less "
-                                                  "exact)"),
+              ServerConfig.compaction_dtype, help="dtype compaction runs in: auto (float32), float32, or bfloat16 "
+                                                  "(about half the seconds where the CPU has AMX / AVX-512 bf16, "
+                                                  "slightly less exact)"),
           max_model_len: int = typer.Option(None, help="the engine's max tokens per request (slots + prompt)"),
           tensor_parallel_size: int = typer.Option(ServerConfig.tensor_parallel_size, "--tensor-parallel-size", "--tp",
                                                    help="vLLM tensor parallelism (GPUs)"),
@@ -78,9 +80,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
     """Serve MODEL: POST /v1/compact, /v1/contexts, OpenAI /v1/chat/completions with kv_context, /metrics."""
     import uvicorn
 
-    import torch
-
-    from kvcat.config import bf16_is_fast, default_device, resolve_dtype
+    from kvcat.config import choose_dtype
     from kvcat.models import ModelError, resolve
     from kvcat.server.app import create_app
     from kvcat.server.auth import Auth, AuthConfigError, bind_host
@@ -102,12 +102,15 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
         engine_extra = parse_engine_args(engine_arg or [])
     except ValueError as exc:
         fail(str(exc))
-    try:
-        if resolve_dtype(compaction_dtype) == torch.bfloat16 and not bf16_is_fast(default_device()):
-            typer.echo("kvcat: --compaction-dtype bfloat16 on a CPU without AVX-512 bf16 or AMX is much slower "
-                       "than float32", err=True)
-    except ValueError as exc:
-        fail(f"--compaction-dtype: {exc}")
+    for flag, requested, purpose in (("dtype", dtype, "engine"), ("compaction-dtype", compaction_dtype, "compaction")):
+        try:
+            choice = choose_dtype(requested, purpose)
+        except ValueError as exc:
+            fail(f"--{flag}: {exc}")
+        typer.echo(f"kvcat: --{flag} {requested} -> {choice.dtype}: {choice.reason}", err=True)
+        if choice.slow:
+            typer.echo(f"kvcat: warning: --{flag} {choice.dtype} is the slow dtype on this machine; "
+                       f"--{flag} auto picks the fast one", err=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     limits = Limits(max_document_tokens=max_document_tokens, max_completion_tokens=max_completion_tokens,
                     max_queued_compactions=max_queued_compactions, request_timeout_s=request_timeout,
@@ -148,9 +151,5 @@ def parse_engine_args(items: list[str]) -> dict:
     return out
 
 
-def register(app, bench) -> None:
+def register(app) -> None:
     app.command("serve")(serve)
-    from kvcat.bench import bench_command
-
-    bench.command("serve")(bench_command("serve", "ServeConfig"))
-    bench.command("onthefly")(bench_command("onthefly", "OnTheFlyConfig", errors=(ValueError,)))

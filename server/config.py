@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvcat.config import DtypeChoice, choose_dtype
 from kvcat.server.auth import Auth
 from kvcat.server.onthefly import AutoCompaction
 
@@ -23,9 +24,9 @@ class Limits:
 @dataclass
 class ServerConfig:
     model: str  # zoo name or HF folder
-    dtype: str = "auto"  # the engine's dtype
-    # float32: bfloat16 halves the seconds on an AMX CPU but costs a digit of the demo's answer (NOTES.md)
-    compaction_dtype: str = "float32"
+    dtype: str = "auto"  # the engine's; auto: kvcat.config.choose_dtype picks from the hardware
+    # auto is float32: bfloat16 halves the seconds on an AMX CPU but costs a digit of the demo's answer (NOTES.md)
+    compaction_dtype: str = "auto"
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     beta: bool = True
@@ -41,3 +42,8 @@ class ServerConfig:
     max_bytes_per_tenant: int | None = None
     engine_extra: dict = field(default_factory=dict)
     health_check_s: float | None = 5.0  # how often the engine's health is checked (None: never)
+
+    def dtypes(self) -> dict[str, DtypeChoice]:
+        """What the engine and compaction compute in, `auto` resolved from the hardware (ValueError if unknown)."""
+        return {"engine": choose_dtype(self.dtype, "engine"), "compaction": choose_dtype(self.compaction_dtype,
+                                                                                        "compaction")}

@@ -1,7 +1,7 @@
 """Running `kvcat serve` (or, as the benchmarks' baseline, vLLM's own OpenAI server) as a child process on
 loopback: for the demo, the benchmarks and the tests.
 
-    with ServerProcess("smollm2-135m", dtype="bfloat16") as srv:
+    with ServerProcess("smollm2-135m") as srv:  # dtype auto: the fast one for this hardware
         client = srv.openai()
         httpx.post(srv.url("/v1/compact"), json={...})
 
@@ -41,7 +41,7 @@ class ServerProcess:
     name = "kvcat serve"
     ready_path = "/ready"
 
-    def __init__(self, model: str, *, dtype: str = "bfloat16", port: int | None = None,
+    def __init__(self, model: str, *, dtype: str = "auto", port: int | None = None,
                  store_dir: str | os.PathLike | None = None, max_model_len: int | None = None,
                  beta: bool = True, kv_cache_gib: int | None = None, args: list[str] | tuple[str, ...] = (),
                  log_path: str | os.PathLike | None = None, env: dict | None = None,
@@ -158,15 +158,17 @@ class StockVLLMProcess(ServerProcess):
     name = "vLLM's OpenAI server"
     ready_path = "/health"
 
-    def __init__(self, model: str, *, dtype: str = "bfloat16", port: int | None = None,
+    def __init__(self, model: str, *, dtype: str = "auto", port: int | None = None,
                  max_model_len: int | None = None, kv_cache_gib: int | None = None,
                  log_path: str | os.PathLike | None = None, ready_timeout: float = 600.0):
+        from kvcat.config import choose_dtype
         from kvcat.models import resolve
         from kvcat.server.vllm_adapter.engine import EngineConfig, stock_serve_command
 
         name, path = resolve(model)
-        config = EngineConfig(model=str(path), dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                              served_name=name)
+        # vLLM's own "auto" is the checkpoint's dtype: resolve ours so that both servers compute alike
+        config = EngineConfig(model=str(path), dtype=choose_dtype(dtype, "engine").dtype, max_model_len=max_model_len,
+                              kv_cache_gib=kv_cache_gib, served_name=name)
         self._child(port, log_path, None, ready_timeout)
         self.cmd, extra_env = stock_serve_command(config, "127.0.0.1", self.port)
         self.env.update(extra_env)

@@ -1,18 +1,15 @@
-"""Request and response models of the HTTP API (pydantic). OpenAI's shapes where OpenAI has one.
-
-The routes declare the response models, so the OpenAPI schema describes every successful body too (the schema
-fuzzing test checks responses against it). Optional fields that a response leaves unset are left out of it.
+"""Request models of the HTTP API (pydantic), OpenAI's shapes where OpenAI has one; the responses are in
+`responses`. A field not listed in a request model is refused (400, naming it), never ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvcat.defaults import DEFAULT_METHOD
-
-T = TypeVar("T")
+from kvcat.server.engine_api import SamplingParams
 
 
 def _utf8(value: str | None) -> str | None:
@@ -112,6 +109,12 @@ class ResponseFormat(BaseModel):
             raise ValueError('json_schema is given with, and only with, type "json_schema"')
         return self
 
+    def structured(self) -> dict | None:
+        """vLLM's structured-output parameters for this format (None: free text)."""
+        if self.type == "text":
+            return None
+        return {"json_object": True} if self.type == "json_object" else {"json": self.json_schema.schema_}
+
 
 class SamplingRequest(BaseModel):
     """The fields chat and text completions share: vLLM's sampling parameters kvcat honours. A field not listed
@@ -168,6 +171,19 @@ class SamplingRequest(BaseModel):
         if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any], cache_salt: str | None
+                           ) -> SamplingParams:
+        """The engine's sampling parameters, as vLLM's protocol makes them: each SamplingParams field this request
+        sets, by the same name; those it leaves out from `defaults` (the model's generation_config, as vLLM reads
+        it), then vLLM's own. Derived instead: `logprobs` (each request type's `top_logprobs_k`), `logit_bias` (by
+        token id), `structured` (from response_format), and what the server decides: `max_tokens` (the room the
+        prompt leaves) and `cache_salt` (the tenant's prefix-cache namespace, split by the client's salt)."""
+        given = {name: value for name in SamplingParams.names() if (value := getattr(self, name, None)) is not None}
+        derived = {"max_tokens": max_tokens, "logprobs": self.top_logprobs_k, "cache_salt": cache_salt,
+                   "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+                   "structured": self.response_format.structured() if self.response_format else None}
+        return SamplingParams(**{**defaults, **given, **derived})
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -229,224 +245,3 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int] = Field(max_length=1_000_000)
-
-
-# ---- responses ------------------------------------------------------------------------------------------
-
-
-class Typed(BaseModel):
-    """A response whose `object` field is always written, even where the route leaves out unset fields."""
-
-    def model_post_init(self, context: Any) -> None:
-        self.__pydantic_fields_set__.add("object")
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class Version(BaseModel):
-    version: str = Field(description="kvcat's version")
-    vllm_version: str = Field(description="the vLLM version kvcat is pinned to")
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error format: every 4xx and 5xx of this server."""
-
-    error: ErrorDetail
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "kvcat"
-    max_model_len: int
-    kv_block_size: int = Field(description="tokens per paged KV block")
-    kv_bytes_per_token: int = Field(description="paged KV bytes one token takes in the engine")
-
-
-class KvContext(BaseModel):
-    """A stored compacted context (POST /v1/compact, or on-the-fly compaction in chat)."""
-
-    id: str
-    object: Literal["kv_context"] = "kv_context"
-    model: str
-    method: str
-    original_tokens: int
-    compacted_tokens: int = Field(description="slots per head the context takes in the engine")
-    ratio: float
-    kv_bytes_full: int
-    kv_bytes_compacted: int
-    kv_bytes_saved: int
-    compaction_seconds: float
-    created: int
-    origin: Literal["compact", "auto"]
-
-
-class ObjectList(BaseModel, Generic[T]):
-    """OpenAI's list envelope."""
-
-    object: Literal["list"] = "list"
-    data: list[T]
-
-
-ModelList = ObjectList[ModelCard]
-KvContextList = ObjectList[KvContext]
-
-
-class KvContextDeleted(BaseModel):
-    id: str
-    object: Literal["kv_context.deleted"] = "kv_context.deleted"
-    deleted: bool = True
-
-
-class CompactionJob(Typed):
-    """An asynchronous compaction (POST /v1/compact with "async": true)."""
-
-    id: str
-    object: Literal["compaction.job"] = "compaction.job"
-    status: Literal["queued", "running", "succeeded", "failed"]
-    progress: float = Field(ge=0, le=1)
-    created: int
-    context: KvContext | None = None
-    error: ErrorDetail | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob]
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    kv_context_slots: int | None = Field(None, description="slots of the compacted context the answer used")
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class KvCompactionInfo(BaseModel):
-    """What on-the-fly compaction did for this request."""
-
-    outcome: Literal["hit", "prefix-hit", "incremental", "compacted"]
-    cache_hit: bool
-    context: str
-    original_tokens: int
-    compacted_tokens: int
-    compaction_seconds: float
-    uncompressed_tokens: int
-
-
-class ChatCompletionResponse(Typed):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str
-    kv_context: str | None = Field(None, description="the compacted context the answer was generated over")
-    kv_compaction: KvCompactionInfo | None = None
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(Typed):
-    """One server-sent event of a streamed chat completion."""
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    kv_context: str | None = None
-    kv_compaction: KvCompactionInfo | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists per generated token."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(Typed):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str
-    kv_context: str | None = Field(None, description="the compacted context the prompt continued")
-    kv_compaction: KvCompactionInfo | None = None
-
-
-class Ready(BaseModel):
-    status: Literal["ready"]
-    model: str
-    beta: bool
-
-
-def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,10 +21,11 @@ from pydantic import BaseModel
 from kvcat.server import metrics
 from kvcat.server.auth import Auth
 from kvcat.server.errors import ApiError
-from kvcat.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompactionJob, CompactRequest,
-                                   CompletionRequest, CompletionResponse,
-                                   DetokenizeRequest, DetokenizeResponse, KvContext, KvContextDeleted, KvContextList,
-                                   ModelList, Ready, TokenizeRequest, TokenizeResponse, Version)
+from kvcat.server.protocol import (ChatCompletionRequest, CompactRequest, CompletionRequest, DetokenizeRequest,
+                                   SamplingRequest, TokenizeRequest)
+from kvcat.server.responses import (ChatCompletionResponse, CompactionJob, CompletionResponse, DetokenizeResponse,
+                                    KvContext, KvContextDeleted, KvContextList, ModelList, Ready, TokenizeResponse,
+                                    Version)
 from kvcat.server.serving import Serving
 
 log = logging.getLogger("kvcat.server")
@@ -39,6 +40,7 @@ class AppState:
     engine_dead: bool = False
     on_engine_death: Callable[[], None] | None = None  # what the process does then (`kvcat serve`: exit 3)
     started: int = field(default_factory=lambda: int(time.time()))
+    dtypes: dict = field(default_factory=dict)  # 'engine' / 'compaction' -> kvcat.config.DtypeChoice
 
     def live(self) -> Serving:
         s = self.serving
@@ -90,9 +92,12 @@ STREAMED = {200: {"content": {"text/event-stream": {}},
                   "description": "the completion, or with \"stream\": true its server-sent events"}}
 
 
-def _answer(result, headers: dict[str, str], response: Response):
-    """A chat or text completion as the route returns it: the response model with kvcat's headers, or its
-    server-sent events."""
+async def _generate(serve: Callable[..., Awaitable[tuple[BaseModel | AsyncIterator[str], dict[str, str]]]],
+                    req: SamplingRequest, who: str, request: Request, response: Response):
+    """A chat or text completion as the route returns it: `serve(req, who, cancel)` run while the client is
+    watched, then its response model with kvcat's headers, or its server-sent events."""
+    async with watch_disconnect(request) as cancel:
+        result, headers = await serve(req, who, cancel)
     if isinstance(result, BaseModel):
         response.headers.update(headers)
         return result
@@ -137,14 +142,13 @@ def router(state: AppState, auth: Auth) -> APIRouter:
     # ---- API -------------------------------------------------------------------------------------------
     @api.get("/v1/models", response_model=ModelList)
     async def models(who: str = Depends(tenant)):
-        return ModelList(data=state.live().model_cards(state.started))
+        engine = state.dtypes.get("engine")
+        return ModelList(data=state.live().model_cards(state.started, engine.dtype if engine else None))
 
     @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_unset=True,
               responses=STREAMED)
     async def completions(req: CompletionRequest, request: Request, response: Response, who: str = Depends(tenant)):
-        async with watch_disconnect(request) as cancel:
-            result, headers = await state.live().completion.complete(req, who, cancel)
-        return _answer(result, headers, response)
+        return await _generate(state.live().completion.complete, req, who, request, response)
 
     @api.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(req: TokenizeRequest, who: str = Depends(tenant)):
@@ -160,7 +164,8 @@ def router(state: AppState, auth: Auth) -> APIRouter:
 
         from kvcat.server.vllm_adapter import PINNED_VLLM
 
-        return Version(version=installed("kvcat"), vllm_version=PINNED_VLLM)
+        return Version(version=installed("kvcat"), vllm_version=PINNED_VLLM,
+                       dtypes={k: c.as_dict() for k, c in state.dtypes.items()})
 
     @api.post("/v1/compact", response_model=KvContext | CompactionJob, response_model_exclude_unset=True,
               responses={202: {"model": CompactionJob, "description": "accepted as a job (\"async\": true)"}})
@@ -193,8 +198,6 @@ def router(state: AppState, auth: Auth) -> APIRouter:
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_unset=True,
               responses=STREAMED)
     async def chat(req: ChatCompletionRequest, request: Request, response: Response, who: str = Depends(tenant)):
-        async with watch_disconnect(request) as cancel:
-            result, headers = await state.live().chat.chat(req, who, cancel)
-        return _answer(result, headers, response)
+        return await _generate(state.live().chat.chat, req, who, request, response)
 
     return api

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvcat.inference import full_cache, prefill
 from kvcat.server import prompting
-from kvcat.server.engine_api import ContextHandle, GenParams
+from kvcat.server.engine_api import ContextTransfer, SamplingParams
 from kvcat.server.serving import Serving
 
 SELF_TEST_TEXT = ("Mira keeps bees on the roof of the old library. Every spring she counts the hives, "
@@ -27,19 +27,19 @@ async def self_test(serving: Serving, tolerance: float | None = None) -> dict:
     cache = await asyncio.to_thread(lambda: full_cache(prefill(lm, ctx), lm.spec.fingerprint))
     path = Path(serving.contexts.store.root) / f".selftest-{uuid.uuid4().hex}.kvc"  # unique across replicas
     cache.save(path)
-    params = GenParams(max_tokens=1, temperature=0.0, logprobs=1)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1)
     try:
-        async def first(ids, handle):
-            async for chunk in engine.generate(ids, params, handle):
+        async def first(ids, context):
+            async for chunk in engine.generate(ids, params, context):
                 if chunk.token_ids:
                     t = chunk.token_ids[0]
                     return t, chunk.logprobs[0][t]
             raise RuntimeError("no token generated")
 
         plain = await first(ctx + q, None)
-        handle = ContextHandle("selftest", str(path), cache.num_slots, cache.num_tokens,
-                               f"kvcat-selftest-{time.time_ns()}")
-        injected = await first(q, handle)
+        context = ContextTransfer("selftest", str(path), cache.num_slots, cache.num_tokens,
+                                  f"kvcat-selftest-{time.time_ns()}")
+        injected = await first(q, context)
     finally:
         path.unlink(missing_ok=True)
     tol = tolerance if tolerance is not None else (1e-3 if engine.dtype == "float32" else 0.15)

@@ -7,13 +7,14 @@ from kvcat.models import LoadedModel
 from kvcat.server.config import Limits
 from kvcat.server.engine_api import EngineClient
 from kvcat.server.onthefly import AutoCompaction
-from kvcat.server.protocol import ModelCard
+from kvcat.server.responses import ModelCard
 from kvcat.server.serving_chat import ChatServing
 from kvcat.server.serving_compaction import CompactionServing
 from kvcat.server.serving_completion import CompletionServing
 from kvcat.server.serving_contexts import ContextRegistry
 from kvcat.server.serving_models import ServedModel
 from kvcat.server.serving_onthefly import OnTheFlyServing
+from kvcat.server.serving_warm import ContextWarmer
 from kvcat.server.store import ContextStore
 
 
@@ -22,13 +23,13 @@ class Serving:
                  beta: bool = True, auto: AutoCompaction | None = None, limits: Limits | None = None):
         self.engine, self.beta, self.limits = engine, beta, limits or Limits()
         self.model = ServedModel(model_name, lm)
-        self.contexts = ContextRegistry(store, engine.kv_bytes_per_token())
-        self.compaction = CompactionServing(self.model, self.contexts, beta=beta, limits=self.limits)
-        self.onthefly = OnTheFlyServing(self.compaction, auto or AutoCompaction(), engine.block_size)
-        self.chat = ChatServing(self.model, engine, self.contexts, self.onthefly, beta=beta, limits=self.limits)
-        self.completion = CompletionServing(self.model, engine, self.contexts, self.onthefly, beta=beta,
-                                            limits=self.limits)
-        self.compaction.stored = self.chat.warm  # a context's first question finds it loaded
+        self.contexts = ContextRegistry(store, engine.kv_bytes_per_token(), beta=beta)
+        warmer = ContextWarmer(engine, self.model, self.contexts)
+        self.compaction = CompactionServing(self.model, self.contexts, warmer, beta=beta, limits=self.limits)
+        self.onthefly = OnTheFlyServing(self.model, self.contexts, self.compaction, auto or AutoCompaction(),
+                                        block_size=engine.block_size, beta=beta)
+        self.chat = ChatServing(self.model, engine, self.contexts, self.onthefly, limits=self.limits)
+        self.completion = CompletionServing(self.model, engine, self.contexts, self.onthefly, limits=self.limits)
         self.onthefly.check()
         self.ready = False  # set once the start-up self-test passed
 
@@ -36,9 +37,10 @@ class Serving:
     def closing(self) -> bool:
         return self.compaction.closing
 
-    def model_cards(self, created: int) -> list[ModelCard]:
+    def model_cards(self, created: int, dtype: str | None = None) -> list[ModelCard]:
         return [ModelCard(id=self.model.name, created=created, max_model_len=self.model.max_positions,
-                          kv_block_size=self.engine.block_size, kv_bytes_per_token=self.contexts.kv_bytes_per_token)]
+                          kv_block_size=self.engine.block_size, kv_bytes_per_token=self.contexts.kv_bytes_per_token,
+                          dtype=dtype)]
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Shutdown: wait for running compaction jobs; later requests get 503."""

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 
 from kvcat.server import prompting
 from kvcat.server.engine_api import Chunk
-from kvcat.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                   ChatCompletionResponse, ChoiceLogprobs, ChunkChoice, Delta, TokenLogprob,
-                                   TopLogprob)
+from kvcat.server.errors import invalid
+from kvcat.server.protocol import ChatCompletionRequest
+from kvcat.server.responses import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
+                                    ChoiceLogprobs, ChunkChoice, Delta, TokenLogprob, TopLogprob)
 from kvcat.server.serving_generation import GenerationServing, Turn
+from kvcat.server.store import ContextRecord
 
 
 class ChatServing(GenerationServing):
@@ -27,17 +29,23 @@ class ChatServing(GenerationServing):
         cancel = cancel or threading.Event()
         self.model.check(req.model)
         messages = [m.for_template() for m in req.messages]
-        rec, found = await self._context_for(req, tenant, lambda: self.onthefly.resolve(req, messages, tenant, cancel))
-        if found is not None:
-            messages = found.rest
-        tokenizer = self.model.tokenizer
-        turn = self._turn(req, lambda r: (prompting.question_ids(tokenizer, r.source, messages) if r is not None
-                                          else prompting.plain_ids(tokenizer, messages)), rec, tenant)
+        found = None if req.kv_context is not None else await self.onthefly.resolve(req, messages, tenant, cancel)
+        rec = self._context(req, tenant, found)
+        turn = self._turn(req, self._prompt_ids(rec, found.rest if found else messages), rec, tenant)
         headers = self._on_the_fly(turn, found) if found is not None else {}
         chunks = self._generate(turn, start, cancel)
         if req.stream:
             return self._sse(turn, chunks), headers
         return await self._complete(turn, chunks, cancel), headers
+
+    def _prompt_ids(self, rec: ContextRecord | None, messages: list[dict]) -> list[int]:
+        """The chat-templated prompt: the messages after the context's document, or on their own."""
+        try:
+            if rec is None:
+                return prompting.plain_ids(self.model.tokenizer, messages)
+            return prompting.question_ids(self.model.tokenizer, rec.source, messages)
+        except prompting.PromptError as exc:
+            raise invalid(str(exc), "messages") from None
 
     async def _complete(self, turn: Turn, chunks: AsyncIterator[Chunk], cancel: threading.Event
                         ) -> ChatCompletionResponse:

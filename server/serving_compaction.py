@@ -1,6 +1,6 @@
 """Compaction jobs: validate a request, run the compaction on one worker thread behind a bounded queue, store
-the result. Synchronous requests wait for it (cancelled when their client goes away or time runs out); async
-ones get a job to poll."""
+the result, warm the engine with it. Synchronous requests wait for it (cancelled when their client goes away or
+time runs out); async ones get a job to poll."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kvcat.compaction import CompactionError
+from kvcat.compaction import CompactionError, slots_per_head
 from kvcat.server import metrics, prompting
 from kvcat.server.config import Limits
 from kvcat.server.errors import ApiError, Cancelled, invalid
-from kvcat.server.protocol import CompactionJob, CompactRequest, ErrorDetail, KvContext
+from kvcat.server.protocol import CompactRequest
+from kvcat.server.responses import CompactionJob, ErrorDetail, KvContext
 from kvcat.server.serving_contexts import ContextRegistry
 from kvcat.server.serving_models import ServedModel
+from kvcat.server.serving_warm import ContextWarmer
 from kvcat.server.store import ContextRecord
 
 log = logging.getLogger("kvcat.server")
@@ -45,14 +47,14 @@ class Job:
 
 
 class CompactionServing:
-    def __init__(self, model: ServedModel, contexts: ContextRegistry, *, beta: bool, limits: Limits):
-        self.model, self.contexts, self.beta, self.limits = model, contexts, beta, limits
+    def __init__(self, model: ServedModel, contexts: ContextRegistry, warmer: ContextWarmer, *, beta: bool,
+                 limits: Limits):
+        self.model, self.contexts, self.warmer, self.beta, self.limits = model, contexts, warmer, beta, limits
         self.jobs: dict[str, Job] = {}
         self.closing = False
         self._queued = 0  # compactions submitted and not finished
         self._mean_seconds = 10.0  # running mean, for Retry-After
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcat-compact")
-        self.stored: Callable[[ContextRecord], Awaitable[None]] | None = None  # awaited before /v1/compact answers
         self._finishing: set[asyncio.Task] = set()
 
     @property
@@ -74,8 +76,8 @@ class CompactionServing:
             method = get_method(name, **params)
         except CompactionError as exc:
             raise invalid(str(exc), "method") from None
-        if not self.beta and "fit_beta" in method.defaults and "fit_beta" not in params:
-            method.params["fit_beta"] = False  # stock kernels: no per-slot bias
+        if not self.beta and hasattr(method, "fit_beta") and "fit_beta" not in params:
+            method.fit_beta = False  # stock kernels: no per-slot bias
         return method
 
     def check_length(self, n: int, param: str) -> None:
@@ -98,10 +100,10 @@ class CompactionServing:
         self.check_length(n, "text")
         if n < 2:
             raise invalid("the document is too short to compact", "text")
-        t = req.target_tokens if req.target_tokens is not None else max(1, round(n / req.ratio))
-        if t >= n:
-            raise invalid(f"a budget of {t} slots does not compact a {n}-token document; use a larger ratio or "
-                          "fewer target_tokens", "ratio" if req.ratio is not None else "target_tokens")
+        try:
+            t = slots_per_head(n, req.ratio, req.target_tokens)
+        except CompactionError as exc:
+            raise invalid(str(exc), "ratio" if req.ratio is not None else "target_tokens") from None
         method = self.method(req.method, req.params, req.query_mode)
         self.contexts.check_quota(tenant, t)
         return self.work(source, ids, method, req.ratio, req.target_tokens, tenant=tenant)
@@ -195,9 +197,10 @@ class CompactionServing:
             raise ApiError(500, f"compaction failed: {exc}", "server_error", code="compaction_failed") from None
 
     async def compact(self, req: CompactRequest, tenant: str, cancel: threading.Event | None = None) -> KvContext:
+        """POST /v1/compact: compact and store the document, then warm the engine with it (its first question
+        finds it loaded)."""
         rec = await self.run(self.prepare(req, tenant), cancel)
-        if self.stored is not None:
-            await self.stored(rec)
+        await self.warmer.warm(rec)
         return KvContext(**rec.public())
 
     # ---- async jobs ------------------------------------------------------------------------------------
@@ -216,7 +219,7 @@ class CompactionServing:
             return work(progress)
 
         job.future = self._submit(run, None)
-        job.future.add_done_callback(lambda f: self._keep(asyncio.ensure_future(_finish(job, f, self.stored))))
+        job.future.add_done_callback(lambda f: self._keep(asyncio.ensure_future(_finish(job, f, self.warmer))))
         return job
 
     def _keep(self, task: asyncio.Task) -> None:
@@ -243,11 +246,11 @@ class CompactionServing:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _finish(job: Job, fut: asyncio.Future, stored: Callable[[ContextRecord], Awaitable[None]] | None) -> None:
+async def _finish(job: Job, fut: asyncio.Future, warmer: ContextWarmer) -> None:
+    """A job's end: succeeded once its context is stored and warmed, or failed with the error."""
     exc = fut.exception()
     if exc is None:
-        if stored is not None:
-            await stored(fut.result())
+        await warmer.warm(fut.result())
         job.status, job.progress, job.context = "succeeded", 1.0, KvContext(**fut.result().public())
         return
     job.status = "failed"

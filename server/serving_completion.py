@@ -10,7 +10,8 @@ import time
 from collections.abc import AsyncIterator
 
 from kvcat.server.engine_api import Chunk
-from kvcat.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from kvcat.server.protocol import CompletionRequest
+from kvcat.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from kvcat.server.serving_generation import GenerationServing, Turn
 
 
@@ -24,11 +25,9 @@ class CompletionServing(GenerationServing):
         cancel = cancel or threading.Event()
         self.model.check(req.model)
         ids = self._prompt_ids(req)
-        rec, found = await self._context_for(req, tenant,
-                                             lambda: self.onthefly.resolve_tokens(req, ids, tenant, cancel))
-        if found is not None:
-            ids = found.rest
-        turn = self._turn(req, lambda _rec: ids, rec, tenant)
+        found = None if req.kv_context is not None else await self.onthefly.resolve_tokens(req, ids, tenant, cancel)
+        rec = self._context(req, tenant, found)
+        turn = self._turn(req, found.rest if found else ids, rec, tenant)
         headers = self._on_the_fly(turn, found) if found is not None else {}
         chunks = self._generate(turn, start, cancel)
         if req.stream:

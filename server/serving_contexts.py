@@ -6,15 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvcat.server import metrics
+from kvcat.server.engine_api import ContextTransfer
 from kvcat.server.errors import ApiError
-from kvcat.server.protocol import KvContext, KvContextDeleted
+from kvcat.server.responses import KvContext, KvContextDeleted
 from kvcat.server.store import ContextRecord, ContextStore, QuotaExceeded
 
 
 class ContextRegistry:
-    def __init__(self, store: ContextStore, kv_bytes_per_token: int):
+    def __init__(self, store: ContextStore, kv_bytes_per_token: int, *, beta: bool):
         self.store = store
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.beta = beta  # the engine's mode: part of every context's prefix-cache salt
         self._readers: dict[str, int] = {}  # context id -> requests generating over it now
         self._deleted: set[str] = set()  # deleted while read: the file goes when the last reader ends
         metrics.BEFORE_SCRAPE[:] = [self.refresh_gauges]  # the whole shared store, as of each scrape
@@ -76,6 +78,12 @@ class ContextRegistry:
 
     def path(self, context_id: str) -> str:
         return str(self.store.path(context_id))
+
+    def transfer(self, rec: ContextRecord) -> ContextTransfer:
+        """What a request over `rec` carries to the engine; its salt names the context's prefix-cache blocks (one
+        set per context version and beta mode)."""
+        salt = f"kvcat:{rec.id}:{rec.version}:{'beta' if self.beta else 'nobeta'}"
+        return ContextTransfer(rec.id, self.path(rec.id), rec.num_slots, rec.num_tokens, salt)
 
     # ---- readers ---------------------------------------------------------------------------------------
     def acquire(self, context_id: str) -> None:

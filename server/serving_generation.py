@@ -1,6 +1,7 @@
-"""What chat and text completions share: a request resolved into engine work (prompt, limits, sampling
-parameters, context handle), generation with cancellation and the request timeout, collecting or streaming the
-chunks, usage, and the latency metrics. `serving_chat` and `serving_completion` add their response formats."""
+"""What chat and text completions share: a request resolved into engine work (a `Turn`: prompt ids,
+`SamplingParams` within the limits, the `ContextTransfer` of its context), generation with cancellation and the
+request timeout, collecting or streaming the chunks, usage, and the latency metrics. `serving_chat` and
+`serving_completion` add their response formats."""
 
 from __future__ import annotations
 
@@ -10,22 +11,21 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from kvcat.server import metrics, prompting
+from kvcat.server import metrics
 from kvcat.server.config import Limits
-from kvcat.server.engine_api import Chunk, ContextHandle, EngineClient, GenParams
+from kvcat.server.engine_api import Chunk, ContextTransfer, EngineClient, SamplingParams
 from kvcat.server.errors import ApiError, Cancelled, invalid
-from kvcat.server.protocol import ErrorDetail, KvCompactionInfo, PromptTokensDetails, SamplingRequest, Usage
+from kvcat.server.protocol import SamplingRequest
+from kvcat.server.responses import ErrorDetail, KvCompactionInfo, PromptTokensDetails, Usage
 from kvcat.server.serving_contexts import ContextRegistry
 from kvcat.server.serving_models import ServedModel
 from kvcat.server.serving_onthefly import OnTheFlyServing, Resolved
 from kvcat.server.store import ContextRecord
 
 log = logging.getLogger("kvcat.server")
-WARM_TIMEOUT_S = 30.0
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass
@@ -34,8 +34,8 @@ class Turn:
 
     req: SamplingRequest
     ids: list[int]  # prompt tokens after the context (all of them without one)
-    params: GenParams
-    handle: ContextHandle | None
+    params: SamplingParams
+    context: ContextTransfer | None
     method: str
     id: str  # chatcmpl-... or cmpl-...
     created: int = field(default_factory=lambda: int(time.time()))
@@ -45,7 +45,7 @@ class Turn:
 
     @property
     def labels(self) -> tuple[str, str]:
-        return self.method, "compacted" if self.handle else "full"
+        return self.method, "compacted" if self.context else "full"
 
     def extra_fields(self) -> dict:
         """kvcat's fields of a response: the context it was generated over, what on-the-fly compaction did."""
@@ -67,37 +67,19 @@ class GenerationServing:
     id_prefix = "cmpl"
 
     def __init__(self, model: ServedModel, engine: EngineClient, contexts: ContextRegistry,
-                 onthefly: OnTheFlyServing, *, beta: bool, limits: Limits):
+                 onthefly: OnTheFlyServing, *, limits: Limits):
         self.model, self.engine, self.contexts, self.onthefly = model, engine, contexts, onthefly
-        self.beta, self.limits = beta, limits
+        self.limits = limits
 
-    def _handle(self, rec: ContextRecord) -> ContextHandle:
-        """What the engine needs of a stored context; the salt names its prefix-cache blocks (one per context
-        version and beta mode)."""
-        salt = f"kvcat:{rec.id}:{rec.version}:{'beta' if self.beta else 'nobeta'}"
-        return ContextHandle(rec.id, self.contexts.path(rec.id), rec.num_slots, rec.num_tokens, salt)
-
-    async def warm(self, rec: ContextRecord) -> None:
-        """Load a newly stored context into the engine (one token generated over it): the worker's copy and the
-        context's prefix-cache blocks are then in place, so that its first question is as fast as the later
-        ones (about 0.1 s of engine time, against seconds of compaction). A failure only means that the first
-        question loads it instead."""
-        try:
-            async with asyncio.timeout(WARM_TIMEOUT_S):  # a stuck engine never holds the compaction's answer
-                async for _ in self.engine.generate([self.model.tokenizer.eos_token_id], GenParams(max_tokens=1),
-                                                    self._handle(rec), f"warm-{uuid.uuid4().hex[:24]}"):
-                    pass
-        except Exception as exc:  # noqa: BLE001  (TimeoutError included)
-            log.warning("warming context %s failed: %r", rec.id, exc)
-
-    async def _context_for(self, req: SamplingRequest, tenant: str, on_the_fly: Callable[[], Awaitable[Resolved | None]]
-                           ) -> tuple[ContextRecord | None, Resolved | None]:
-        """The stored context a request names (`kv_context`), else the one on-the-fly compaction finds or makes
-        for its prompt (`on_the_fly()`; None: the prompt is served as it is)."""
-        if req.kv_context is not None:
-            return self.contexts.get(req.kv_context, tenant), None
-        found = await on_the_fly()
-        return (found.context if found is not None else None), found
+    def _context(self, req: SamplingRequest, tenant: str, found: Resolved | None) -> ContextRecord | None:
+        """The context a request runs over: the one on-the-fly compaction found or made for it, else the stored one
+        it names (`kv_context`), else none; 404 when its file is gone."""
+        rec = found.context if found is not None else None
+        if rec is None and req.kv_context is not None:
+            rec = self.contexts.get(req.kv_context, tenant)
+        if rec is not None:
+            self.contexts.check_file(rec)
+        return rec
 
     def _on_the_fly(self, turn: Turn, found: Resolved) -> dict[str, str]:
         """Report what on-the-fly compaction did for `turn`: in the response, its headers and the metrics."""
@@ -108,49 +90,26 @@ class GenerationServing:
         return {"X-Kvcat-Compaction": found.outcome, "X-Kvcat-Context": rec.id}
 
     # ---- the prompt --------------------------------------------------------------------------------------
-    def _turn(self, req: SamplingRequest, prompt: Callable[[ContextRecord | None], list[int]],
-              rec: ContextRecord | None, tenant: str) -> Turn:
-        """Prompt ids (`prompt(rec)`), generation parameters and the context handle of a request (over `rec` when
-        given)."""
-        handle = None
-        try:
-            if rec is not None:
-                self.contexts.check_file(rec)
-                ids = prompt(rec)
-                handle = self._handle(rec)
-                # positions as the reference path counts them (N + question), and the engine's own limit
-                # (t slots + question)
-                used = rec.num_tokens + len(ids)
-                limit = min(self.model.max_positions,
-                            used + self.engine.max_model_len - (rec.num_slots + len(ids)))
-            else:
-                ids = prompt(None)
-                used, limit = len(ids), min(self.model.max_positions, self.engine.max_model_len)
-        except prompting.PromptError as exc:
-            raise invalid(str(exc), "messages") from None
+    def _turn(self, req: SamplingRequest, ids: list[int], rec: ContextRecord | None, tenant: str) -> Turn:
+        """The engine work of a request: its prompt ids (after `rec`'s slots when given), its sampling parameters
+        within the room the prompt leaves, and the context transfer."""
+        if rec is not None:
+            # positions as the reference path counts them (N + question), and the engine's own limit
+            # (t slots + question)
+            used = rec.num_tokens + len(ids)
+            limit = min(self.model.max_positions, used + self.engine.max_model_len - (rec.num_slots + len(ids)))
+        else:
+            used, limit = len(ids), min(self.model.max_positions, self.engine.max_model_len)
         if used >= limit:
             raise invalid(f"the prompt needs {used} positions but the model's context holds {limit}", "messages",
                           413, "context_length_exceeded")
-        params = GenParams(max_tokens=self._max_tokens(req, used, limit), min_tokens=req.min_tokens, n=req.n,
-                           **self._sampling(req), seed=req.seed, stop=req.stop or [],
-                           stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
-                           structured=_structured(req), logprobs=req.top_logprobs_k,
-                           cache_salt=prefix_salt(tenant, req.cache_salt) if handle is None else None)
-        return Turn(req, ids, params, handle, rec.method if rec else "none",
-                    f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", context_id=handle.context_id if handle else None,
+        salt = prefix_salt(tenant, req.cache_salt) if rec is None else None
+        params = req.to_sampling_params(self._max_tokens(req, used, limit), self.model.sampling_defaults, salt)
+        if params.logit_bias:
+            self.model.check_token_ids(params.logit_bias, "logit_bias")
+        return Turn(req, ids, params, self.contexts.transfer(rec) if rec else None, rec.method if rec else "none",
+                    f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", context_id=rec.id if rec else None,
                     version=rec.version if rec else None)
-
-    def _sampling(self, req: SamplingRequest) -> dict:
-        """The request's sampling fields; those it leaves out come from the model's generation_config (as vLLM
-        does), then vLLM's defaults (temperature 1)."""
-        given = {name: getattr(req, name) for name in SAMPLING if getattr(req, name) is not None}
-        out = {**self.model.sampling_defaults, **given}
-        out.setdefault("temperature", 1.0)
-        if req.logit_bias:
-            bias = {int(k): v for k, v in req.logit_bias.items()}
-            self.model.check_token_ids(bias, "logit_bias")
-            out["logit_bias"] = bias
-        return out
 
     def _max_tokens(self, req: SamplingRequest, used: int, limit: int) -> int:
         """The request's max_tokens, else the room its prompt leaves in the context (as vLLM)."""
@@ -173,12 +132,12 @@ class GenerationServing:
         timeout = self.limits.request_timeout_s
         deadline = None if timeout is None else start + timeout
         labels = (self.model.name, *turn.labels)
-        if turn.handle:
-            self.contexts.acquire(turn.handle.context_id)
+        if turn.context:
+            self.contexts.acquire(turn.context.context_id)
         in_flight = metrics.CHATS_IN_FLIGHT.labels(self.model.name, turn.labels[1])
         in_flight.inc()
         finished, first = False, True
-        stream = aiter(self.engine.generate(turn.ids, turn.params, turn.handle, turn.id))
+        stream = aiter(self.engine.generate(turn.ids, turn.params, turn.context, turn.id))
         try:
             while True:
                 try:
@@ -202,12 +161,12 @@ class GenerationServing:
                 except Exception:  # noqa: BLE001  (the request may be gone already)
                     pass
             in_flight.dec()
-            if turn.handle:
-                self.contexts.release(turn.handle.context_id)
+            if turn.context:
+                self.contexts.release(turn.context.context_id)
 
     def _engine_failure(self, turn: Turn) -> ApiError:
-        if turn.handle is not None:
-            return self.contexts.load_failure(turn.handle.context_id, turn.version)
+        if turn.context is not None:
+            return self.contexts.load_failure(turn.context.context_id, turn.version)
         return ApiError(500, "the engine failed this request", "server_error", code="engine_error")
 
     async def _collect(self, turn: Turn, chunks: AsyncIterator[Chunk], cancel: threading.Event) -> Collected:
@@ -248,8 +207,8 @@ class GenerationServing:
     def _usage(turn: Turn, last: Chunk | None, completion: int) -> Usage:
         usage = Usage(prompt_tokens=len(turn.ids), completion_tokens=completion,
                       total_tokens=len(turn.ids) + completion)
-        if turn.handle is not None:
-            usage.kv_context_slots = turn.handle.num_slots
+        if turn.context is not None:
+            usage.kv_context_slots = turn.context.num_slots
         if last is not None and last.cached_tokens is not None:
             usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=int(last.cached_tokens))
         return usage
@@ -275,14 +234,6 @@ async def _next_or_stop(stream: AsyncIterator[Chunk], cancel: threading.Event, d
         step.cancel()  # the engine's generator ends at its pending await (and can then be closed)
         await asyncio.wait({step})
         raise
-
-
-def _structured(req: SamplingRequest) -> dict | None:
-    """vLLM structured-output parameters for the request's response_format."""
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    return {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema.schema_}
 
 
 def prefix_salt(tenant: str, client_salt: str | None) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from kvcat.models import LoadedModel
 from kvcat.server.errors import ApiError
-from kvcat.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from kvcat.server.protocol import DetokenizeRequest, TokenizeRequest
+from kvcat.server.responses import DetokenizeResponse, TokenizeResponse
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 

@@ -17,6 +17,8 @@ from kvcat.server.errors import invalid
 from kvcat.server.onthefly import AutoCompaction, AutoCompactionError
 from kvcat.server.protocol import ChatCompletionRequest, SamplingRequest
 from kvcat.server.serving_compaction import CompactionServing
+from kvcat.server.serving_contexts import ContextRegistry
+from kvcat.server.serving_models import ServedModel
 from kvcat.server.store import ContextRecord
 
 
@@ -38,9 +40,10 @@ class Resolved:
 
 
 class OnTheFlyServing:
-    def __init__(self, compaction: CompactionServing, policy: AutoCompaction, block_size: int):
-        self.compaction, self.policy, self.block_size = compaction, policy, block_size
-        self.model, self.contexts = compaction.model, compaction.contexts
+    def __init__(self, model: ServedModel, contexts: ContextRegistry, compaction: CompactionServing,
+                 policy: AutoCompaction, *, block_size: int, beta: bool):
+        self.model, self.contexts, self.compaction = model, contexts, compaction  # compaction: its queue and methods
+        self.policy, self.block_size, self.beta = policy, block_size, beta
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_used: dict[str, float] = {}  # on-the-fly context id -> when a request last used it here
         tok = self.model.tokenizer
@@ -87,7 +90,7 @@ class OnTheFlyServing:
         versions = {**self._versions, "params": method.params}
 
         def key_of(source: dict) -> str:
-            return onthefly.context_key(self.model.fingerprint, source, policy, self.compaction.beta, tenant,
+            return onthefly.context_key(self.model.fingerprint, source, policy, self.beta, tenant,
                                         versions)
 
         key = key_of(cut.source)
@@ -112,7 +115,7 @@ class OnTheFlyServing:
         sources = onthefly.token_sources(ids, list(range(block, cut + 1, block)))
 
         def key_of(at: int) -> str:
-            return onthefly.context_key(self.model.fingerprint, sources[at], policy, self.compaction.beta, tenant,
+            return onthefly.context_key(self.model.fingerprint, sources[at], policy, self.beta, tenant,
                                         versions)
 
         key = key_of(cut)

@@ -1,8 +1,8 @@
 """The durable context store: every acknowledged compacted context, as a CompactCache file plus a record.
 
 Tiers: a context's K/V lives in vLLM's paged blocks while requests use it (and after, until vLLM's prefix
-cache evicts them, LRU), in host RAM in each worker's small LRU of loaded contexts (the connector's
-`ContextCache`), and always on disk here; only DELETE removes it from disk.
+cache evicts them, LRU), in host RAM in each worker's small LRU of loaded contexts
+(`vllm_adapter.worker_contexts`), and always on disk here; only DELETE removes it from disk.
 
 Durability: `add` writes the cache file, then the record, each atomically (temporary file, fsync, rename,
 fsync of the folder), and only then makes the context visible; a context whose record exists was fully

@@ -14,14 +14,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from kvcat.server.engine_api import Chunk, ContextHandle, GenParams
+from kvcat.server.engine_api import Chunk, ContextTransfer, SamplingParams
 
 
 @dataclass
 class Call:
     token_ids: list[int]
-    params: GenParams
-    context: ContextHandle | None
+    params: SamplingParams
+    context: ContextTransfer | None
     request_id: str
 
 
@@ -43,7 +43,7 @@ class FakeEngine:
     def kv_bytes_per_token(self) -> int:
         return 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32: the tiny model's
 
-    async def generate(self, token_ids, params: GenParams, context: ContextHandle | None = None,
+    async def generate(self, token_ids, params: SamplingParams, context: ContextTransfer | None = None,
                        request_id: str | None = None):
         request_id = request_id or f"fake-{len(self.calls)}"
         self.calls.append(Call(list(token_ids), params, context, request_id))

@@ -110,8 +110,10 @@ def test_beta_rows_and_own_tokens_read_from_a_flash_layout(tmp_path, monkeypatch
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     from kvcat.cache import CompactCache
-    from kvcat.server.vllm_adapter import connector
+    from kvcat.server.engine_api import ContextTransfer
+    from kvcat.server.vllm_adapter import attention
     from kvcat.server.vllm_adapter.attention import StepState, beta_attention
+    from kvcat.server.vllm_adapter.worker_contexts import WorkerContexts
     from kvcat.server.vllm_adapter.layout import FlashPagedLayout
 
     gen = torch.Generator().manual_seed(2)
@@ -123,21 +125,21 @@ def test_beta_rows_and_own_tokens_read_from_a_flash_layout(tmp_path, monkeypatch
     path = str(ctx.save(tmp_path / "ctx.kvc"))
     cache, layer = _layer_caches(KVCacheLayout.LBNHC)[0], _layer("FLASH_ATTN", monkeypatch)
     paged = FlashPagedLayout(BLOCK, DIM)
-    contexts = connector.ContextCache()
+    contexts = WorkerContexts()
     contexts.layout = paged
-    monkeypatch.setattr(connector, "WORKER_CONTEXTS", contexts)
+    monkeypatch.setattr(attention, "WORKER", contexts)
 
     table = torch.tensor([[5, 2, 0]])
     seq = t + own
     k_own, v_own = torch.randn(own, HEADS, DIM, generator=gen), torch.randn(own, HEADS, DIM, generator=gen)
     pos = torch.arange(t, seq)
     paged.write(cache, k_own, v_own, table[0, pos // BLOCK] * BLOCK + pos % BLOCK, layer)  # before attention
-    meta = SimpleNamespace(beta={5: connector.ContextRef(path, "key", t, 0)})
+    beta = {5: ContextTransfer("ctx", path, t, t, "key")}
     step = 3  # this step's query rows: the request's last 3 tokens (rows 1..3 of the batch: row 0 is another)
     attn = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 1 + step]), seq_lens=torch.tensor([4, seq]),
                            block_table=torch.cat([torch.tensor([[1, 0, 0]]), table]))
 
-    rows = StepState().rows(meta, attn, BLOCK)
+    rows = StepState().rows(beta, attn, BLOCK)
     assert [(r.start, r.stop, r.seq_len) for r in rows] == [(1, 1 + step, seq)]
     key = torch.zeros(1 + step, HEADS * DIM)
     key[1:] = k_own[-step:].reshape(step, -1)

@@ -2,7 +2,7 @@
 AUTO_THRESHOLD, ratio AUTO_RATIO): long prompts are compacted with no client-side code, the next request hits
 the stored prefix and answers as the two-call way does, and streaming needs no client code. The policy's
 decisions (prefix hits, incremental compaction, misses, "off", bad policies) are tested over the fake engine in
-tests/test_serving.py."""
+tests/test_serving_onthefly.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import AUTO_RATIO, AUTO_THRESHOLD
-from kvcat import data
+from fake_api import held_out_docs
 from kvcat.defaults import DEFAULT_METHOD
 
 pytestmark = pytest.mark.vllm
@@ -24,10 +24,7 @@ MODEL = "smollm2-135m"
 
 @pytest.fixture(scope="module")
 def docs(smollm2):
-    """Two held-out texts of about 1.3 AUTO_THRESHOLD tokens, without blank lines (one paragraph each)."""
-    tok = smollm2.tokenizer
-    windows = data.token_windows(tok, int(AUTO_THRESHOLD * 1.3), 2, n=2, split="heldout", corpora=("paul_graham",))
-    return [" ".join(tok.decode(w.prefix_ids).split()) for w in windows]
+    return held_out_docs(smollm2.tokenizer, int(AUTO_THRESHOLD * 1.3))
 
 
 def _chat(server, messages, **body):

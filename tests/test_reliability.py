@@ -1,7 +1,7 @@
 """Reliability and security of the live served path (real vLLM engine), on a server with API keys, limits and
 a store of its own: tenant isolation with keys kept out of the log, a 2-minute loopback load test, and kill -9
-crash tests with restarts over the same store. Bad input, quotas, the bounded queue, cancellation and the schema
-fuzzing run over the fake engine in tests/test_serving.py."""
+crash tests with restarts over the same store. Bad input, quotas, the bounded queue and cancellation run over the
+fake engine in tests/test_serving_errors.py, the schema fuzzing in tests/test_serving_schema.py."""
 
 from __future__ import annotations
 

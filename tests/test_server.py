@@ -140,7 +140,10 @@ def test_context_endpoints(server, contexts):
     assert one["original_tokens"] > one["compacted_tokens"] and one["kv_bytes_saved"] > 0
     assert one["kv_bytes_compacted"] * 3 < one["kv_bytes_full"]
     models = server["client"].models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].model_extra["dtype"] == "float32"
+    dtypes = httpx.get(base + "/version").json()["dtypes"]
+    assert dtypes["engine"]["dtype"] == dtypes["engine"]["requested"] == "float32"
+    assert dtypes["compaction"]["dtype"] == "float32" and dtypes["compaction"]["reason"]
 
     extra = _compact(server, target_tokens=16, method="snapkv")
     assert extra["compacted_tokens"] == 16

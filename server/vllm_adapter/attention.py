@@ -1,8 +1,9 @@
 """beta in served attention: the stock attention backend's impl, subclassed by a vLLM general plugin.
 
 No stock kernel has a per-key additive bias. `BetaAttentionMixin.forward` runs the stock kernel for the
-whole batch, then, for the rows of requests whose context carries a non-zero beta (looked up in the KV
-connector metadata bound for this step, keyed by the request's first block id), takes the context's t slots
+whole batch, then, for the rows of requests whose context carries a non-zero beta (looked up in this step's
+beta map, which the KV connector hands to `worker_contexts.WORKER` when vLLM binds its metadata, keyed by the
+request's first block id), takes the context's t slots
 from the worker's float32 copy and the request's own tokens from the previous step's copy plus this step's
 keys and values (`StepState`), adds beta to the logits of the first t key columns (`beta_attention`), and
 replaces those output rows. Requests without a context (or with beta = 0 everywhere) keep the stock kernel's
@@ -31,6 +32,9 @@ import torch.nn.functional as F
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
+from kvcat.server.engine_api import ContextTransfer
+from kvcat.server.vllm_adapter.worker_contexts import WORKER, LoadedContext, layer_index
+
 
 class BetaAttentionMixin:
     """Put before a stock AttentionImpl in the bases: its forward, then beta on the rows that carry one."""
@@ -39,19 +43,10 @@ class BetaAttentionMixin:
                 output_block_scale=None):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)
-        if attn_metadata is None or self.attn_type != AttentionType.DECODER:
+        if attn_metadata is None or self.attn_type != AttentionType.DECODER or not WORKER.beta:
             return output
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        if not has_kv_transfer_group():
-            return output
-        meta = getattr(get_kv_transfer_group(), "_connector_metadata", None)
-        if not getattr(meta, "beta", None):
-            return output
-        from kvcat.server.vllm_adapter.connector import WORKER_CONTEXTS, layer_index
-
-        layout = WORKER_CONTEXTS.layout
-        rows = STEP.rows(meta, attn_metadata, layout.block_size)  # once per step, shared by the layers
+        layout = WORKER.layout
+        rows = STEP.rows(WORKER.beta, attn_metadata, layout.block_size)  # once per step, shared by the layers
         if not rows:
             return output
         li = layer_index(layer.layer_name)
@@ -79,8 +74,8 @@ class BetaRow:
     """One batch row of this step whose context carries beta: its context, query rows start:stop, sequence
     length, block table row, and the blocks holding its last token before this step and its last token."""
 
-    context: object  # connector.LoadedContext
-    key: str
+    context: LoadedContext
+    key: str  # its ContextTransfer's salt
     start: int
     stop: int
     seq_len: int
@@ -91,7 +86,7 @@ class BetaRow:
 
 class StepState:
     """What the beta path computes once per engine step instead of once per layer: the rows it applies to
-    (from the attention metadata and the connector's beta map), and each request's own tokens' K/V per layer,
+    (from the attention metadata and the step's beta map), and each request's own tokens' K/V per layer,
     kept from one step to the next so that a decode step appends one token instead of gathering them all from
     the paged blocks (that gather was most of the beta path's time).
 
@@ -103,11 +98,11 @@ class StepState:
     def __init__(self):
         self.step, self._rows, self.previous, self.current = None, None, {}, {}
 
-    def rows(self, meta, attn_metadata, block_size: int) -> list[BetaRow]:
-        if meta is not self.step:  # the connector metadata is a new object every step
-            self.step, self._rows, self.previous, self.current = meta, None, self.current, {}
+    def rows(self, beta: dict[int, ContextTransfer], attn_metadata, block_size: int) -> list[BetaRow]:
+        if beta is not self.step:  # the beta map is a new object every step
+            self.step, self._rows, self.previous, self.current = beta, None, self.current, {}
         if self._rows is None:
-            self._rows = _beta_rows(meta.beta, attn_metadata, block_size)
+            self._rows = _beta_rows(beta, attn_metadata, block_size)
         return self._rows
 
     def own_tokens(self, row: BetaRow, li: int, key, value, kv_cache: torch.Tensor, layout
@@ -127,25 +122,24 @@ class StepState:
         return k_own, v_own
 
 
-def _beta_rows(beta_map: dict, attn_metadata, block_size: int) -> list[BetaRow]:
-    from kvcat.server.vllm_adapter.connector import WORKER_CONTEXTS
-
+def _beta_rows(beta: dict[int, ContextTransfer], attn_metadata, block_size: int) -> list[BetaRow]:
     qsl = attn_metadata.query_start_loc.tolist()
     seq_lens = attn_metadata.seq_lens.tolist()
     table = attn_metadata.block_table
     rows = []
     for r, first in enumerate(table[: len(qsl) - 1, 0].tolist()):
-        ref = beta_map.get(first)
+        context = beta.get(first)
         a, b, s = qsl[r], qsl[r + 1], seq_lens[r]
-        if ref is None or b <= a:
+        if context is None or b <= a:
             continue
         try:
-            ctx = WORKER_CONTEXTS.get(ref.path, ref.key, ref.shift, fresh=False)
+            ctx = WORKER.get(context, fresh=False)
         except Exception:  # noqa: BLE001  (the connector reported its blocks invalid: the request fails)
             continue
         if ctx.has_bias:
             before = table[r, max(s - (b - a) - 1, 0) // block_size]
-            rows.append(BetaRow(ctx, ref.key, a, b, s, table[r], int(before), int(table[r, (s - 1) // block_size])))
+            rows.append(BetaRow(ctx, context.salt, a, b, s, table[r], int(before),
+                                int(table[r, (s - 1) // block_size])))
     return rows
 
 

@@ -2,7 +2,7 @@
 
 `Engine.start(config)` builds AsyncLLM with prefix caching on and `KvcatConnector` loaded by module path;
 `Engine.generate` runs one request, either plain (prompt token ids) or over a compacted context
-(`ContextHandle`: t placeholder slots written by the connector, then the real tokens).
+(`ContextTransfer`: t placeholder slots written by the connector, then the real tokens).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
 
-from kvcat.server.engine_api import Chunk, ContextHandle, GenParams
+from kvcat.server.engine_api import Chunk, ContextTransfer, SamplingParams
 from kvcat.server.vllm_adapter import check_version
 
 PLACEHOLDER_TOKEN = 0  # any id: the connector overwrites its K/V; it is never embedded for real
@@ -60,6 +60,20 @@ def beta_plugin_installed() -> bool:
     from importlib.metadata import entry_points
 
     return any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP))
+
+
+def vllm_sampling_params(params: SamplingParams, context: ContextTransfer | None):
+    """vLLM's SamplingParams for kvcat's: the fields copied as they are, structured outputs converted, deltas
+    streamed, and the context (if any) in `kv_transfer_params` for the KV connector."""
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+    from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+    extra = None
+    if context is not None:
+        extra = {"kv_transfer_params": {ContextTransfer.PARAMS_KEY: context.to_dict()}}
+    structured = StructuredOutputsParams(**params.structured) if params.structured else None
+    return VllmSamplingParams(**params.engine_fields(), structured_outputs=structured,
+                              output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
 
 class Engine:
@@ -136,7 +150,7 @@ class Engine:
         return cls(config, llm, vllm_config)
 
     # ---- requests ------------------------------------------------------------------------------------
-    def prompt_for(self, token_ids: list[int], context: ContextHandle | None, salt: str | None = None):
+    def prompt_for(self, token_ids: list[int], context: ContextTransfer | None, salt: str | None = None):
         from vllm.inputs import TokensPrompt
 
         if context is None:
@@ -146,27 +160,12 @@ class Engine:
         return TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN] * context.num_slots + list(token_ids),
                             cache_salt=context.salt)
 
-    async def generate(self, token_ids: list[int], params: GenParams, context: ContextHandle | None = None,
+    async def generate(self, token_ids: list[int], params: SamplingParams, context: ContextTransfer | None = None,
                        request_id: str | None = None) -> AsyncIterator[Chunk]:
         """Stream the completion of `token_ids` (over `context` when given), one Chunk per engine step."""
-        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
-
         if not token_ids:
             raise ValueError("a request needs at least one real token after the context")
-        extra = None
-        if context is not None:
-            extra = {"kv_transfer_params": {"kvcat": {
-                "context": context.context_id, "path": context.path, "key": context.salt, "slots": context.num_slots,
-                "shift": context.shift, "beta": self.config.beta}}}
-        structured = StructuredOutputsParams(**params.structured) if params.structured else None
-        sp = SamplingParams(max_tokens=params.max_tokens, min_tokens=params.min_tokens, n=params.n,
-                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                            min_p=params.min_p, presence_penalty=params.presence_penalty,
-                            frequency_penalty=params.frequency_penalty,
-                            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
-                            seed=params.seed, stop=params.stop or None, stop_token_ids=params.stop_token_ids or None,
-                            ignore_eos=params.ignore_eos, structured_outputs=structured, logprobs=params.logprobs,
-                            output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        sp = vllm_sampling_params(params, context)
         prompt = self.prompt_for(token_ids, context, params.cache_salt)
         request_id = request_id or uuid.uuid4().hex
         n_prompt = len(prompt["prompt_token_ids"])

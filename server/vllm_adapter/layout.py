@@ -3,14 +3,17 @@
 In vLLM 0.32 every attention backend hands the KV connector one tensor per layer whose logical shape is
 `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`; what differs is what lives inside it:
 
+Both write through the attention layer's own cache-write op, `layer.impl.do_kv_cache_update` (a public method
+of vLLM's attention impls: the op, the views and the ISA its backend uses); what differs is the reading:
+
 - `CpuPagedLayout` (CPU_ATTN): each (block, head) region is reinterpreted as a K half-page and a V half-page,
   and `cpu_attn_reshape_and_cache` stores them in an ISA-dependent order (keys transposed for `vec`, bf16
   pairs interleaved for AMX). Rather than hard-coding either, `calibrate` writes known values through the op
   into a scratch block and learns where every (slot, dim) element lands: reading is then one gather.
 - `FlashPagedLayout` (FLASH_ATTN, FLASHINFER, TRITON_ATTN on CUDA): each token's row holds `[K | V]`, and the
   physical strides follow whichever `KVCacheLayout` vLLM resolved (NHD, HND, block-outermost...). Indexing
-  the logical views is right for all of them, so nothing about strides is hard-coded; writes go through the
-  attention layer's own `do_kv_cache_update` (`reshape_and_cache_flash` or its Triton twin).
+  the logical views is right for all of them, so nothing about strides is hard-coded (the op is
+  `reshape_and_cache_flash` or its Triton twin).
 
 Both have `write`, `gather` and `self_test`: the worker runs the self-test when it registers its KV caches
 (random K/V written with the engine's op must read back bit for bit) and refuses to start if it fails.
@@ -26,15 +29,19 @@ class LayoutError(RuntimeError):
 
 
 class _PagedLayout:
-    """What both layouts share: the gather of a request's slots through its block table."""
+    """What both layouts share: the write through the layer's op, the gather of a request's slots through its
+    block table, the self-test."""
 
     block_size: int
     head_dim: int
-    op: str  # the cache-write op, named in the self-test's error
 
-    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-              layer=None) -> None:
-        raise NotImplementedError
+    @staticmethod
+    def write(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, layer) -> None:
+        """Write key/value [n, num_kv_heads, head_dim] into slots [n] (block_id * block_size + offset) with the
+        attention layer's own cache-write op."""
+        layer.impl.do_kv_cache_update(layer, key.to(kv_cache.dtype).contiguous(),
+                                      value.to(kv_cache.dtype).contiguous(), kv_cache,
+                                      slots.to(device=kv_cache.device, dtype=torch.long))
 
     def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_kv_heads, len(ids), block_size, head_dim] of blocks `ids`."""
@@ -51,8 +58,7 @@ class _PagedLayout:
         ids = block_ids[first:nb].to(device=kv_cache.device, dtype=torch.long)
         return tuple(x.reshape(x.shape[0], -1, self.head_dim)[:, lo:hi] for x in self.blocks(kv_cache, ids))
 
-    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer=None, like: torch.Tensor | None = None
-                  ) -> None:
+    def self_test(self, num_kv_heads: int, dtype: torch.dtype, layer, like: torch.Tensor | None = None) -> None:
         """Random K/V written with the engine's op at a non-zero start across two blocks of a 3-block scratch
         cache (with `like`'s device and axis order in memory: NHD, HND, ...) must read back bit for bit."""
         device = like.device if like is not None else "cpu"
@@ -71,37 +77,21 @@ class _PagedLayout:
         gk, gv = self.gather(cache, table, start + n)
         if not (torch.equal(gk[:, start:], k.transpose(0, 1)) and torch.equal(gv[:, start:], v.transpose(0, 1))
                 and not gk[:, :start].any()):
-            raise LayoutError(f"kvcat self-test failed: K/V written through {self.op} did not read back; the "
-                              "pinned vLLM's paged layout changed")
+            raise LayoutError("kvcat self-test failed: K/V written through the attention layer's do_kv_cache_update "
+                              "did not read back; the pinned vLLM's paged layout changed")
 
 
 class CpuPagedLayout(_PagedLayout):
     """CPU_ATTN: where each (slot, dim) of a block's K and V lives in the raw (block, head) region."""
 
-    op = "cpu_attn_reshape_and_cache"
-
-    def __init__(self, block_size: int, head_dim: int, k_index: torch.Tensor, v_index: torch.Tensor, isa: str):
-        self.block_size, self.head_dim, self.isa = block_size, head_dim, isa
+    def __init__(self, block_size: int, head_dim: int, k_index: torch.Tensor, v_index: torch.Tensor):
+        self.block_size, self.head_dim = block_size, head_dim
         self.k_index, self.v_index = k_index, v_index  # [block_size * head_dim] raw offsets
 
-    @staticmethod
-    def _write(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-               isa: str) -> None:
-        from vllm._custom_ops import cpu_attn_reshape_and_cache
-
-        num_blocks, heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, heads, block_size * 2, -1).chunk(2, dim=2)
-        cpu_attn_reshape_and_cache(key.to(kv_cache.dtype).contiguous(), value.to(kv_cache.dtype).contiguous(),
-                                   key_cache, value_cache, slots.to(torch.long), isa)
-
-    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-              layer=None) -> None:
-        """Write key/value [n, num_kv_heads, head_dim] into slot indices [n] (block_id * block_size + offset)."""
-        self._write(kv_cache, key, value, slots, self.isa)
-
     @classmethod
-    def calibrate(cls, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype,
-                  isa: str) -> "CpuPagedLayout":
+    def calibrate(cls, layer, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype
+                  ) -> "CpuPagedLayout":
+        """Learn the layout from `layer`'s op (the op stores it as its ISA wants)."""
         if block_size > 256 or head_dim > 256:
             raise LayoutError(f"block size {block_size} / head dim {head_dim} too large to calibrate")
         scratch = torch.zeros(1, num_kv_heads, block_size, 2 * head_dim, dtype=dtype)
@@ -112,7 +102,7 @@ class CpuPagedLayout(_PagedLayout):
         raw = []
         for pattern in (tok, dim):
             scratch.zero_()
-            cls._write(scratch, pattern + 1, pattern + 1, slots, isa)  # +1: tell written from untouched
+            cls.write(scratch, pattern + 1, pattern + 1, slots, layer)  # +1: tell written from untouched
             raw.append(scratch[0, 0].reshape(-1).float() - 1)
         region = block_size * head_dim
         indices = []
@@ -126,7 +116,7 @@ class CpuPagedLayout(_PagedLayout):
             index = torch.empty(region, dtype=torch.long)
             index[flat] = torch.arange(region) + half.start
             indices.append(index)
-        return cls(block_size, head_dim, indices[0], indices[1], isa)
+        return cls(block_size, head_dim, indices[0], indices[1])
 
     def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = kv_cache[ids].reshape(len(ids), kv_cache.shape[1], -1)  # [count, H, bs * 2D]
@@ -138,23 +128,12 @@ class FlashPagedLayout(_PagedLayout):
     """FLASH_ATTN / FLASHINFER / TRITON_ATTN: slot s of a layer is row s % block_size of block s // block_size,
     holding `[K | V]` for every head, under whatever physical strides vLLM chose for the tensor."""
 
-    op = "the backend's do_kv_cache_update"
-
     def __init__(self, block_size: int, head_dim: int):
         self.block_size, self.head_dim = block_size, head_dim
 
     def views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(key_cache, value_cache) [num_blocks, block_size, num_kv_heads, head_dim]: the backends' own split."""
         return kv_cache.transpose(1, 2).split(self.head_dim, dim=-1)
-
-    def write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-              layer=None) -> None:
-        """Write key/value [n, num_kv_heads, head_dim] into slots [n] with the attention layer's own cache-write
-        op (`layer.impl.do_kv_cache_update`: the op and the views its backend uses, on the current stream)."""
-        if layer is None:
-            raise LayoutError("writing to a CUDA paged cache needs its attention layer (whose backend owns the op)")
-        layer.impl.do_kv_cache_update(layer, key.to(kv_cache.dtype), value.to(kv_cache.dtype), kv_cache,
-                                      slots.to(device=kv_cache.device, dtype=torch.long))
 
     def blocks(self, kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(cache[ids].permute(2, 0, 1, 3) for cache in self.views(kv_cache))  # [n, bs, H, D] -> [H, n, bs, D]
