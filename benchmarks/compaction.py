@@ -36,16 +36,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcat.bench import SampleConfig, result_file
+from kvcat.bench_process import logger
 from kvcat.console import option
-from kvcat.defaults import AM_METHODS, DEFAULT_MODEL
+from kvcat.defaults import AM_METHODS
 from kvcat.eval.metrics import mean_ppl, ppl_gap, window_nll
 
-
-def log(msg: str) -> None:
-    print(f"[bench compaction {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench compaction")
 
 
-# cost grows with t^2..t^4: these run only where t <= their limit (see --slow-max-slots); peers.py too
+# cost grows with t^2..t^4: these run only where t <= their limit (see --slow-max-slots); the peers benchmark too
 SLOW = {"am-omp": 0.5, "am-omp-fast": 1.0, "optimize": 1.0}  # fraction of slow_max_slots
 
 
@@ -66,9 +66,10 @@ MAIN = ("am-hak", "am-hak-fast", "am-omp-fast", "snapkv", "h2o", "kvzip", "recen
 
 
 @dataclass
-class CompactionConfig:
+class CompactionConfig(SampleConfig):
     """The settings of `kvcat bench compaction`, one command-line option each."""
 
+    out: Path = result_file("compaction")
     docs: int = option(20, help="held-out documents")
     doc_tokens: int = option(4096, help="tokens of each document prefix")
     continuation: int = option(256, help="continuation tokens for the PPL gap")
@@ -78,13 +79,10 @@ class CompactionConfig:
     needles: int = option(5, help="needle examples (0 to skip)")
     qa: int = option(5, help="QA examples (0 to skip)")
     question_tokens: int = option(2048, help="length of the needle haystacks and QA articles")
-    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
     slow_max_slots: int = option(256, help="run OMP-fast and gradient compaction only up to this many slots per "
                                            "head (am-omp: half), too slow above on a CPU")
     memory_ratio: float = option(8.0, help="ratio of the peak-memory probes (one fresh process per method; 0 to "
                                            "skip)")
-    seed: int = option(0, help="seed of the held-out sample")
-    out: Path = option(Path("benchmarks/results/compaction.json"), help="JSON output (Markdown and PNG beside it)")
 
 
 def run(config: CompactionConfig, resume: bool = False) -> dict:
@@ -92,7 +90,8 @@ def run(config: CompactionConfig, resume: bool = False) -> dict:
     from kvcat.compaction import get_method, method_names
     from kvcat.compaction.queries import clear_memo
 
-    from kvcat.bench import Checkpoint, PeakRSS, config_record, heldout_suite, provenance, publish
+    from kvcat.bench import Checkpoint, config_record, heldout_suite, provenance, publish
+    from kvcat.bench_process import PeakRSS
     from kvcat.eval.harness import MAX_NEW_TOKENS, full_prefix_nll
     from kvcat.eval.metrics import f1, retrieved
     from kvcat.inference import CacheSession, continuation_nll, full_cache, prefill
@@ -103,7 +102,7 @@ def run(config: CompactionConfig, resume: bool = False) -> dict:
     record = {**config_record(c), "methods": names, "split": "heldout"}
     # one record per document / question, saved as each is done: `resume` continues an interrupted run
     done = Checkpoint(c.out, record, resume, log)
-    lm = load_model(c.model, dtype="float32")
+    lm = load_model(c.model, dtype=c.compute_dtype)
     tok = lm.tokenizer
     log(f"model {c.model} on {lm.device}; {c.docs} docs of {c.doc_tokens}+{c.continuation} tokens; ratios "
         f"{list(c.ratios)}; methods {names}")
@@ -216,7 +215,8 @@ def memory_probe(method: str, ratio: float, doc_tokens: int, continuation: int, 
 
     from kvcat.compaction import get_method
 
-    from kvcat.bench import PeakRSS, heldout_suite
+    from kvcat.bench import heldout_suite
+    from kvcat.bench_process import PeakRSS
     from kvcat.inference import prefill
     from kvcat.models import load_model
 

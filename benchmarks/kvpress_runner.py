@@ -4,7 +4,7 @@
 
 Runs in the peers venv (scripts/peers_venv.sh: kvpress needs transformers < 5.3), so it must not import
 kvcat: kvcat tokenizes, prepares the held-out data and scores every output with its own metrics; this
-script only turns token ids into numbers and texts (it borrows kvcat/bench.py's PeakRSS, a
+script only turns token ids into numbers and texts (it borrows kvcat/bench_process.py's log and PeakRSS, a
 standard-library-only file, by path). The job (JSON):
 
     {"model": "/path/to/hf/folder",
@@ -53,21 +53,19 @@ from pathlib import Path
 RECORD_FORMAT = 1
 
 
-def log(msg: str) -> None:
-    print(f"[kvpress runner {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _load_peak_rss():
-    """kvcat's PeakRSS, from kvcat/bench.py loaded by path (it imports only the standard library at module
-    level), so that both sides of the comparison measure memory the same, exact way."""
-    path = Path(__file__).resolve().parents[1] / "kvcat" / "bench.py"
-    spec = importlib.util.spec_from_file_location("kvcat_bench_standalone", path)
+def _load_bench_process():
+    """kvcat/bench_process.py loaded by path (it imports only the standard library), so that both sides of the
+    comparison log alike and measure memory the same, exact way."""
+    path = Path(__file__).resolve().parents[1] / "kvcat" / "bench_process.py"
+    spec = importlib.util.spec_from_file_location("kvcat_bench_process_standalone", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.PeakRSS
+    return module
 
 
-PeakRSS = _load_peak_rss()
+_bench_process = _load_bench_process()
+PeakRSS = _bench_process.PeakRSS
+log = _bench_process.logger("kvpress runner")
 
 
 # press name -> (kvpress class name, constructor keywords besides compression_ratio); "adakv-<name>" wraps

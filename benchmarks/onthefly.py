@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcat.bench import EngineConfig, result_file
+from kvcat.bench_process import logger
 from kvcat.console import option
-from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
+from kvcat.defaults import DEFAULT_METHOD
 from kvcat.eval.metrics import ppl_gap, window_nll
 
 QUESTIONS = (
@@ -43,31 +44,26 @@ QUESTIONS = (
     "What would you ask the speaker?",
 )
 
-
-def log(msg: str) -> None:
-    print(f"[bench onthefly {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
+log = logger("bench onthefly")
 
 MAX_MODEL_LEN = 8192  # the session's engine context
 TURN_TOKENS = 40  # a question and the chat template's turn markers, at most (the QUESTIONS below)
 
 
 @dataclass
-class OnTheFlyConfig:
+class OnTheFlyConfig(EngineConfig):
     """The settings of `kvcat bench onthefly`, one command-line option each."""
 
-    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    out: Path = result_file("onthefly")
     ratio: float = option(10.0, help="compaction ratio")
     method: str = option(DEFAULT_METHOD, help="compaction method")
     doc_tokens: int = option(6000, help="document length of the session")
     turns: int = option(8, help="turns of the session")
     threshold: int = option(2048, help="on-the-fly compaction threshold (tokens)")
     answer_tokens: int = option(24, help="answer length per turn (tokens)")
-    dtype: str = option("bfloat16", help="engine dtype of the session")
     quality_tokens: int = option(4096, help="prefix length of the quality comparison")
     windows: int = option(4, help="held-out windows of the quality comparison")
     needles: int = option(4, help="needles of the quality comparison")
-    out: Path = option(Path("benchmarks/results/onthefly.json"), help="JSON output (Markdown and PNG beside it)")
 
     def __post_init__(self):
         need = self.doc_tokens + self.turns * (self.answer_tokens + TURN_TOKENS)
@@ -158,7 +154,7 @@ def session(config: OnTheFlyConfig) -> dict:
     rows: list[dict] = []
     args = ["--auto-compact-threshold", str(c.threshold), "--auto-compact-ratio", str(ratio),
             "--auto-compact-method", method]
-    with ServerProcess(model, dtype=c.dtype, max_model_len=MAX_MODEL_LEN, args=args) as srv:
+    with ServerProcess(model, dtype=c.engine_dtype()["dtype"], max_model_len=MAX_MODEL_LEN, args=args) as srv:
         client = srv.openai()
         served = client.models.list().data[0].id
         info = client.models.list().data[0].model_extra
@@ -239,7 +235,8 @@ def run(config: OnTheFlyConfig) -> dict:
     """A multi-turn session with on-the-fly compaction vs full context, and incremental vs from-scratch."""
     from kvcat.bench import config_record, provenance, publish
 
-    result = {"model": config.model, **provenance(), "config": config_record(config)}
+    result = {"model": config.model, **provenance(),
+              "config": {**config_record(config), "engine_dtype": config.engine_dtype()}}
     # the session first: a server that refuses the configuration fails in a minute, not after the quality part
     result["session"] = session(config)
     result["quality"] = quality(config)

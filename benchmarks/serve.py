@@ -26,34 +26,32 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcat.bench import EngineConfig, result_file
+from kvcat.bench_process import logger
 from kvcat.console import option
-from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
+from kvcat.defaults import DEFAULT_METHOD
 
 QUESTIONS = ("Who is speaking, and to whom?", "Name one topic the text discusses.")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(EngineConfig):
     """The settings of `kvcat bench serve`, one command-line option each (`measure` takes them too)."""
 
-    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    out: Path = result_file("serve")
     doc_tokens: int = option(8000, help="document length in tokens")
     ratios: tuple[float, ...] = option((10.0, 32.0), help="compaction ratios")
     method: str = option(DEFAULT_METHOD, help="compaction method")
-    dtype: str = option("bfloat16", help="engine dtype")
     docs: int = option(3, help="held-out documents")
     decode_tokens: int = option(32, help="tokens generated per request (min_tokens fixes the count)")
     budget_gib: float = option(1.0, help="the fixed KV budget for contexts_in_budget")
-    out: Path = option(Path("benchmarks/results/serve.json"), help="JSON output (Markdown and PNG beside it)")
 
 
-def log(msg: str) -> None:
-    print(f"[bench serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench serve")
 
 
 def _stream(client, model: str, content: str, context: str | None, tokens: int) -> dict:
@@ -103,14 +101,16 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
 
     from kvcat.server.launch import ServerProcess, StockVLLMProcess
 
-    model, dtype, decode_tokens, budget_gib = config.model, config.dtype, config.decode_tokens, config.budget_gib
+    model, decode_tokens, budget_gib = config.model, config.decode_tokens, config.budget_gib
+    engine_dtype = config.engine_dtype()  # resolved once: plain vLLM and kvcat compute alike
+    dtype = engine_dtype["dtype"]
 
     samples: dict[tuple[str, str, float], list[dict]] = {}
     slots: dict[tuple[str, float], list[int]] = {("full-cold", 1.0): [n for _, n in docs],
                                                   ("full-warm", 1.0): [n for _, n in docs], ("no-context", 1.0): [0]}
     # CPU: room for the model's full context; on a GPU vLLM sizes its KV memory from gpu_memory_utilization
     kv_gib = None if _on_gpu() else max(2, math.ceil(budget_gib))
-    info: dict = {}
+    info: dict = {"engine_dtype": engine_dtype}
     compaction_s: dict[float, list[float]] = {}  # /v1/compact's own seconds per ratio, one per document
 
     def full_chat(system: str, client, served: str, text: str) -> None:

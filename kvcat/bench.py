@@ -1,17 +1,18 @@
-"""What every benchmark shares: loading its script, provenance of its results, writing them, peak memory.
+"""What every benchmark shares: its base config, loading its script, provenance of its results, writing them.
 
-Benchmark scripts live in the repository's `benchmarks/` folder (one per benchmark, not a package);
-`kvcat bench NAME` loads them through `load_script`, and `kvcat dashboard` loads deploy/tools/ the same way
-(`deploy_tools`): both exist only in a source checkout, not in the installed package. Every result JSON
-carries `provenance()`: the machine, the date, the command line and the git commit that produced it, and
-records no absolute path of the machine (`portable`), so committed results do not leak or depend on one.
-
-Module level imports only the standard library: benchmarks/kvpress_runner.py loads this file by path in the
-peers venv (without kvcat) for PeakRSS.
+Benchmarks live in the repository's `benchmarks/` folder (a script, or a folder of modules, per benchmark; not a
+package); `kvcat bench NAME` (kvcat.bench_cli) loads them through `load_script`, and `kvcat dashboard` loads
+deploy/tools/ the same way (`deploy_tools`): both exist only in a source checkout, not in the installed
+package. Every result JSON carries `provenance()`: the machine, the date, the command line and the git commit
+that produced it, and records no absolute path of the machine (`portable`), so committed results do not leak
+or depend on one. Module level imports only light modules (the CLI imports this file to build its options); a
+benchmark's log and peak memory come from kvcat.bench_process (standard library only: the kvpress runner
+borrows it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import importlib.util
@@ -23,9 +24,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
+
+from kvcat.console import option
+from kvcat.defaults import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -33,6 +37,43 @@ RESULTS = BENCHMARKS / "results"
 
 
 DEPLOY_TOOLS = REPO / "deploy" / "tools"
+
+
+def result_file(name: str):
+    """The `out` option of a benchmark whose result is benchmarks/results/NAME.json."""
+    return option(Path(f"benchmarks/results/{name}.json"), help="JSON output (Markdown and PNG beside it)")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """The settings every benchmark has, one command-line option each: the model it measures and its result
+    file (each benchmark gives `out` its own default with `result_file`). Subclasses add theirs after these."""
+
+    model: str = option(DEFAULT_MODEL, help="zoo name or HF folder")
+    out: Path = result_file("bench")
+
+
+@dataclasses.dataclass
+class SampleConfig(BenchConfig):
+    """A benchmark over a seeded sample of the evaluation data."""
+
+    seed: int = option(0, help="seed of the data sample")
+    # in-process transformers runs compute in float32 on every CPU (bf16 is emulated on most); recorded
+    compute_dtype: ClassVar[str] = "float32"
+
+
+@dataclasses.dataclass
+class EngineConfig(BenchConfig):
+    """A benchmark that measures a served engine (`kvcat serve` on loopback)."""
+
+    dtype: str = option("auto", help="engine dtype: auto (bfloat16 where the CPU has AMX / AVX-512 bf16, float32 "
+                                     "elsewhere), float32 or bfloat16")
+
+    def engine_dtype(self) -> dict:
+        """The dtype both servers of the run compute in, what was asked and why: recorded in the result."""
+        from kvcat.config import choose_dtype
+
+        return choose_dtype(self.dtype, "engine").as_dict()
 
 
 def load_source(path: Path, name: str) -> ModuleType:
@@ -48,12 +89,16 @@ def load_source(path: Path, name: str) -> ModuleType:
 
 
 def load_script(name: str) -> ModuleType:
-    """Import benchmarks/<name>.py as a module (it is a script folder, not a package)."""
-    path = BENCHMARKS / f"{name}.py"
-    if not path.is_file():
+    """Import benchmarks/<name>.py, or the folder benchmarks/<name>/ as a package, as a module (benchmarks is a
+    script folder, not a package), once: benchmarks load each other, and the CLI has loaded them all."""
+    path = BENCHMARKS / name
+    if not path.is_dir():
+        path = path.with_suffix(".py")
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such benchmark script (benchmarks run from a source checkout)")
     git_commit()  # the commit this run starts from is the one its results name
-    return load_source(path, f"kvcat_benchmark_{name}")
+    module = sys.modules.get(f"kvcat_benchmark_{name}")
+    return module or load_source(path, f"kvcat_benchmark_{name}")
 
 
 def deploy_tools(module: str) -> ModuleType:
@@ -113,7 +158,7 @@ def provenance() -> dict:
 def _path_prefixes() -> list[tuple[re.Pattern, str]]:
     """(absolute folder, its portable spelling), longest first: the checkout (relative: "" before a "/", "."
     alone), then $KVCAT_HOME, then the home folder. A folder matches only whole: not /rootfs for /root."""
-    from kvcat.config import kvcat_home  # imports torch: not at module level (see the module docstring)
+    from kvcat.config import kvcat_home  # imports torch: not at module level
 
     home = kvcat_home()
     folders = {str(REPO): ".", str(home): "$KVCAT_HOME", str(home.resolve()): "$KVCAT_HOME", str(Path.home()): "~"}
@@ -159,7 +204,12 @@ def code_changed_since(commit: str | None, repo: Path = REPO, paths: tuple[str, 
         return True
 
 
-class ResumeError(ValueError):
+class BenchError(Exception):
+    """A benchmark that cannot start (a checkpoint it cannot continue, a peer's venv it cannot make): `kvcat
+    bench` says why in one line, without a traceback."""
+
+
+class ResumeError(BenchError, ValueError):
     """A checkpoint that cannot be continued (other settings or other code)."""
 
 
@@ -288,8 +338,6 @@ def update_readme(readme: Path, results: Path = RESULTS) -> list[str]:
     """Copy each benchmark's latest Markdown table (results/NAME.md) into a README between the markers
     `<!-- table:NAME -->` and `<!-- /table:NAME -->`, its provenance line made visible; returns the names
     updated."""
-    import re
-
     text = readme.read_text()
     done = []
     for name in re.findall(r"<!-- table:([\w-]+) -->", text):
@@ -304,61 +352,6 @@ def update_readme(readme: Path, results: Path = RESULTS) -> list[str]:
     return done
 
 
-def _reset_high_water_mark() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _high_water_mark() > 0
-    except OSError:
-        return False
-
-
-def _high_water_mark() -> float:
-    """This process's peak RSS (MB) since start or the last reset; 0 if the kernel does not say."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-class PeakRSS:
-    """Peak resident set size (MB) of this process while inside the block (blocks must not nest).
-
-    Exact where Linux lets the process reset its high-water mark (`/proc/self/clear_refs`, then `VmHWM`):
-    sampling misses the short-lived tensors that make the peak. Elsewhere, sampled every 5 ms."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = self.rss()
-        self._exact = _reset_high_water_mark()
-        if not self._exact:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._exact:
-            self.peak = max(self.peak, _high_water_mark())
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
-
-    @staticmethod
-    def rss(pid: int | str = "self") -> float:
-        with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def mean_or_none(values) -> float | None:
     """The mean of the values that are not None, to 4 decimals (a table's cell), or None when none is."""
     values = [v for v in values if v is not None]
@@ -368,36 +361,8 @@ def mean_or_none(values) -> float | None:
 def config_record(config) -> dict:
     """A benchmark's config dataclass as its result and Checkpoint record it: tuples as lists and paths as
     strings, so that a resumed run's config equals the one read back from its partial JSON."""
-    import dataclasses
-
-    return {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
-            for k, v in dataclasses.asdict(config).items()}
-
-
-def bench_command(script: str, config: str, *, errors: tuple[type[Exception], ...] = (), prepare=None, **extra):
-    """The `kvcat bench` command of benchmarks/<script>.py: one option per field of its `config` dataclass
-    (`kvcat.console.config_command`), calling the script's `run(config, **extra options)`. The script is loaded
-    here, while the command line is built, which is why scripts import only light modules at their top.
-    `prepare()` runs first; ResumeError and `errors` end in a one-line error instead of a traceback."""
-    from kvcat.console import config_command, fail
-
-    try:
-        module = load_script(script)
-    except FileNotFoundError as exc:  # an installed kvcat without the checkout: say so when asked to run
-        message = str(exc)
-
-        def unavailable() -> None:
-            fail(message)
-
-        unavailable.__doc__ = message
-        return unavailable
-
-    def start(cfg, **options):
-        if prepare is not None:
-            prepare()
-        try:
-            return module.run(cfg, **options)
-        except (ResumeError, *errors) as exc:
-            fail(str(exc))
-
-    return config_command(getattr(module, config), start, doc=module.run.__doc__, **extra)
+    record = {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+              for k, v in dataclasses.asdict(config).items()}
+    if hasattr(config, "compute_dtype"):
+        record["compute_dtype"] = config.compute_dtype
+    return record

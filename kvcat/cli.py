@@ -1,7 +1,8 @@
 """The one `kvcat` command line: models, compact, eval, bench, serve, train, demo, dashboard.
 
-Each package contributes its own commands through a `register(app, bench)` function in its `cli` module,
-so this file only wires them together and heavy imports (vLLM, training) happen inside the commands.
+Each package contributes its own commands through a `register(app)` function in its `cli` module, and the
+benchmarks theirs through kvcat.bench_cli, so this file only wires them together and heavy imports (vLLM,
+training) happen inside the commands.
 `kvcat dashboard` is the exception: its tooling lives in the checkout's deploy/tools/, not in the package,
 so only its command line is here and each command loads the tooling by path when it runs.
 """
@@ -48,16 +49,6 @@ def models_list() -> None:
         table.add_row(name, "yes" if ready else "no", entry.description,
                       str(zoo.model_path(name)) if ready else "")
     console.print(table)
-
-
-@bench_app.command("readme")
-def bench_readme() -> None:
-    """Copy the latest benchmark tables (benchmarks/results/*.md) into the marked sections of README.md and
-    benchmarks/README.md."""
-    from kvcat.bench import update_readmes
-
-    names = update_readmes()
-    console.print(f"README tables updated: {', '.join(names) or 'none (no results yet)'}")
 
 
 def _deploy_tools(module: str):
@@ -117,14 +108,15 @@ def dashboard_preview(prometheus: str = typer.Option(..., "--prometheus", help="
 
 
 def _register_packages() -> None:
+    from kvcat import bench_cli, demo
     from kvcat.compaction import cli as compaction_cli
     from kvcat.eval import cli as eval_cli
     from kvcat.server import cli as server_cli
     from kvcat.training import cli as training_cli
-    from kvcat import demo
 
+    bench_cli.register(bench_app)
     for module in (eval_cli, compaction_cli, server_cli, training_cli, demo):
-        module.register(app, bench_app)
+        module.register(app)
 
 
 def main() -> None:

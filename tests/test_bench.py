@@ -1,4 +1,5 @@
-"""The benchmark checkpoint: an interrupted run resumes only with the same settings and the same code."""
+"""The benchmarks' shared plumbing: the checkpoint (an interrupted run resumes only with the same settings and
+the same code), peak memory, `kvcat bench`'s commands, and each benchmark's summary and table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcat.bench import Checkpoint, PeakRSS, ResumeError, code_changed_since
+from kvcat.bench import Checkpoint, ResumeError, code_changed_since
+from kvcat.bench_process import PeakRSS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _git(repo, *args) -> str:
@@ -76,15 +80,43 @@ def test_peak_rss_sees_a_short_lived_allocation():
     assert quiet.peak < mem.peak - 150
 
 
-def test_peers_runner_gets_peak_rss_without_kvcat():
-    """benchmarks/kvpress_runner.py runs in a venv without kvcat and loads kvcat/bench.py by path for its
-    PeakRSS: that file must import nothing but the standard library at module level (-S: no site-packages)."""
+def test_peers_runner_gets_peak_rss_and_the_log_without_kvcat():
+    """benchmarks/kvpress_runner.py runs in a venv without kvcat and loads kvcat/bench_process.py by path for
+    its PeakRSS and log: that file must import nothing but the standard library (-S: no site-packages)."""
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "p = m.PeakRSS(); p.__enter__(); p.__exit__(None, None, None); print(p.peak > 0)")
-    bench = Path(__file__).resolve().parents[1] / "kvcat" / "bench.py"
-    out = subprocess.run([sys.executable, "-S", "-c", code, str(bench)], capture_output=True, text=True)
+            "p = m.PeakRSS(); p.__enter__(); p.__exit__(None, None, None); m.logger('kvpress runner')('hi'); "
+            "print(p.peak > 0)")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(REPO / "kvcat" / "bench_process.py")],
+                         capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+    assert out.stderr.startswith("[kvpress runner ") and out.stderr.endswith("] hi\n")
+
+
+def test_kvcat_bench_is_registered_by_the_benchmarks_with_their_configs_options():
+    """`kvcat bench` lists every benchmark (kvcat.bench_cli), each with one option per field of its config,
+    which extends the shared BenchConfig; the packages the benchmarks measure know nothing of them."""
+    import dataclasses
+
+    import typer
+    import typer.main
+
+    from kvcat.bench import BenchConfig, load_script
+    from kvcat.bench_cli import BENCHMARKS, register
+
+    bench = typer.Typer()
+    register(bench)
+    commands = typer.main.get_command(bench).commands
+    assert list(commands) == ["readme", "compaction", "retrieval", "peers", "serve", "onthefly", "kvcat"]
+    for name, benchmark in BENCHMARKS.items():
+        config = getattr(load_script(benchmark.script), benchmark.config)
+        assert issubclass(config, BenchConfig)
+        fields = [f.name for f in dataclasses.fields(config)]
+        assert fields[:2] == ["model", "out"] and config().out == Path(f"benchmarks/results/{name}.json")
+        assert [p.name for p in commands[name].params] == fields + [p.name for p in benchmark.options]
+    for package in ("compaction", "server", "training"):
+        for path in (REPO / package).rglob("*.py"):
+            assert "kvcat.bench" not in path.read_text(), path
 
 
 def test_peers_kvpress_runs_are_reused_on_the_same_data_only(tmp_path):
@@ -137,8 +169,9 @@ def test_retrieval_summary_pairs_methods_on_the_same_cases(tmp_path):
     assert am["acc_needle"] == 1.0 and am["acc_passage"] == pytest.approx(2 / 3, abs=1e-4)
     (pair,) = retrieval.paired(cases, ["am-hak", "snapkv"], [8.0])
     assert (pair["only_am"], pair["only_other"]) == (5, 1) and 0 < pair["p_sign"] < 1
-    text = retrieval.table({"rows": rows, "paired": [pair], "config": {"cases": 6, "split": "heldout"}})
-    assert "| am-hak | 0.83 (0.83) |" in text and "5 / 1" in text
+    text = retrieval.table({"rows": rows, "paired": [pair], "config": {"split": "heldout"}, "cases": cases})
+    assert "| am-hak | 0.83 (0.83) |" in text and "5 / 1" in text and "6 heldout cases" in text
+    assert "| passage | 1.00 | 0.00 | 0.67 | 0.33 |" in text  # per kind: full, none, am-hak, snapkv
     assert text.count("| 1.20 | 8.0 |") == 1 and "| 1.00 | - |" in text  # speed; served ratio where known
     (tmp_path / "retrieval.md").write_text("<!-- written by test -->\n" + text)
     readme = tmp_path / "README.md"
@@ -215,3 +248,26 @@ def test_kvcat_bench_chooses_a_kvcat_checkpoint_and_reads_the_goals_against_the_
         with pytest.raises(ValueError, match=message):
             kb.run(kb.KVCatTrainingConfig(**bad, work_dir=tmp_path / "w", out=tmp_path / "k.json"))
     assert not (tmp_path / "w").exists() and not (tmp_path / "k.json").exists()
+
+
+def test_a_benchmark_that_cannot_start_ends_in_one_line(tmp_path, monkeypatch):
+    """Bad settings and a peers venv that cannot be made end `kvcat bench` in a one-line error, before any work."""
+    import typer
+    from typer.testing import CliRunner
+
+    from kvcat.bench import BenchError, load_script
+    from kvcat.bench_cli import register
+
+    bench = typer.Typer()
+    register(bench)
+    res = CliRunner().invoke(bench, ["kvcat", "--policies", "am", "--work-dir", str(tmp_path / "w"),
+                                     "--out", str(tmp_path / "k.json")])
+    assert res.exit_code == 2 and "include ntp in --policies" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "w").exists()
+
+    fails = tmp_path / "peers_venv.sh"
+    fails.write_text("exit 3\n")
+    kvpress = load_script("peers").kvpress
+    monkeypatch.setattr(kvpress, "VENV_SCRIPT", fails)
+    with pytest.raises(BenchError, match="exit 3"):
+        kvpress.make_venv()

@@ -11,7 +11,7 @@ from kvcat.heap import _malloc_trim
 # In a fresh process, so that the heap holds nothing from earlier tests that these buffers could reuse.
 PROBE = """
 import json, torch
-from kvcat.bench import PeakRSS
+from kvcat.bench_process import PeakRSS
 from kvcat.heap import release_free_memory
 keep, holes = [], []
 for _ in range(2000):  # 64 KB buffers (heap, not mmap) pinned apart by small live tensors

@@ -1,8 +1,7 @@
-"""`kvcat train` (KV-CAT continued pretraining) and `kvcat bench kvcat` (the paper's evaluation on SmolLM2)."""
+"""`kvcat train`: KV-CAT continued pretraining."""
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -14,17 +13,8 @@ from kvcat.training.config import TrainConfig
 _DEFAULTS = TrainConfig()
 
 
-def register(app, bench) -> None:
-    from kvcat.bench import bench_command
-
+def register(app) -> None:
     app.command("train")(train_command)
-    smoke = inspect.Parameter("smoke", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, help="a tiny configuration that checks the pipeline in minutes (it sets only the options left at "
-                    "their default)"))
-    resume = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, help="continue the evaluation of an interrupted run (finished training is always reused)"))
-    bench.command("kvcat")(bench_command("kvcat_training", "KVCatTrainingConfig", errors=(ValueError,),
-                                         smoke=smoke, resume=resume))
 
 
 def train_command(

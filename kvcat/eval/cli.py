@@ -12,7 +12,7 @@ from kvcat.eval.runner import EvalSettings
 _DEFAULTS = EvalSettings()  # the one source of the task options' defaults
 
 
-def register(app, bench) -> None:
+def register(app) -> None:
     app.command("eval")(eval_command)
 
 

@@ -210,18 +210,23 @@ def _generate_all(lm, compressors, examples, task, max_new_tokens, progress):
         yield comp, rows, _ratio_of(ratios), sum(secs) / len(secs)
 
 
+def _score(rows: list[dict], scorers: dict) -> dict[str, float]:
+    """Each row's score under every metric (stored in the row), and each metric's mean over the rows."""
+    for r in rows:
+        for name, metric in scorers.items():
+            r[name] = metric(r["prediction"], r["answers"])
+    return {name: sum(r[name] for r in rows) / len(rows) for name in scorers}
+
+
 def retrieval(lm: LoadedModel, compressors: Sequence[NamedCompressor], examples: Sequence[Example],
               progress: bool = True, max_new_tokens: int | None = None) -> list[RetrievalResult]:
     """(b) accuracy on needle or key-value examples (all of one task)."""
     task = examples[0].task if examples else "retrieval"
     out = []
     for comp, rows, ratio, sec in _generate_all(lm, compressors, examples, task, max_new_tokens, progress):
-        for r in rows:
-            r["correct"] = metrics.retrieved(r["prediction"], r["answers"])
-            r["recall"] = metrics.recalled(r["prediction"], r["answers"])
+        means = _score(rows, {"correct": metrics.retrieved, "recall": metrics.recalled})
         out.append(RetrievalResult(task=task, method=comp.label, ratio=comp.ratio, n=len(rows),
-                                   accuracy=sum(r["correct"] for r in rows) / len(rows),
-                                   recall=sum(r["recall"] for r in rows) / len(rows), achieved_ratio=ratio,
+                                   accuracy=means["correct"], recall=means["recall"], achieved_ratio=ratio,
                                    compress_s=sec, examples=rows))
     return out
 
@@ -232,14 +237,8 @@ def qa(lm: LoadedModel, compressors: Sequence[NamedCompressor], examples: Sequen
     task = examples[0].task if examples else "qa"
     out = []
     for comp, rows, ratio, sec in _generate_all(lm, compressors, examples, task, max_new_tokens, progress):
-        for r in rows:
-            r["exact_match"] = metrics.exact_match(r["prediction"], r["answers"])
-            r["f1"] = metrics.f1(r["prediction"], r["answers"])
-            r["contains"] = metrics.contains(r["prediction"], r["answers"])
-        n = len(rows)
-        out.append(QAResult(task=task, method=comp.label, ratio=comp.ratio, n=n,
-                            exact_match=sum(r["exact_match"] for r in rows) / n,
-                            f1=sum(r["f1"] for r in rows) / n, contains=sum(r["contains"] for r in rows) / n,
+        means = _score(rows, {"exact_match": metrics.exact_match, "f1": metrics.f1, "contains": metrics.contains})
+        out.append(QAResult(task=task, method=comp.label, ratio=comp.ratio, n=len(rows), **means,
                             achieved_ratio=ratio, compress_s=sec, examples=rows))
     return out
 
