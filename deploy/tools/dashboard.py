@@ -52,9 +52,16 @@ class Row:
     panels: tuple[Panel, ...] = field(default_factory=tuple)
 
 
+def rate(series: str, sel: str = "", by: str = "") -> str:
+    """The per-second rate of a counter over Grafana's rate interval, summed (per `by` labels if given)."""
+    group = f" by ({by}) " if by else ""
+    selector = f"{{{sel}}}" if sel else ""
+    return f"sum{group}(rate({series}{selector}[$__rate_interval]))"
+
+
 def _quantiles(metric: str, by: str, sel: str, qs=(0.5, 0.95)) -> tuple[Query, ...]:
     return tuple(
-        Query(f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{sel}}}[$__rate_interval])))",
+        Query(f"histogram_quantile({q}, {rate(f'{metric}_bucket', sel, f'le, {by}')})",
               f"p{round(q * 100)} {{{{{by}}}}}")
         for q in qs)
 
@@ -85,7 +92,7 @@ ROWS: tuple[Row, ...] = (
                   "original / compacted tokens"),
         ), width=4),
         Panel("Compactions per second", "stat", "reqps", (
-            Query(f"sum(rate(kvcat_compaction_seconds_count{{{KV}}}[$__rate_interval]))", "compactions/s"),
+            Query(rate("kvcat_compaction_seconds_count", KV), "compactions/s"),
         ), width=4),
         Panel("Compaction latency p50 / p95", "timeseries", "s",
               _quantiles("kvcat_compaction_seconds", "method", KV)),
@@ -101,18 +108,16 @@ ROWS: tuple[Row, ...] = (
             Query(f"max by (model_name) (vllm:kv_cache_usage_perc{{{VLLM}}})", "{{model_name}}"),
         ), "Share of vLLM's paged KV blocks in use.", width=12),
         Panel("vLLM prefix-cache hit rate", "timeseries", "percentunit", (
-            Query(f"sum(rate(vllm:prefix_cache_hits_total{{{VLLM}}}[$__rate_interval])) / "
-                  f"sum(rate(vllm:prefix_cache_queries_total{{{VLLM}}}[$__rate_interval]))", "local prefix cache"),
-            Query(f"sum(rate(vllm:external_prefix_cache_hits_total{{{VLLM}}}[$__rate_interval])) / "
-                  f"sum(rate(vllm:external_prefix_cache_queries_total{{{VLLM}}}[$__rate_interval]))",
-                  "compacted contexts (KV connector)"),
+            Query(f"{rate('vllm:prefix_cache_hits_total', VLLM)} / {rate('vllm:prefix_cache_queries_total', VLLM)}",
+                  "local prefix cache"),
+            Query(f"{rate('vllm:external_prefix_cache_hits_total', VLLM)} / "
+                  f"{rate('vllm:external_prefix_cache_queries_total', VLLM)}", "compacted contexts (KV connector)"),
         ), "Prompt tokens found in vLLM's prefix cache, and tokens loaded from compacted contexts through "
            "kvcat's KV connector, as a share of prompt tokens looked up.", width=12),
     )),
     Row("On-the-fly compaction", (
         Panel("On-the-fly requests by outcome", "timeseries", "reqps", (
-            Query(f"sum by (outcome) (rate(kvcat_onthefly_requests_total{{{KV}}}[$__rate_interval]))",
-                  "{{outcome}}"),
+            Query(rate("kvcat_onthefly_requests_total", KV, by="outcome"), "{{outcome}}"),
         ), "Long chat prompts served over a compacted prefix: compacted now, a stored hit, a stored prefix, "
            "or compacted incrementally.", width=8),
         Panel("On-the-fly compactions", "timeseries", "short", (
@@ -120,7 +125,7 @@ ROWS: tuple[Row, ...] = (
                   "{{kind}}"),
         ), "Compactions made inside chat requests, from scratch or joined to a stored prefix.", width=8),
         Panel("KV bytes not held by on-the-fly requests", "timeseries", "Bps", (
-            Query(f"sum(rate(kvcat_onthefly_kv_saved_bytes_total{{{KV}}}[$__rate_interval]))", "saved"),
+            Query(rate("kvcat_onthefly_kv_saved_bytes_total", KV), "saved"),
         ), "Full minus compacted KV bytes of the requests served over on-the-fly prefixes, per second.", width=8),
     )),
     Row("Work in progress", (
@@ -134,10 +139,10 @@ ROWS: tuple[Row, ...] = (
     )),
     Row("Traffic", (
         Panel("Chat requests per second", "timeseries", "reqps", (
-            Query(f"sum by (mode) (rate(kvcat_chat_requests_total{{{MODEL}}}[$__rate_interval]))", "{{mode}}"),
+            Query(rate("kvcat_chat_requests_total", MODEL, by="mode"), "{{mode}}"),
         ), "Chat completions over a compacted context and with the full context.", width=12),
         Panel("Errors per second", "timeseries", "reqps", (
-            Query("sum by (type) (rate(kvcat_errors_total[$__rate_interval]))", "{{type}}"),
+            Query(rate("kvcat_errors_total", by="type"), "{{type}}"),
         ), "Errors returned by the server, by type.", width=12),
     )),
 )
