@@ -7,10 +7,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test test-all bench clean
 
+# demo sets up only what the demo needs (packages, the served model); test adds the test models and services.
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh test
 
-demo: setup
+demo:
+	@bash scripts/setup.sh demo
 	$(VENV)/bin/kvcat demo
 
 test: setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,10 +42,66 @@ def cpu_flags() -> set[str]:
     return set((cpu_info("flags") or "").split())
 
 
+def native_bf16(flags: set[str] | None = None) -> str | None:
+    """The CPU flag that makes bf16 matmuls fast here (AMX first), or None: without one, torch's and vLLM's CPU
+    bf16 runs an order of magnitude slower than float32 (measured: BENCHMARKS' dtype notes)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
 def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 matmuls beat float32 here: a GPU, or a CPU with AVX-512 bf16 or AMX (elsewhere torch's and vLLM's
-    CPU bf16 is an order of magnitude slower than float32)."""
-    return device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """bf16 matmuls beat float32 here: a GPU, or a CPU with AVX-512 bf16 or AMX."""
+    return device.type == "cuda" or native_bf16() is not None
+
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a part of kvcat runs in, and why: printed at start and reported by `/version`."""
+
+    dtype: str  # "float32", "bfloat16" or "float16"
+    reason: str
+    requested: str = "auto"
+    slow: bool = False  # an explicit choice that is much slower than the other on this hardware
+
+    def as_dict(self) -> dict:
+        return {"dtype": self.dtype, "requested": self.requested, "reason": self.reason}
+
+
+def choose_dtype(requested: str, purpose: str = "engine", device: torch.device | None = None,
+                 flags: set[str] | None = None) -> DtypeChoice:
+    """Resolve a `--dtype` / `--compaction-dtype` value. `auto` gives the engine bf16 where the hardware computes
+    it natively (a GPU, AMX or AVX-512 bf16) and float32 elsewhere; compaction stays float32 (its least-squares
+    fits lose digits in bf16: benchmarks/NOTES.md). An explicit dtype wins; `slow` marks one that costs speed.
+    Unknown names and float16 on a CPU (which vLLM's CPU backend cannot run) are ValueErrors."""
+    if purpose not in ("engine", "compaction"):
+        raise ValueError(f"purpose must be 'engine' or 'compaction', got {purpose!r}")
+    device = default_device() if device is None else device
+    name = str(requested).strip().lower()
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {requested!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    gpu = device.type == "cuda"
+    flag = None if gpu else native_bf16(flags)
+    fast_bf16 = gpu or flag is not None
+    where = "a GPU" if gpu else (f"a CPU with {flag}" if flag else "a CPU without AMX or AVX-512 bf16")
+    if name == "float16" and not gpu:
+        raise ValueError("float16 cannot run on a CPU (vLLM's CPU backend computes in float32 or bfloat16); "
+                         "use --dtype auto, float32 or bfloat16")
+    if name == "auto":
+        if purpose == "compaction":
+            return DtypeChoice("float32", "compaction fits in float32 whatever the hardware (bf16 costs digits of "
+                                          "the fitted values; choose --compaction-dtype bfloat16 for speed)")
+        if fast_bf16:
+            return DtypeChoice("bfloat16", f"{where}: bf16 runs natively, about twice float32's speed")
+        return DtypeChoice("float32", f"{where}: bf16 would be emulated, several times slower than float32")
+    slow = name == "bfloat16" and not fast_bf16
+    reason = f"asked for {name} on {where}" + ("; bf16 is emulated here, several times slower than float32"
+                                               if slow else "")
+    return DtypeChoice(name, reason, requested=name, slow=slow)
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:

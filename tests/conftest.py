@@ -11,11 +11,21 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _load(name: str):
-    from kvcat.models import is_prepared, load_model
+def _prepared(name: str) -> None:
+    """Build a zoo model the first time a test needs it (`make test` builds them before pytest starts)."""
+    from kvcat.models import ModelError, is_prepared, prepare
 
     if not is_prepared(name):
-        pytest.fail(f"model {name} is not prepared; run `make setup` (or kvcat models prepare {name})")
+        try:
+            prepare(name)
+        except ModelError as exc:
+            pytest.fail(f"model {name} could not be prepared ({exc}); run `make setup`")
+
+
+def _load(name: str):
+    from kvcat.models import load_model
+
+    _prepared(name)
     return load_model(name, dtype="float32", device="cpu")
 
 
@@ -39,11 +49,9 @@ def smollm2():
 
 def kvcat_server_process(root: Path, model: str = "smollm2-135m", **kwargs):
     """`kvcat serve` started on a free loopback port (fp32 engine, so logits compare); the caller stops it."""
-    from kvcat.models import is_prepared
     from kvcat.server.launch import ServerProcess, ServerStartError
 
-    if not is_prepared(model):
-        pytest.fail(f"model {model} is not prepared; run `make setup`")
+    _prepared(model)
     kwargs = {"dtype": "float32", "max_model_len": 4096, "store_dir": root / "store",
               "log_path": root / "server.log", **kwargs}
     srv = ServerProcess(model, **kwargs)
