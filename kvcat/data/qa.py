@@ -34,7 +34,7 @@ def _take(examples: list[Example], n: int | None, seed: int) -> list[Example]:
 
 
 @lru_cache(maxsize=1)
-def _hotpotqa_all() -> tuple[Example, ...]:
+def hotpotqa_records() -> tuple[Example, ...]:
     out = []
     for rec in _read_json("hotpotqa.json"):
         paragraphs = ["\n".join([title, "".join(sentences).strip()]) for title, sentences in rec["context"]]
@@ -50,12 +50,12 @@ def hotpotqa(split: str | None = "heldout", n: int | None = None, seed: int = 0,
              types: tuple[str, ...] = ("bridge", "comparison")) -> list[Example]:
     """HotpotQA dev (distractor): the ten paragraphs (two supporting, eight distractors) are the document."""
     check_split(split)
-    pool = [e for e in _hotpotqa_all() if (split is None or e.split == split) and e.metadata["type"] in types]
+    pool = [e for e in hotpotqa_records() if (split is None or e.split == split) and e.metadata["type"] in types]
     return _take(pool, n, seed)
 
 
 @lru_cache(maxsize=1)
-def _squad_articles() -> tuple[tuple[str, tuple[dict, ...]], ...]:
+def squad_articles() -> tuple[tuple[str, tuple[dict, ...]], ...]:
     data = _read_json("squad.json")["data"]
     return tuple((a["title"], tuple(a["paragraphs"])) for a in data)
 
@@ -73,7 +73,7 @@ def squad(split: str | None = "heldout", n: int | None = None, seed: int = 0, co
     if context not in ("paragraph", "article"):
         raise ValueError(f"context must be 'paragraph' or 'article', not {context!r}")
     out = []
-    for title, paragraphs in _squad_articles():
+    for title, paragraphs in squad_articles():
         article_id = f"squad/{title}"
         part = split_of(article_id)
         if split is not None and part != split:

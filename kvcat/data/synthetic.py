@@ -36,10 +36,10 @@ def _ids_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _haystack_text(split: str, rng: random.Random, min_chars: int) -> str:
-    essays = load_corpus("paul_graham", split)
+def _haystack_text(split: str, rng: random.Random, min_chars: int, corpus: str = "paul_graham") -> str:
+    essays = load_corpus(corpus, split)
     if not essays:
-        raise DataError(f"no Paul Graham essays in split {split!r}")
+        raise DataError(f"no {corpus} documents in split {split!r}")
     start = rng.randrange(len(essays))
     parts, total, i = [], 0, 0
     while total < min_chars:
@@ -52,19 +52,19 @@ def _haystack_text(split: str, rng: random.Random, min_chars: int) -> str:
     return "\n\n".join(parts)
 
 
-def _plant(tokenizer, length: int, facts: list[tuple[str, float]], split: str, rng: random.Random
-           ) -> tuple[str, list[int], int]:
-    """A document of about `length` tokens: essay text of `split` with each (sentence, depth) planted at the
+def plant(tokenizer, length: int, facts: list[tuple[str, float]], split: str, rng: random.Random,
+          corpus: str = "paul_graham") -> tuple[str, list[int], int]:
+    """A document of about `length` tokens: `corpus` text of `split` with each (sentence, depth) planted at the
     first word boundary at or after depth x the haystack's length. Returns (document, the token index where
     each sentence starts, the document's token count)."""
     lens = [len(tokenizer(" " + f, add_special_tokens=False)["input_ids"]) for f, _ in facts]
     if length < sum(lens) + 16:
         raise ValueError(f"length {length} is too short for {len(facts)} planted sentence(s) of {sum(lens)} tokens")
     budget = length - sum(lens)  # haystack tokens around the sentences
-    hay = _haystack_text(split, rng, min_chars=8 * length + 1000)
+    hay = _haystack_text(split, rng, min_chars=8 * length + 1000, corpus=corpus)
     ids, offsets = _ids_offsets(tokenizer, hay)
     if len(ids) < budget + 1:
-        raise DataError(f"split {split!r} has too little essay text for a {length}-token haystack")
+        raise DataError(f"split {split!r} of {corpus} has too little text for a {length}-token haystack")
     cuts = []
     for _, depth in facts:
         if not 0.0 <= depth <= 1.0:
@@ -101,7 +101,7 @@ def needle_example(tokenizer, length: int, depth: float, split: str = "heldout",
     city = rng.choice(CITIES)
     number = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
     needle = f"The special magic number for {city} is {number}."
-    document, (needle_token,), n = _plant(tokenizer, length, [(needle, depth)], split, rng)
+    document, (needle_token,), n = plant(tokenizer, length, [(needle, depth)], split, rng)
     # Short on purpose: small models echo the question before answering, and a long one eats the answer budget.
     question = f"What is the special magic number for {city}?"
     return Example(id=f"needle/{split}-{seed}-{index}-{length}-{depth:g}", task="needle", document=document,
@@ -122,7 +122,7 @@ def multikey_example(tokenizer, length: int, depth: float, keys: int = 4, split:
     others = sorted(others, key=lambda d: abs(d - depth))[1:]  # the asked one sits at `depth`
     depths = [depth] + others
     facts = [(f"The special magic number for {c} is {x}.", d) for c, x, d in zip(cities, numbers, depths)]
-    document, tokens, n = _plant(tokenizer, length, facts, split, rng)
+    document, tokens, n = plant(tokenizer, length, facts, split, rng)
     return Example(id=f"multikey/{split}-{seed}-{index}-{length}-{depth:g}", task="multikey", document=document,
                    question=f"What is the special magic number for {cities[0]}?", answers=(numbers[0],),
                    split=split, metadata={"length": length, "num_tokens": n, "depth": depth, "keys": keys,
@@ -147,7 +147,7 @@ def passage_example(tokenizer, length: int, depth: float, split: str = "heldout"
     city, kind, shop = rng.choice(CITIES), rng.choice(SHOP_KINDS), rng.choice(SHOP_NAMES)
     passage = (f"In the spring of that year, {person} moved to {city} and opened a small {kind} called "
                f"the {shop}.")
-    document, (token,), n = _plant(tokenizer, length, [(passage, depth)], split, rng)
+    document, (token,), n = plant(tokenizer, length, [(passage, depth)], split, rng)
     return Example(id=f"passage/{split}-{seed}-{index}-{length}-{depth:g}", task="passage", document=document,
                    question=f"What was the name of the {kind} that {person} opened in {city}?", answers=(shop,),
                    split=split, metadata={"length": length, "num_tokens": n, "depth": depth, "needle_token": token,

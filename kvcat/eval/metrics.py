@@ -56,9 +56,28 @@ def contains(prediction: str, answers) -> float:
     return float(any(normalize(a) and f" {normalize(a)} " in pred for a in answers))
 
 
+def _fold(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def retrieved(prediction: str, answers) -> float:
-    """Retrieval hit: the exact answer string (a number, a UUID) appears in the generation."""
-    return float(any(a and a.lower() in prediction.lower() for a in answers))
+    """Retrieval hit: the answer string (a number, a UUID, a name) appears in the generation, case and runs of
+    white space folded ("Northern\nStar" is "Northern Star")."""
+    pred = _fold(prediction)
+    return float(any(_fold(a) and _fold(a) in pred for a in answers))
+
+
+def _words(text: str) -> str:
+    """Lower case, punctuation as spaces, no articles, single spaces: "KT-482" and "kt 482" are one answer."""
+    text = "".join(" " if ch in _PUNCT else ch for ch in text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answered(prediction: str, answers) -> float:
+    """The suite's score: a gold answer appears in the generation as whole words, case, white space, punctuation
+    and articles folded; "1234" is not found in "12345", "Anna Berg" is found in "Anna Berg's shop"."""
+    pred = f" {_words(prediction)} "
+    return float(any(_words(a) and f" {_words(a)} " in pred for a in answers))
 
 
 def recalled(prediction: str, answers) -> float:
