@@ -66,7 +66,7 @@ class SampleConfig(BenchConfig):
 class EngineConfig(BenchConfig):
     """A benchmark that measures a served engine (`kvcat serve` on loopback)."""
 
-    dtype: str = option("auto", help="engine dtype: auto (bfloat16 where the CPU has AMX / AVX-512 bf16, float32 "
+    dtype: str = option("auto", help="engine dtype: auto (bfloat16 on a GPU or where the CPU has AMX, float32 "
                                      "elsewhere), float32 or bfloat16")
 
     def engine_dtype(self) -> dict:

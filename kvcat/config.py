@@ -42,19 +42,17 @@ def cpu_flags() -> set[str]:
     return set((cpu_info("flags") or "").split())
 
 
-def native_bf16(flags: set[str] | None = None) -> str | None:
-    """The CPU flag that makes bf16 matmuls fast here (AMX first), or None: without one, torch's and vLLM's CPU
-    bf16 runs an order of magnitude slower than float32 (measured: BENCHMARKS' dtype notes)."""
+def bf16_support(flags: set[str] | None = None) -> str:
+    """How this CPU computes bf16: "amx" (AMX tiles: several times float32's speed), "avx512" (AVX-512 bf16 dot
+    products: measured 1.2x float32 in vLLM's prefill, benchmarks/NOTES.md) or "emulated" (AVX2 only: vLLM's bf16
+    runs 2.5-3.8x slower than float32)."""
     flags = cpu_flags() if flags is None else flags
-    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 matmuls beat float32 here: a GPU, or a CPU with AVX-512 bf16 or AMX."""
-    return device.type == "cuda" or native_bf16() is not None
+    return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else "emulated"
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_WHERE = {"amx": "a CPU with AMX", "avx512": "a CPU with AVX-512 bf16 but no AMX",
+          "emulated": "a CPU without AMX or AVX-512 bf16"}
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,10 @@ class DtypeChoice:
 
 def choose_dtype(requested: str, purpose: str = "engine", device: torch.device | None = None,
                  flags: set[str] | None = None) -> DtypeChoice:
-    """Resolve a `--dtype` / `--compaction-dtype` value. `auto` gives the engine bf16 where the hardware computes
-    it natively (a GPU, AMX or AVX-512 bf16) and float32 elsewhere; compaction stays float32 (its least-squares
-    fits lose digits in bf16: benchmarks/NOTES.md). An explicit dtype wins; `slow` marks one that costs speed.
+    """Resolve a `--dtype` / `--compaction-dtype` value. `auto` gives the engine bf16 where it is several times
+    faster than float32 (a GPU, a CPU with AMX) and float32 elsewhere: AVX-512 bf16 alone measured only 1.2x, not
+    worth bf16's precision, and without it bf16 is emulated. Compaction stays float32 (its least-squares fits
+    lose digits in bf16: benchmarks/NOTES.md). An explicit dtype wins; `slow` marks one that costs speed.
     Unknown names and float16 on a CPU (which vLLM's CPU backend cannot run) are ValueErrors."""
     if purpose not in ("engine", "compaction"):
         raise ValueError(f"purpose must be 'engine' or 'compaction', got {purpose!r}")
@@ -85,9 +84,8 @@ def choose_dtype(requested: str, purpose: str = "engine", device: torch.device |
     if name not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {requested!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     gpu = device.type == "cuda"
-    flag = None if gpu else native_bf16(flags)
-    fast_bf16 = gpu or flag is not None
-    where = "a GPU" if gpu else (f"a CPU with {flag}" if flag else "a CPU without AMX or AVX-512 bf16")
+    support = "gpu" if gpu else bf16_support(flags)
+    where = "a GPU" if gpu else _WHERE[support]
     if name == "float16" and not gpu:
         raise ValueError("float16 cannot run on a CPU (vLLM's CPU backend computes in float32 or bfloat16); "
                          "use --dtype auto, float32 or bfloat16")
@@ -95,10 +93,13 @@ def choose_dtype(requested: str, purpose: str = "engine", device: torch.device |
         if purpose == "compaction":
             return DtypeChoice("float32", "compaction fits in float32 whatever the hardware (bf16 costs digits of "
                                           "the fitted values; choose --compaction-dtype bfloat16 for speed)")
-        if fast_bf16:
-            return DtypeChoice("bfloat16", f"{where}: bf16 runs natively, about twice float32's speed")
+        if support in ("gpu", "amx"):
+            return DtypeChoice("bfloat16", f"{where}: bf16 runs natively, several times float32's speed")
+        if support == "avx512":
+            return DtypeChoice("float32", f"{where}: bf16 measured only 1.2x faster than float32 there, not worth "
+                                          "its precision")
         return DtypeChoice("float32", f"{where}: bf16 would be emulated, several times slower than float32")
-    slow = name == "bfloat16" and not fast_bf16
+    slow = name == "bfloat16" and support == "emulated"
     reason = f"asked for {name} on {where}" + ("; bf16 is emulated here, several times slower than float32"
                                                if slow else "")
     return DtypeChoice(name, reason, requested=name, slow=slow)

@@ -23,8 +23,8 @@ class DemoConfig:
     method: str = option(DEFAULT_METHOD, help="compaction method")
     ratio: float = option(10.0, help="compaction ratio N/t")
     context_tokens: int = option(4000, help="length of the document (essays with one planted fact)")
-    dtype: str = option("auto", help="the served engine's dtype: auto picks bfloat16 where the hardware has native "
-                                     "bf16, float32 elsewhere (the offline demo runs float32)")
+    dtype: str = option("auto", help="the served engine's dtype: auto picks bfloat16 on a GPU or a CPU with AMX, "
+                                     "float32 elsewhere (the offline demo runs float32)")
     seed: int = option(0, help="which document and fact")
     offline: bool = option(False, help="transformers only, no server")
 

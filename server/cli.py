@@ -24,11 +24,11 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
           beta: bool = typer.Option(ServerConfig.beta, "--beta/--no-beta",
                                     help="honour beta in attention (kvcat backend) or use stock kernels"),
           dtype: str = typer.Option(ServerConfig.dtype, help="engine dtype: auto (bfloat16 on a GPU or a CPU with "
-                                                              "AMX / AVX-512 bf16, float32 elsewhere), float32, "
+                                                              "AMX, float32 elsewhere), float32, "
                                                               "bfloat16, float16 (GPU only)"),
           compaction_dtype: str = typer.Option(
               ServerConfig.compaction_dtype, help="dtype compaction runs in: auto (float32), float32, or bfloat16 "
-                                                  "(about half the seconds where the CPU has AMX / AVX-512 bf16, "
+                                                  "(about half the seconds where the CPU has AMX, "
                                                   "slightly less exact)"),
           max_model_len: int = typer.Option(None, help="the engine's max tokens per request (slots + prompt)"),
           tensor_parallel_size: int = typer.Option(ServerConfig.tensor_parallel_size, "--tensor-parallel-size", "--tp",

@@ -11,13 +11,14 @@ CPU = torch.device("cpu")
 AVX2 = {"avx2", "fma"}  # a cloud AMD EPYC without AVX-512: vLLM's bf16 is emulated there
 
 
-@pytest.mark.parametrize("flags, expected", [(AVX2, "float32"), (AVX2 | {"avx512f"}, "float32"),
-                                             (AVX2 | {"avx512f", "avx512_bf16"}, "bfloat16"),
-                                             (AVX2 | {"amx_bf16", "avx512_bf16"}, "bfloat16")])
-def test_auto_gives_the_engine_bf16_only_with_native_bf16(flags, expected):
+@pytest.mark.parametrize("flags, expected, why", [
+    (AVX2, "float32", "emulated"), (AVX2 | {"avx512f"}, "float32", "emulated"),
+    (AVX2 | {"avx512f", "avx512_bf16"}, "float32", "1.2x"),  # measured: not worth bf16's precision
+    (AVX2 | {"amx_bf16", "avx512_bf16"}, "bfloat16", "natively")])
+def test_auto_gives_the_engine_bf16_only_where_it_is_several_times_faster(flags, expected, why):
     choice = choose_dtype("auto", "engine", CPU, flags)
     assert (choice.dtype, choice.requested, choice.slow) == (expected, "auto", False)
-    assert ("without" in choice.reason) == (expected == "float32")
+    assert why in choice.reason
 
 
 def test_auto_compaction_is_float32_everywhere():
@@ -30,6 +31,7 @@ def test_an_explicit_dtype_wins_and_the_slow_one_is_marked():
     slow = choose_dtype("bf16", "engine", CPU, AVX2)
     assert (slow.dtype, slow.slow) == ("bfloat16", True) and "slower" in slow.reason
     assert not choose_dtype("bfloat16", "engine", CPU, AVX2 | {"amx_bf16"}).slow
+    assert not choose_dtype("bfloat16", "engine", CPU, AVX2 | {"avx512_bf16"}).slow
     assert choose_dtype("float32", "compaction", CPU, AVX2 | {"amx_bf16"}).dtype == "float32"
 
 
