@@ -336,20 +336,28 @@ def update_readmes(readmes=READMES, results: Path = RESULTS) -> list[str]:
 
 def update_readme(readme: Path, results: Path = RESULTS) -> list[str]:
     """Copy each benchmark's latest Markdown table (results/NAME.md) into a README between the markers
-    `<!-- table:NAME -->` and `<!-- /table:NAME -->`, its provenance line made visible; returns the names
-    updated."""
+    `<!-- table:NAME -->` and `<!-- /table:NAME -->`, its provenance line made visible; a `<!-- table:NAME
+    headline -->` marker takes only the provenance, the caption and the first table. Returns the names updated."""
     text = readme.read_text()
     done = []
-    for name in re.findall(r"<!-- table:([\w-]+) -->", text):
+    for name, headline in re.findall(r"<!-- table:([\w-]+)( headline)? -->", text):
         md = results / f"{name}.md"
         if not md.is_file():
             continue
         body = re.sub(r"^<!-- written by (.*?) -->", r"*Written by \1.*", md.read_text().strip())
-        block = f"<!-- table:{name} -->\n{body}\n<!-- /table:{name} -->"
-        text = re.sub(rf"<!-- table:{name} -->.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
+        opening = f"<!-- table:{name}{headline} -->"
+        block = f"{opening}\n{_first_table(body) if headline else body}\n<!-- /table:{name} -->"
+        text = re.sub(rf"{re.escape(opening)}.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
         done.append(name)
     readme.write_text(text)
     return done
+
+
+def _first_table(body: str) -> str:
+    """A table's Markdown up to the end of its first table (the top-level README's headline)."""
+    blocks = body.split("\n\n")
+    first = next((i for i, b in enumerate(blocks) if b.lstrip().startswith("|")), len(blocks) - 1)
+    return "\n\n".join(blocks[:first + 1])
 
 
 def mean_or_none(values) -> float | None:

@@ -178,6 +178,11 @@ def test_retrieval_summary_pairs_methods_on_the_same_cases(tmp_path):
     readme.write_text("before\n<!-- table:retrieval -->\nold\n<!-- /table:retrieval -->\nafter\n")
     assert update_readme(readme, tmp_path) == ["retrieval"]
     assert "*Written by test.*" in readme.read_text() and "old" not in readme.read_text()
+    readme.write_text("<!-- table:retrieval headline -->\nold\n<!-- /table:retrieval -->\n")
+    assert update_readme(readme, tmp_path) == ["retrieval"]
+    headline = readme.read_text()
+    assert "| am-hak | 0.83 (0.83) |" in headline and "Per kind" not in headline and "Paired" not in headline
+    assert update_readme(readme, tmp_path) == ["retrieval"] and readme.read_text() == headline  # idempotent
 
 
 def test_serve_summary_puts_the_compaction_seconds_against_the_servers_cold_prefill():
