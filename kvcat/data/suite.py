@@ -32,7 +32,9 @@ HAYSTACK_CORPORA = ("paul_graham", "sotu", "moby_dick", "kjv")  # the several-fa
 
 @dataclass(frozen=True)
 class SuiteSpec:
-    """Which cases: `cases_per_kind` of each kind, lengths and depths cycled so every kind meets each."""
+    """Which cases: `cases_per_kind` of each kind, lengths and depths cycled so every kind meets each. The default
+    lengths are the issue's range, not a tuned choice: SmolLM2-135M answers the several-facts and natural-text
+    kinds over the full document only near 1k tokens (benchmarks/NOTES.md, 2026-12-07)."""
 
     split: str = "heldout"
     kinds: tuple[str, ...] = SUITE_KINDS
