@@ -50,7 +50,9 @@ def bf16_support(flags: set[str] | None = None) -> str:
     return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else "emulated"
 
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_CHOICES = ("auto", *DTYPES)
 _WHERE = {"amx": "a CPU with AMX", "avx512": "a CPU with AVX-512 bf16 but no AMX",
           "emulated": "a CPU without AMX or AVX-512 bf16"}
 
@@ -79,8 +81,7 @@ def choose_dtype(requested: str, purpose: str = "engine", device: torch.device |
         raise ValueError(f"purpose must be 'engine' or 'compaction', got {purpose!r}")
     device = default_device() if device is None else device
     name = str(requested).strip().lower()
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    name = aliases.get(name, name)
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {requested!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     gpu = device.type == "cuda"
@@ -108,9 +109,7 @@ def choose_dtype(requested: str, purpose: str = "engine", device: torch.device |
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)}") from None
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted([*DTYPES, *DTYPE_ALIASES])}")
+    return getattr(torch, canonical)

@@ -45,7 +45,7 @@ def test_bad_dtypes_are_refused_with_the_choices(name, words):
 
 @pytest.mark.parametrize("flag, value, words", [("--dtype", "float8", "unknown dtype 'float8'"),
                                                 ("--dtype", "float16", "cannot run on a CPU"),
-                                                ("--compaction-dtype", "half", "cannot run on a CPU")])
+                                                ("--compaction-dtype", "fp16", "cannot run on a CPU")])
 def test_serve_refuses_a_bad_dtype_before_starting_anything(tmp_path, flag, value, words):
     """The CLI names the flag and fails at once: no engine, no store folder."""
     from typer.testing import CliRunner

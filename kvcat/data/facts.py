@@ -23,6 +23,7 @@ from typing import Callable
 
 from kvcat.data.records import Example
 from kvcat.data.splits import check_split
+from kvcat.data.synthetic import plant
 
 # Key pools: who or what a fact is about. Disjoint from the single-needle kinds' cities and names.
 FIRST = ("Ilse", "Dario", "Maren", "Teodor", "Priya", "Joaquin", "Elif", "Bruno", "Saskia", "Emeka", "Linnea",
@@ -208,8 +209,6 @@ def facts_examples(tokenizer, length: int, count: int, split: str = "heldout", s
                    corpus: str = "paul_graham") -> list[Example]:
     """One document of about `length` tokens of `corpus` text holding `count` facts at evenly spread depths
     (jittered), and one Example per fact (same document, the question about that fact)."""
-    from kvcat.data.synthetic import plant
-
     check_split(split)
     rng = random.Random(f"kvcat-facts:{split}:{seed}:{index}:{corpus}")
     facts = draw_facts(rng, split, count)

@@ -13,9 +13,10 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 
 
-def normalize(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (the SQuAD evaluation's normalization)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+def normalize(text: str, punctuation: str = "") -> str:
+    """Lower case, no punctuation, no articles, single spaces (the SQuAD evaluation's normalization); with
+    `punctuation=" "` a punctuation mark is a word break instead ("KT-482" is "kt 482")."""
+    text = "".join(punctuation if ch in _PUNCT else ch for ch in text.lower())
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -50,10 +51,10 @@ def f1(prediction: str, answers) -> float:
     return max((token_f1(pred, a) for a in answers), default=0.0)
 
 
-def contains(prediction: str, answers) -> float:
-    """1 when a (normalized) gold answer appears anywhere in the (normalized) generation."""
-    pred = f" {normalize(prediction)} "
-    return float(any(normalize(a) and f" {normalize(a)} " in pred for a in answers))
+def contains(prediction: str, answers, punctuation: str = "") -> float:
+    """1 when a (normalized) gold answer appears as whole words in the (normalized) generation."""
+    pred = f" {normalize(prediction, punctuation)} "
+    return float(any(gold and f" {gold} " in pred for gold in (normalize(a, punctuation) for a in answers)))
 
 
 def _fold(text: str) -> str:
@@ -67,17 +68,10 @@ def retrieved(prediction: str, answers) -> float:
     return float(any(_fold(a) and _fold(a) in pred for a in answers))
 
 
-def _words(text: str) -> str:
-    """Lower case, punctuation as spaces, no articles, single spaces: "KT-482" and "kt 482" are one answer."""
-    text = "".join(" " if ch in _PUNCT else ch for ch in text.lower())
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
 def answered(prediction: str, answers) -> float:
     """The suite's score: a gold answer appears in the generation as whole words, case, white space, punctuation
     and articles folded; "1234" is not found in "12345", "Anna Berg" is found in "Anna Berg's shop"."""
-    pred = f" {_words(prediction)} "
-    return float(any(_words(a) and f" {_words(a)} " in pred for a in answers))
+    return contains(prediction, answers, punctuation=" ")
 
 
 def recalled(prediction: str, answers) -> float:
