@@ -22,17 +22,23 @@ def _utf8(value: str | None) -> str | None:
     return value
 
 
+class TextPart(BaseModel):
+    """A part of a message's content in OpenAI's list form. Only text: this server serves text models, so an
+    image or audio part is refused (422) rather than dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = "text"
+    text: str
+
+    _text = field_validator("text")(classmethod(lambda cls, v: _utf8(v)))
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v):
-        for text in ([v] if isinstance(v, str) else [str(p.get("text", "")) for p in v or []]):
-            _utf8(text)
-        return v
+    _content = field_validator("content")(classmethod(lambda cls, v: _utf8(v) if isinstance(v, str) else v))
 
     def for_template(self) -> dict:
         """The message as the chat template sees it: text content plus any other fields (name, tool_call_id...)."""
@@ -40,7 +46,7 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type", "text") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 

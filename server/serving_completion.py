@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from kvcat.server.engine_api import Chunk
+from kvcat.server.errors import invalid
 from kvcat.server.protocol import CompletionRequest
 from kvcat.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from kvcat.server.serving_generation import GenerationServing, Turn
@@ -41,7 +42,10 @@ class CompletionServing(GenerationServing):
 
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, str):
-            return list(self.model.tokenizer(req.prompt)["input_ids"])
+            ids = list(self.model.tokenizer(req.prompt)["input_ids"])
+            if not ids:  # the tokenizer drops some control characters: nothing left for the engine to continue
+                raise invalid("the prompt holds no tokens once tokenized", "prompt")
+            return ids
         self.model.check_token_ids(req.prompt, "prompt")
         return list(req.prompt)
 
