@@ -87,7 +87,7 @@ class CompactionConfig(SampleConfig):
 
 def run(config: CompactionConfig, resume: bool = False) -> dict:
     """Compaction quality/speed benchmark -> benchmarks/results/compaction.json + Pareto PNG."""
-    from kvcat.compaction import get_method, method_names
+    from kvcat.compaction import method_from_spec, method_names
     from kvcat.compaction.queries import clear_memo
 
     from kvcat.bench import Checkpoint, config_record, heldout_suite, provenance, publish
@@ -109,7 +109,7 @@ def run(config: CompactionConfig, resume: bool = False) -> dict:
 
     windows, examples, chats = heldout_suite(tok, c.docs, c.doc_tokens, c.continuation, c.needles, c.qa,
                                              c.question_tokens, c.seed)
-    methods_obj = {m: get_method(m) for m in names}
+    methods_obj = {m: method_from_spec(m) for m in names}
 
     def answer(cache, question_ids) -> str:
         out_ids = CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS["needle"])

@@ -46,7 +46,7 @@ class RetrievalConfig(SampleConfig):
     kinds: tuple[str, ...] = option(SUITE_KINDS, help="suite kinds: " + ", ".join(SUITE_KINDS))
     ratios: tuple[float, ...] = option((8.0, 16.0), help="compaction ratios")
     methods: tuple[str, ...] = option(("am-hak", "am-hak-fast", "kvzip", "snapkv", "streaming-llm"),
-                                      help="compaction methods")
+                                      help="compaction methods, each a name or name:key=value:... (a variant)")
     lengths: tuple[int, ...] = option((2048, 4096), help="document lengths in tokens")
     split: str = option("heldout", help="heldout (reported figures) or tune (choosing defaults)")
 
@@ -66,7 +66,7 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
     import torch
 
     from kvcat.bench import Checkpoint, config_record, provenance, publish
-    from kvcat.compaction import get_method
+    from kvcat.compaction import method_from_spec
     from kvcat.compaction.queries import clear_memo, document_state
     from kvcat.data.suite import by_document, retrieval_cases, suite_kind
     from kvcat.eval.metrics import answered
@@ -82,7 +82,7 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
     tok = lm.tokenizer
     suite = retrieval_cases(tok, c.suite_spec())
     documents = by_document(suite)
-    compactors = {m: get_method(m) for m in names}
+    compactors = {m: method_from_spec(m) for m in names}
     log(f"model {c.model}; {len(suite)} {c.split} cases in {len(documents)} documents; ratios {ratios}; "
         f"methods {names}")
     prefill(lm, context_and_question(tok, suite[0].document, suite[0].question).context_ids[:64])  # warm-up
@@ -118,7 +118,8 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
                     rec["rows"][f"{m}|{r:g}"] = {"correct": answered(text, ex.answers), "answer": text,
                                                  "compact_s": cache.info["compact_s"],
                                                  "vs_prefill": cache.info["compact_s"] / prefill_s,
-                                                 "served_ratio": cache.num_tokens / cache.num_slots}
+                                                 "served_ratio": cache.num_tokens / cache.num_slots,
+                                                 "fit": cache.info.get("fit")}
         return recs
 
     seen = {rec["id"] for rec in done["cases"]}

@@ -36,6 +36,7 @@ from kvcat.heap import release_free_memory
 from kvcat.models import LoadedModel
 
 from . import budgets as budgets_mod
+from . import heads, spans
 from .base import Method, Progress, attention_scale, group_queries, pad_layer
 from .document import DocumentState
 from .eviction import global_counts
@@ -72,7 +73,21 @@ class AMMethod(Method):
     salient_frac: float = 0.5
     """Share of every head's budget kept for the document's least predictable spans (`solvers.salient_tokens`)."""
     salient_window: int = 32
-    """Tokens per span whose mean surprisal ranks it."""
+    """salient_unit="window": tokens per span whose mean surprisal ranks it."""
+    salient_unit: Literal["window", "sentence"] = "window"
+    """Salient tokens as the top windows of mean surprisal, or as whole sentences ranked by their peak
+    surprisal, each taken once (`spans.fact_spans`)."""
+    max_unit: int = 32
+    """salient_unit="sentence": longer sentences are cut into chunks of this many tokens."""
+    peak_run: int = 4
+    """salient_unit="sentence": a sentence ranks by its most surprising run of this many tokens."""
+    retrieval_share: float = 0.0
+    """Share of KV heads that are retrieval heads (the model's head profile, `heads`): they spend
+    retrieval_salient_frac of their slots on salient tokens, the other heads salient_frac."""
+    retrieval_salient_frac: float = 1.0
+    """Share of a retrieval head's budget kept for salient tokens."""
+    keep_template: bool = False
+    """Every head keeps the chat template's tokens (system prompt, turn markers), outside the salient share."""
     salient_context: int = 0
     """Surprisal given only this many tokens before each token (one more pass); 0: the prefill's own."""
     refit_values: bool = False
@@ -84,7 +99,7 @@ class AMMethod(Method):
     score_last: float = 0.0
     """Weight of the context's last queries in the key choice (the reference queries': 1 - score_last)."""
 
-    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries",)
+    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "max_unit", "peak_run")
 
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
         if self.budgets == "global":  # KVzip's allocation: one top-k over every head's key scores
@@ -112,20 +127,28 @@ class AMMethod(Method):
         super().prepare(lm, state)
         if self.local_context:
             state.local_surprisal(lm, self.local_context)
+        if self.keep_template or self.salient_unit == "sentence":
+            state.fact_units(lm, self.max_unit)
+        if self.retrieval_share:
+            heads.load_profile(lm)  # measured once per model (tune cases), then read from disk
 
     def input_seconds(self, state: DocumentState) -> float:
         return super().input_seconds(state) + state.surprisal_s.get(self.local_context, 0.0)
 
-    def salient(self, state: DocumentState, t: int, memo: dict) -> torch.Tensor | None:
-        """The document's salient tokens a head of budget t keeps (salient_frac of t; see
-        `solvers.salient_tokens`), computed once per budget. The surprisal is the prefill's (given the whole
-        prefix) with salient_context 0, else given only that many tokens before each token."""
-        count = round(self.salient_frac * t)
-        nll = state.surprisal.get(self.local_context) if self.local_context else state.prefill.token_nll
-        if count == 0 or nll is None:
-            return None
+    def salient(self, state: DocumentState, t: int, memo: dict, frac: float | None = None) -> torch.Tensor | None:
+        """The positions a head of budget t keeps whatever attention says, most important first (computed once
+        per count): the chat template's (keep_template), then `frac` (default salient_frac) of t salient tokens,
+        by window (`solvers.salient_tokens`) or by sentence (`spans.fact_spans`). The surprisal is the
+        prefill's (given the whole prefix) with salient_context 0, else given only that many tokens before
+        each token."""
+        count = round((self.salient_frac if frac is None else frac) * t)
         if count not in memo:
-            memo[count] = salient_tokens(nll, count, self.salient_window)
+            nll = state.surprisal.get(self.local_context) if self.local_context else state.prefill.token_nll
+            parts = [state.template] if self.keep_template and state.template is not None else []
+            if count and nll is not None:
+                parts.append(spans.fact_spans(nll, state.units[self.max_unit], count, self.peak_run)
+                             if self.salient_unit == "sentence" else salient_tokens(nll, count, self.salient_window))
+            memo[count] = torch.cat(parts) if parts else None
         return memo[count]
 
     def key_scores(self, source: LayerQueries, layer: int, num_kv_heads: int) -> torch.Tensor | None:
@@ -156,20 +179,22 @@ class AMMethod(Method):
         on_last = self.select_on == "last"
         out: list[list[Solution]] = []
         salient: dict[int, torch.Tensor] = {}
+        retrieval = heads.retrieval_heads(lm, self.retrieval_share) if self.retrieval_share else None
         for layer in range(lm.spec.num_layers):
             q = source(layer)
             K, V = state.prefill.keys[layer], state.prefill.values[layer]
             lq = group_queries(last[layer], lm.spec.num_kv_heads) if last is not None else [None] * len(K)
-            heads = []
+            solved = []
             ks = self.key_scores(source, layer, lm.spec.num_kv_heads)
             cap = self.fitted_queries(int(budgets[layer].max()))
             for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, cap)):
                 t = int(budgets[layer, h])
-                heads.append(self.solve_head(K[h], V[h], qh, t, scale=scale, validation=lq[h] if on_last else None,
-                                             score_queries=lq[h], key_scores=ks[h] if ks is not None else None,
-                                             keep=self.salient(state, t, salient)))
-            out.append(heads)
-            source.advance(pad_layer(heads) if self.on_policy else None)
+                frac = self.retrieval_salient_frac if retrieval is not None and retrieval[layer, h] else None
+                solved.append(self.solve_head(K[h], V[h], qh, t, scale=scale, validation=lq[h] if on_last else None,
+                                              score_queries=lq[h], key_scores=ks[h] if ks is not None else None,
+                                              keep=self.salient(state, t, salient, frac)))
+            out.append(solved)
+            source.advance(pad_layer(solved) if self.on_policy else None)
             release_free_memory()  # the layer's solve buffers (else the heap creeps: +100 MB over 30 layers)
             if progress:
                 progress(layer + 1, lm.spec.num_layers)
@@ -248,7 +273,7 @@ class AMOMP(AMMethod):
     drop_below: float = -7.0
     """Keys whose beta falls below this are dropped and replaced (at most 3 rounds)."""
 
-    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "k_choice", "refit_every")
+    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "max_unit", "peak_run", "k_choice", "refit_every")
 
     def solve_head(self, K, V, Q, t, *, scale, validation=None, score_queries=None, key_scores=None,
                    keep=None) -> Solution:  # OMP picks its keys itself: no key_scores

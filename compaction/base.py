@@ -126,13 +126,24 @@ def pad_layer(layer: Sequence[Solution], width: int | None = None
     return k, v, b
 
 
+def fit_stats(solutions: Sequence[Sequence[Solution]]) -> dict:
+    """How many heads carry a fit, in all and per layer: a non-zero beta, least-squares values, or fits skipped
+    for too few reference queries (the head then holds plain eviction values)."""
+    def count(test) -> list[int]:
+        return [sum(bool(test(s)) for s in layer) for layer in solutions]
+
+    per_layer = {"beta_fitted": count(lambda s: (s.beta != 0).any()), "values_refit": count(lambda s: s.values_refit),
+                 "underdetermined": count(lambda s: s.underdetermined)}
+    return {"heads": sum(len(layer) for layer in solutions), **{k: sum(v) for k, v in per_layer.items()},
+            "per_layer": per_layer}
+
+
 def package(solutions: Sequence[Sequence[Solution]], num_tokens: int, fingerprint: str, method: str,
             params: dict, info: dict) -> CompactCache:
     """Per layer, per head Solutions -> CompactCache, padding shorter heads with beta = -inf."""
     width = max(len(s.indices) for layer in solutions for s in layer)
     keys, values, betas = zip(*(pad_layer(layer, width) for layer in solutions))
-    underdetermined = sum(s.underdetermined for layer in solutions for s in layer)
-    info = {**info, "heads": sum(len(layer) for layer in solutions), "heads_underdetermined": underdetermined}
+    info = {**info, "fit": fit_stats(solutions)}
     return CompactCache(keys=list(keys), values=list(values), beta=list(betas), num_tokens=num_tokens,
                         model_fingerprint=fingerprint, method=method, params=params, info=info)
 

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import typer
 
 from kvcat.defaults import DEFAULT_METHOD, DEFAULT_MODEL
-
-
-def _parse_params(items: list[str]) -> dict:
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--param wants key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            params[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key.replace("-", "_")] = raw
-    return params
 
 
 def register(app: typer.Typer) -> None:
@@ -43,7 +29,7 @@ def register(app: typer.Typer) -> None:
         from kvcat.console import console, fail
         from kvcat.models import ModelError, load_model
 
-        from kvcat.compaction import get_method, slots_per_head
+        from kvcat.compaction import get_method, parse_params, slots_per_head
 
         if ratio is None and target_tokens is None:
             ratio = 10.0
@@ -61,7 +47,7 @@ def register(app: typer.Typer) -> None:
         if out.exists() and out.is_dir():
             fail(f"{out} is a directory")
         try:
-            meth = get_method(method, **_parse_params(param))
+            meth = get_method(method, **parse_params(param))
         except ValueError as exc:
             fail(str(exc))
         try:

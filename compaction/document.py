@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcat import prompts
 from kvcat.inference import Prefill, local_surprisal
 from kvcat.models import LoadedModel
+
+from . import spans
 
 
 @dataclass
@@ -29,6 +32,18 @@ class DocumentState:
     streamed_s: float = 0.0  # seconds the last streaming compaction spent computing its queries
     surprisal: dict[int, torch.Tensor] = field(default_factory=dict)  # context -> local surprisal [N]
     surprisal_s: dict[int, float] = field(default_factory=dict)  # context -> seconds to compute it
+    template: torch.Tensor | None = None  # positions of the chat template's tokens (`spans.template_positions`)
+    units: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # max_unit -> sentences (`spans.units`)
+
+    def fact_units(self, lm: LoadedModel, max_unit: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The template's positions and the document's sentences (chunks of at most `max_unit` tokens),
+        computed once."""
+        if self.template is None:
+            head = prompts.context_ids(lm.tokenizer, "")
+            self.template = spans.template_positions(self.ids.tolist(), lm.tokenizer, head)
+        if max_unit not in self.units:
+            self.units[max_unit] = spans.units(self.ids.tolist(), lm.tokenizer, max_unit, self.template)
+        return self.template, self.units[max_unit]
 
     def local_surprisal(self, lm: LoadedModel, context: int) -> torch.Tensor:
         """Each token's surprisal given only its last `context`+ tokens (`inference.local_surprisal`, windows

@@ -20,6 +20,7 @@ class Solution:
     # the fits were skipped: fewer than FIT_MIN_QUERIES_PER_SLOT reference queries per slot (the head keeps
     # beta = 0 and C_v = V: eviction values); reported in the cache's info and logged by the method
     underdetermined: bool = False
+    values_refit: bool = False  # C_v is a least-squares fit (else the kept keys' own values)
 
 
 def shifted_exp(K: torch.Tensor, Q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +141,7 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | 
     logits = (Q.float() @ C_k.float().T) * scale if refit_values or use_held else None
     if not (use_val or use_held):
         C_v = _fit_or_prior(torch.softmax(logits + fitted_beta, dim=1), Y, prior, refit_values, ridge)
-        return Solution(C_k.to(K.dtype), fitted_beta, C_v.to(V.dtype), idx)
+        return Solution(C_k.to(K.dtype), fitted_beta, C_v.to(V.dtype), idx, values_refit=C_v is not prior)
     if use_val:  # fit on every reference query, judge on the validation queries
         fit = slice(None)
         logits_v, Y_v = (validation.float() @ C_k.float().T) * scale, attention_output(K, V, validation, scale=scale)
@@ -159,7 +160,7 @@ def finish(K: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor | 
     _, beta, refit, X, C_v = best
     if use_held:  # the winner, refit on all reference queries
         C_v = _fit_or_prior(X, Y, prior, refit, ridge)
-    return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx)
+    return Solution(C_k.to(K.dtype), beta, C_v.to(V.dtype), idx, values_refit=C_v is not prior)
 
 
 # --------------------------------------------------------------------------------------------------

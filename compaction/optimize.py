@@ -128,7 +128,7 @@ class Optimized(Method):
                         loss.backward()
                         opt.step()
                 count += 1
-                new.append(Solution(ck.detach(), b.detach(), cv.detach(), sol.indices))
+                new.append(Solution(ck.detach(), b.detach(), cv.detach(), sol.indices, values_refit=True))
             out.append(new)
             if progress:
                 progress(layer + 1, len(init))
@@ -201,7 +201,7 @@ class Optimized(Method):
             for h in range(k.shape[0]):
                 sel = m[h]
                 heads.append(Solution(k[h, sel].detach(), b[h, sel].detach(), v[h, sel].detach(),
-                                      torch.nonzero(sel).flatten()))
+                                      torch.nonzero(sel).flatten(), values_refit=True))
             out.append(heads)
         return out, curve
 

@@ -1,6 +1,7 @@
 """Compaction methods by name, for the CLI (`kvcat compact --method`), the server, `kvcat eval` and the benchmarks.
 
     method = get_method("am-hak", max_queries=1024)    # parameters checked: unknown names, types, choices, ranges
+    method = method_from_spec("am-hak:max_queries=1024")  # the same, as the benchmarks' --methods take it
 
 `register` adds a method class under its `name`; registering the same class again does nothing (a plugin may
 load in several processes). The built-in methods register when `kvcat.compaction` is imported.
@@ -8,6 +9,7 @@ load in several processes). The built-in methods register when `kvcat.compaction
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .base import CompactionError, Method, parameters
@@ -47,6 +49,27 @@ def get_method(name: str, **params: Any) -> Method:
         raise CompactionError(f"method {cls.name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
                               f"it takes: {', '.join(sorted(known)) or 'none'}")
     return cls(**params)
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """["key=value", ...] -> parameters; each value read as JSON where it parses (numbers, true, lists), else
+    as a string. ValueError for an item without "="."""
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"a method parameter is key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            params[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.replace("-", "_")] = raw
+    return params
+
+
+def method_from_spec(spec: str) -> Method:
+    """A method from "name" or "name:key=value:key=value" (a variant under test, named by its spec)."""
+    name, *items = spec.split(":")
+    return get_method(name, **parse_params(items))
 
 
 def method_names() -> list[str]:

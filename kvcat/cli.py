@@ -51,6 +51,28 @@ def models_list() -> None:
     console.print(table)
 
 
+@models_app.command("heads")
+def models_heads(name: str = typer.Argument(..., help="zoo name or HF folder"),
+                 refresh: bool = typer.Option(False, help="measure again instead of reading the stored profile"),
+                 top: int = typer.Option(10, help="retrieval heads to show")) -> None:
+    """A model's head profile: each KV head's retrieval score on tune cases (measured once, then stored)."""
+    from kvcat.compaction import heads
+
+    try:
+        lm = zoo.load_model(name, dtype="float32")
+    except zoo.ModelError as exc:
+        fail(str(exc))
+    prof = heads.load_profile(lm, refresh=refresh)
+    scores = prof["scores"]
+    flat = sorted(((s, layer, h) for layer, row in enumerate(scores) for h, s in enumerate(row)), reverse=True)
+    table = Table("rank", "layer", "KV head", "retrieval score")
+    for rank, (score, layer, h) in enumerate(flat[:top], 1):
+        table.add_row(str(rank), str(layer), str(h), f"{score:.3f}")
+    console.print(table)
+    console.print(f"median over {len(flat)} KV heads: {flat[len(flat) // 2][0]:.4f}; {prof.get('cases')} tune "
+                  f"cases; stored at {heads.profile_path(lm)}")
+
+
 def _deploy_tools(module: str):
     """deploy/tools/<module>.py, or a one-line error outside a source checkout (it is not installed)."""
     from kvcat.bench import deploy_tools

@@ -60,6 +60,16 @@ class ModelCard(BaseModel):
     dtype: str | None = Field(None, description="the engine's dtype (see /version for why)")
 
 
+class FitStats(BaseModel):
+    """How many KV heads of the compacted context carry a fit (the rest hold plain kept keys and values)."""
+
+    heads: int
+    beta_fitted: int = Field(description="heads with a non-zero beta (attention mass fitted per slot)")
+    values_refit: int = Field(description="heads whose values are a least-squares fit, not the kept tokens' own")
+    underdetermined: int = Field(description="heads whose fits were skipped: too few reference queries per slot")
+    per_layer: dict[str, list[int]] = Field(description="the same three counts for each layer")
+
+
 class KvContext(BaseModel):
     """A stored compacted context (POST /v1/compact, or on-the-fly compaction in chat)."""
 
@@ -76,6 +86,7 @@ class KvContext(BaseModel):
     compaction_seconds: float
     created: int
     origin: Literal["compact", "auto"]
+    fit: FitStats | None = Field(None, description="absent for contexts stored before kvcat recorded it")
 
 
 class ObjectList(BaseModel, Generic[T]):

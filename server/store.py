@@ -55,6 +55,7 @@ class ContextRecord:
     created: int
     source: dict = field(default_factory=dict)  # {"text": ...}, {"messages": [...]} or {"token_ids": {count, sha256}}
     beta_nonzero: bool = False
+    fit: dict = field(default_factory=dict)  # heads carrying a fit, in all and per layer (`compaction.base.fit_stats`)
     origin: str = "compact"  # "compact" (POST /v1/compact) or "auto" (on-the-fly compaction in chat)
     version: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new for every write under an id
     tenant: str = "default"
@@ -66,7 +67,7 @@ class ContextRecord:
                 "kv_bytes_compacted": self.kv_bytes_compacted,
                 "kv_bytes_saved": self.kv_bytes_full - self.kv_bytes_compacted,
                 "compaction_seconds": round(self.compaction_seconds, 4), "created": self.created,
-                "origin": self.origin}
+                "origin": self.origin, **({"fit": self.fit} if self.fit else {})}
 
     @classmethod
     def from_json(cls, text: str) -> "ContextRecord":
@@ -298,7 +299,7 @@ class ContextStore:
             kv_bytes_full=cache.num_tokens * kv_bytes_per_token,
             kv_bytes_compacted=cache.num_slots * kv_bytes_per_token, compaction_seconds=compaction_seconds,
             created=int(time.time()), source=source, origin=origin, tenant=tenant,
-            beta_nonzero=any(bool((b != 0).any()) for b in cache.beta))
+            beta_nonzero=any(bool((b != 0).any()) for b in cache.beta), fit=cache.info.get("fit", {}))
         self.blobs.put(f"{cid}.kvc", cache.to_bytes())
         self.blobs.put(f"{cid}.json", json.dumps(asdict(rec)).encode())
         with self._lock:

@@ -110,10 +110,12 @@ def test_underdetermined_fits_are_reported_and_logged(small, caplog):
     state = _state(small, 200)
     with caplog.at_level(logging.WARNING, logger="kvcat.compaction.am"):
         cache = get_method("am-hak", queries="last").compact(small, state.ids, ratio=2)  # 3 x 64 < 4 x 100
-    assert cache.info["heads_underdetermined"] == cache.info["heads"] == small.spec.num_layers * small.spec.num_kv_heads
+    fit, heads = cache.info["fit"], small.spec.num_layers * small.spec.num_kv_heads
+    assert fit["underdetermined"] == fit["heads"] == heads and fit["beta_fitted"] == fit["values_refit"] == 0
+    assert fit["per_layer"]["underdetermined"] == [small.spec.num_kv_heads] * small.spec.num_layers
     assert "kept eviction values" in caplog.text
     raised = get_method("am-hak", max_queries=64).compact(small, state.ids, ratio=2)  # 3 x 200 copies >= 4 x 100
-    assert raised.info["heads_underdetermined"] == 0
+    assert raised.info["fit"]["underdetermined"] == 0 and raised.info["fit"]["beta_fitted"] > 0
 
 
 @pytest.mark.parametrize("mode", ["repeat", "repeat+self-study"])

@@ -28,6 +28,9 @@ def test_completion_over_a_context(api):
     call = api.srv.engine.calls[-1]
     assert call.context.context_id == ctx.id and call.context.num_slots == ctx.compacted_tokens
     assert call.context.num_tokens == ctx.original_tokens and call.params.max_tokens == 5
+    fit = ctx.fit  # how many heads carry a fit, per layer too (the tiny model: 2 layers x 2 KV heads)
+    assert fit.heads == 4 and [sum(fit.per_layer[k]) for k in ("beta_fitted", "values_refit", "underdetermined")] \
+        == [fit.beta_fitted, fit.values_refit, fit.underdetermined] and len(fit.per_layer["beta_fitted"]) == 2
     assert body.kv_context == ctx.id and body.usage.kv_context_slots == ctx.compacted_tokens
     assert body.usage.prompt_tokens == len(call.token_ids) and body.usage.completion_tokens == 5
     assert body.choices[0].finish_reason == "length"

@@ -87,7 +87,7 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
     from kvcat import data
     from kvcat.bench import Checkpoint, config_record, load_script, provenance, publish
     from kvcat.bench_process import PeakRSS
-    from kvcat.compaction import get_method
+    from kvcat.compaction import method_from_spec
     from kvcat.compaction.queries import clear_memo, document_state
     from kvcat.eval.harness import full_prefix_nll
     from kvcat.eval.metrics import window_nll
@@ -116,7 +116,7 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
 
     # ---- kvcat, in this process, one window or case at a time (saved as each ends) ----
     combos = [(m, r) for m in names for r in ratios]
-    methods_obj = {m: get_method(m) for m in names}
+    methods_obj = {m: method_from_spec(m) for m in names}
     prefill(lm, list(windows[0].prefix_ids[:64]) if windows else prompts[0].context_ids[:64])  # warm-up
 
     def compact_all(ids: list[int], use) -> dict:

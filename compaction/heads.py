@@ -1,0 +1,126 @@
+"""Head roles: which KV heads read facts out of a document (retrieval heads), measured once per model on tune
+cases and cached under $KVCAT_HOME/heads/<fingerprint>.json (beside the budgets profile).
+
+A head's retrieval score is the attention mass that the tokens of a correct answer, teacher-forced after the
+question over the whole document, put on the place in the document where that answer is written (the copy
+source): the query before each answer token, averaged over the head's query group, the answer's tokens and the
+cases. The heads that copy a fact out of a document are few and the same across documents (the retrieval
+heads of Wu et al., 2024, and DuoAttention's); a compacted head spends its slots where its role says: a
+retrieval head on the document's fact spans (`spans`), the other heads on the keys attention ranks. Every
+head keeps the same number of slots, so a paged engine still saves exactly N/t.
+
+Only tune-split cases are read: the held-out suite never shapes the profile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from kvcat.config import kvcat_home
+from kvcat.models import LoadedModel
+
+from .base import attention_scale
+
+PROFILE_VERSION = 1
+PROFILE_KINDS = ("needle", "multikey", "facts", "squad")  # answers copied from the document, in several forms
+PROFILE_LENGTH = 1024  # tokens: where the model answers every one of these kinds over the full document
+_MEMO: dict[str, dict] = {}
+log = logging.getLogger(__name__)
+
+
+def profile_path(lm: LoadedModel) -> Path:
+    return kvcat_home() / "heads" / f"{lm.spec.fingerprint}.json"
+
+
+def _find(ids: list[int], part: list[int]) -> int:
+    """Start of the last occurrence of `part` in `ids` (-1: none)."""
+    n = len(part)
+    for i in range(len(ids) - n, -1, -1):
+        if ids[i:i + n] == part:
+            return i
+    return -1
+
+
+def retrieval_scores(lm: LoadedModel, cases) -> tuple[torch.Tensor, int]:
+    """[num_layers, num_kv_heads] mean attention mass of teacher-forced answer tokens on their source in the
+    document, and the number of cases it averages (those whose answer is found as tokens in the document)."""
+    from kvcat.inference import prefill
+    from kvcat.prompts import context_and_question
+
+    tok, spec = lm.tokenizer, lm.spec
+    g, scale = spec.num_heads // spec.num_kv_heads, attention_scale(lm)
+    total, used = torch.zeros(spec.num_layers, spec.num_kv_heads), 0
+    for ex in cases:
+        prompt = context_and_question(tok, ex.document, ex.question)
+        ctx = prompt.context_ids
+        for form in (" " + ex.answers[0], ex.answers[0]):
+            answer = tok(form, add_special_tokens=False)["input_ids"]
+            src = _find(ctx, answer)
+            if src >= 0:
+                break
+        if src < 0:
+            continue
+        ids = ctx + prompt.question_ids + answer
+        first = len(ids) - len(answer)
+        pos = torch.arange(first - 1, len(ids) - 1)  # the query before each answer token
+        pre = prefill(lm, ids, capture_queries=True, query_positions=pos)
+        key_pos = torch.arange(len(ids))
+        causal = key_pos[None, :] <= pos[:, None]  # [n, N]
+        for layer in range(spec.num_layers):
+            q = pre.queries[layer].float()  # [num_heads, n, d]
+            k = pre.keys[layer].float().repeat_interleave(g, dim=0)  # [num_heads, N, d]
+            att = torch.softmax(((q @ k.transpose(1, 2)) * scale).masked_fill(~causal, float("-inf")), dim=-1)
+            mass = att[:, :, src:src + len(answer)].sum(-1).mean(-1)  # [num_heads]
+            total[layer] += mass.view(spec.num_kv_heads, g).mean(-1)
+        used += 1
+    if used == 0:
+        raise ValueError("no case's answer was found as tokens in its document: cannot score retrieval heads")
+    return total / used, used
+
+
+def compute_profile(lm: LoadedModel, cases_per_kind: int = 4) -> dict:
+    from kvcat.data.suite import SuiteSpec, retrieval_cases
+
+    spec = SuiteSpec(split="tune", kinds=PROFILE_KINDS, cases_per_kind=cases_per_kind, lengths=(PROFILE_LENGTH,))
+    cases = retrieval_cases(lm.tokenizer, spec)
+    log.warning("measuring the retrieval heads of %s on %d tune cases (once per model)", lm.spec.name, len(cases))
+    scores, used = retrieval_scores(lm, cases)
+    return {"version": PROFILE_VERSION, "fingerprint": lm.spec.fingerprint, "split": "tune", "kinds": PROFILE_KINDS,
+            "length": PROFILE_LENGTH, "cases": used, "scores": scores.tolist()}
+
+
+def load_profile(lm: LoadedModel, refresh: bool = False) -> dict:
+    """The model's head profile: memory, then $KVCAT_HOME/heads/<fingerprint>.json, else computed (and saved)."""
+    fp = lm.spec.fingerprint
+    if not refresh and fp in _MEMO:
+        return _MEMO[fp]
+    path = profile_path(lm)
+    if not refresh and path.is_file():
+        try:
+            prof = json.loads(path.read_text())
+            if prof.get("version") == PROFILE_VERSION and prof.get("fingerprint") == fp:
+                _MEMO[fp] = prof
+                return prof
+        except (OSError, json.JSONDecodeError):
+            pass
+    prof = compute_profile(lm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(prof))
+    tmp.replace(path)
+    _MEMO[fp] = prof
+    return prof
+
+
+def retrieval_heads(lm: LoadedModel, share: float) -> torch.Tensor:
+    """[num_layers, num_kv_heads] bool: the `share` of KV heads with the highest retrieval scores (at least one
+    where share > 0)."""
+    scores = torch.tensor(load_profile(lm)["scores"])
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if share > 0:
+        mask[torch.topk(scores.flatten(), min(scores.numel(), max(1, round(share * scores.numel())))).indices] = True
+    return mask.view_as(scores)
