@@ -47,7 +47,8 @@ class RetrievalConfig(SampleConfig):
     ratios: tuple[float, ...] = option((8.0, 16.0), help="compaction ratios")
     methods: tuple[str, ...] = option(("am-hak", "am-hak-fast", "kvzip", "snapkv", "streaming-llm"),
                                       help="compaction methods, each a name or name:key=value:... (a variant)")
-    lengths: tuple[int, ...] = option((2048, 4096), help="document lengths in tokens")
+    lengths: tuple[int, ...] | None = option(None, help="document lengths in tokens (default: each kind's own, "
+                                                        "chosen on the tune split: kvcat.data.suite.KIND_LENGTHS)")
     split: str = option("heldout", help="heldout (reported figures) or tune (choosing defaults)")
 
     def suite_spec(self):
@@ -55,7 +56,7 @@ class RetrievalConfig(SampleConfig):
         from kvcat.data.suite import SuiteSpec
 
         return SuiteSpec(split=self.split, kinds=tuple(self.kinds), cases_per_kind=self.cases_per_kind,
-                         lengths=tuple(self.lengths), seed=self.seed)
+                         lengths=tuple(self.lengths) if self.lengths else None, seed=self.seed)
 
     def __post_init__(self):
         self.suite_spec()

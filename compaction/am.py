@@ -8,9 +8,11 @@ What a compacted cache keeps is decided by two things a later question cannot te
 - reference queries (`queries`): "repeat" reconstructs the whole document chunk by chunk
   (`queries.Reconstruction`, run one layer at a time), and every copy query scores the keys
   (`attention.KeyScores`: max or RMS attention weight) while a sample of them is fitted on;
-- salient tokens (`salient_frac` of every head's budget): the document's least predictable spans
-  (`solvers.salient_tokens`), where planted facts, names and numbers sit. Keys ranked by attention alone
-  drop them at 8x: every token of a copy gets the same attention from its copy query. The surprisal is
+- salient tokens (`salient_frac` of every head's budget; all of a retrieval head's, `retrieval_share`): the
+  document's least predictable spans, as windows (`solvers.salient_tokens`) or whole sentences
+  (`spans.fact_spans`), where planted facts, names and numbers sit; the retrieval heads are those that copy
+  answers out of documents (`heads`, a per-model profile measured once on tune cases). Keys ranked by
+  attention alone drop them at 8x: every token of a copy gets the same attention from its copy query. The surprisal is
   the prefill's (given the whole prefix); `salient_context=C` scores each token given only the C-4C tokens
   before it instead (one more pass), so that facts of a repeated form (a list of like facts) stay salient
   after the first; off: no better on the tune split (benchmarks/NOTES.md).
@@ -129,6 +131,9 @@ class AMMethod(Method):
             state.local_surprisal(lm, self.local_context)
         if self.keep_template or self.salient_unit == "sentence":
             state.fact_units(lm, self.max_unit)
+        self.prepare_model(lm)
+
+    def prepare_model(self, lm: LoadedModel) -> None:
         if self.retrieval_share:
             heads.load_profile(lm)  # measured once per model (tune cases), then read from disk
 
@@ -246,12 +251,18 @@ class AMHAK(AMMethod):
 @dataclass
 class AMHAKFast(AMHAK):
     """AM-HAK without the reconstruction pass: the prefill's own (sampled) queries are fitted on and the
-    context's last queries rank the keys besides the salient tokens (about 1.6x the prefill's time)."""
+    context's last queries rank the keys besides the salient tokens (about 1.6x the prefill's time). Its salient
+    tokens are whole sentences (`spans`), and the model's retrieval heads (the top tenth by the head profile,
+    `heads`) spend all their slots on them: on the tune split that kept 0.44 of 0.59 at 8x where windows in
+    every head kept 0.28, and 0.19 at 16x where they kept 0 (benchmarks/NOTES.md, 2026-12-07). am-hak keeps
+    the windows: not re-tuned."""
 
     name: ClassVar[str] = "am-hak-fast"
 
     queries: QueryMode = "context"
     score_last: float = 1.0
+    salient_unit: Literal["window", "sentence"] = "sentence"
+    retrieval_share: float = 0.1
 
 
 @register

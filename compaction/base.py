@@ -240,6 +240,10 @@ class Method(ABC):
         """Whether the method reads the context's own queries across the whole document (not only the last)."""
         return "context" in (self.query_mode or "")
 
+    def prepare_model(self, lm: LoadedModel) -> None:
+        """Load (or measure, once per model, then store) what the method reads about the model itself rather than
+        the document, such as a head profile; a server calls it at start so no request waits for it."""
+
     def prepare(self, lm: LoadedModel, state: DocumentState) -> None:
         """Compute what the method reads from the document beyond its prefill, memoized in `state` (reference
         queries; a method may add more). Runs before a compaction's clock starts: `input_seconds` charges it

@@ -26,7 +26,9 @@ from kvcat.models import LoadedModel
 from .base import attention_scale
 
 PROFILE_VERSION = 1
-PROFILE_KINDS = ("needle", "multikey", "facts", "squad")  # answers copied from the document, in several forms
+# Answers copied from the document, in several forms, from data the demo's set-up installs (the several-facts
+# kind reads npm corpora too; with it, SmolLM2-135M's top 10% of heads were the same 9: benchmarks/NOTES.md).
+PROFILE_KINDS = ("needle", "multikey", "passage", "squad")
 PROFILE_LENGTH = 1024  # tokens: where the model answers every one of these kinds over the full document
 _MEMO: dict[str, dict] = {}
 log = logging.getLogger(__name__)

@@ -159,7 +159,9 @@ async def _watch_engine(config: ServerConfig, state: AppState) -> None:
 
 async def _start(config: ServerConfig, state: AppState):
     """Load the compaction model, start the engine, run the end-to-end self-test; sets `state.serving`."""
+    from kvcat.compaction import get_method
     from kvcat.config import kvcat_home
+    from kvcat.defaults import DEFAULT_METHOD
     from kvcat.models import load_model
     from kvcat.server.selftest import self_test
     from kvcat.server.store import ContextStore, open_blobs
@@ -170,6 +172,8 @@ async def _start(config: ServerConfig, state: AppState):
     for purpose, choice in dtypes.items():
         log.info("%s dtype %s (asked: %s): %s", purpose, choice.dtype, choice.requested, choice.reason)
     lm = await asyncio.to_thread(load_model, config.model, dtypes["compaction"].dtype)
+    for method in {DEFAULT_METHOD, config.auto.method}:  # a head profile is measured now, not in a request
+        await asyncio.to_thread(get_method(method).prepare_model, lm)
     name = config.served_name or lm.spec.name
     ecfg = EngineConfig(model=str(lm.spec.path), dtype=dtypes["engine"].dtype, max_model_len=config.max_model_len,
                         tensor_parallel_size=config.tensor_parallel_size, beta=config.beta,

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from kvcat.data.facts import FACT_FORMS, VALUE_KINDS, facts_examples
-from kvcat.data.suite import SUITE_KINDS, SuiteSpec, by_document, retrieval_cases, suite_kind
+from kvcat.data.suite import KIND_LENGTHS, SUITE_KINDS, SuiteSpec, by_document, retrieval_cases, suite_kind
 from kvcat.eval.metrics import answered, retrieved
 
 
@@ -32,6 +32,12 @@ def test_every_kind_has_its_cases_and_lengths(heldout, tokenizer):
         assert 0.8 * ex.metadata["length"] <= n <= ex.metadata["length"], (ex.id, n)
         assert ex.split == "heldout" and ex.answers and ex.question.strip()
     assert retrieval_cases(tokenizer, SuiteSpec(split="heldout", cases_per_kind=8, lengths=(1024, 2048))) == heldout
+
+
+def test_each_kind_has_its_own_lengths_unless_told(tokenizer):
+    cases = retrieval_cases(tokenizer, SuiteSpec(split="tune", kinds=("multikey", "facts"), cases_per_kind=4))
+    for kind in ("multikey", "facts"):
+        assert {e.metadata["length"] for e in cases if suite_kind(e) == kind} == set(KIND_LENGTHS[kind])
 
 
 def test_facts_documents_mix_forms_and_every_fact_is_in_its_document(tokenizer):

@@ -30,16 +30,22 @@ SUITE_KINDS = ("needle", "multikey", "passage", "facts", "squad", "hotpotqa")
 HAYSTACK_CORPORA = ("paul_graham", "sotu", "moby_dick", "kjv")  # the several-facts kind cycles through them
 
 
+# Document lengths per kind, chosen on the tune split where the full document answers and no document does
+# not (SmolLM2-135M, benchmarks/NOTES.md 2026-12-07): the planted kinds to 4k tokens and beyond, the several-facts
+# and natural-text kinds only up to about 1k (from 2k on the full document answered 0 of 19 tune cases).
+KIND_LENGTHS = {"needle": (2048, 4096), "multikey": (2048, 4096), "passage": (1024, 2048), "facts": (768, 1024),
+                "squad": (768, 1024), "hotpotqa": (768, 1024)}
+
+
 @dataclass(frozen=True)
 class SuiteSpec:
-    """Which cases: `cases_per_kind` of each kind, lengths and depths cycled so every kind meets each. The default
-    lengths are the issue's range, not a tuned choice: SmolLM2-135M answers the several-facts and natural-text
-    kinds over the full document only near 1k tokens (benchmarks/NOTES.md, 2026-12-07)."""
+    """Which cases: `cases_per_kind` of each kind, lengths and depths cycled so every kind meets each. Lengths:
+    `lengths` for every kind, or None for each kind's own (KIND_LENGTHS)."""
 
     split: str = "heldout"
     kinds: tuple[str, ...] = SUITE_KINDS
     cases_per_kind: int = 24
-    lengths: tuple[int, ...] = (2048, 4096)
+    lengths: tuple[int, ...] | None = None
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     facts_per_document: tuple[int, ...] = (3, 4, 5, 6)
     questions_per_paragraph: int = 3
@@ -51,18 +57,22 @@ class SuiteSpec:
             raise ValueError(f"unknown suite kind(s) {sorted(unknown)}; choose from {', '.join(SUITE_KINDS)}")
         if self.split not in ("tune", "heldout"):
             raise ValueError(f"the suite is for evaluation: split 'tune' or 'heldout', not {self.split!r}")
-        if self.cases_per_kind < 1 or not self.lengths or not self.depths:
+        if self.cases_per_kind < 1 or self.lengths == () or not self.depths:
             raise ValueError("cases_per_kind must be positive and lengths and depths non-empty")
-        if min(self.lengths) < 512:
+        if self.lengths and min(self.lengths) < 512:
             raise ValueError(f"lengths must be at least 512 tokens, got {min(self.lengths)}")
+
+    def kind_lengths(self, kind: str) -> tuple[int, ...]:
+        return self.lengths or KIND_LENGTHS[kind]
 
 
 def _kind_cases(tokenizer, kind: str, spec: SuiteSpec) -> list[Example]:
     out: list[Example] = []
+    lengths = spec.kind_lengths(kind)
     i = 0
     while len(out) < spec.cases_per_kind:
-        length = spec.lengths[i % len(spec.lengths)]
-        depth = spec.depths[(i // len(spec.lengths)) % len(spec.depths)]
+        length = lengths[i % len(lengths)]
+        depth = spec.depths[(i // len(lengths)) % len(spec.depths)]
         if kind in RETRIEVAL_KINDS:
             out.append(RETRIEVAL_KINDS[kind](tokenizer, length, depth, split=spec.split, seed=spec.seed, index=i))
         elif kind == "facts":
