@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -110,10 +111,13 @@ def load_profile(lm: LoadedModel, refresh: bool = False) -> dict:
         except (OSError, json.JSONDecodeError):
             pass
     prof = compute_profile(lm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(prof))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(prof))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home: use it from memory, measure again next process
+        log.warning("could not store the head profile at %s (%s)", path, exc)
     _MEMO[fp] = prof
     return prof
 
