@@ -14,30 +14,20 @@ head whose cost drops the most per slot, until the mean budget is t; heads never
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from kvcat.config import kvcat_home
 from kvcat.models import LoadedModel
 
 from .base import attention_scale, group_queries, uniform_budgets
+from .profiles import ProfileStore
 from .solvers import hak
 
 FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 PROFILE_VERSION = 1
-_MEMO: dict[str, dict] = {}
-
-
-def budgets_dir() -> Path:
-    return kvcat_home() / "budgets"
-
-
-def profile_path(lm: LoadedModel) -> Path:
-    return budgets_dir() / f"{lm.spec.fingerprint}.json"
+STORE = ProfileStore("budgets", PROFILE_VERSION)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,25 +154,7 @@ def compute_profile(lm: LoadedModel, texts: Sequence[Sequence[int]], prefix_frac
 
 def load_profile(lm: LoadedModel, texts: Sequence[Sequence[int]] | None = None, refresh: bool = False) -> dict:
     """The model's cost profile: memory, then $KVCAT_HOME/budgets/<fingerprint>.json, else computed."""
-    fp = lm.spec.fingerprint
-    if not refresh and fp in _MEMO:
-        return _MEMO[fp]
-    path = profile_path(lm)
-    if not refresh and path.is_file():
-        try:
-            prof = json.loads(path.read_text())
-            if prof.get("version") == PROFILE_VERSION and prof.get("fingerprint") == fp:
-                _MEMO[fp] = prof
-                return prof
-        except (OSError, json.JSONDecodeError):
-            pass
-    prof = compute_profile(lm, texts if texts is not None else calibration_texts(lm))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(prof))
-    tmp.replace(path)
-    _MEMO[fp] = prof
-    return prof
+    return STORE.load(lm, lambda: compute_profile(lm, texts if texts is not None else calibration_texts(lm)), refresh)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,29 +14,22 @@ Only tune-split cases are read: the held-out suite never shapes the profile.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 
-from kvcat.config import kvcat_home
 from kvcat.models import LoadedModel
 
 from .base import attention_scale
+from .profiles import ProfileStore
 
 PROFILE_VERSION = 1
 # Answers copied from the document, in several forms, from data the demo's set-up installs (the several-facts
 # kind reads npm corpora too; with it, SmolLM2-135M's top 10% of heads were the same 9: benchmarks/NOTES.md).
 PROFILE_KINDS = ("needle", "multikey", "passage", "squad")
 PROFILE_LENGTH = 1024  # tokens: where the model answers every one of these kinds over the full document
-_MEMO: dict[str, dict] = {}
+STORE = ProfileStore("heads", PROFILE_VERSION)
 log = logging.getLogger(__name__)
-
-
-def profile_path(lm: LoadedModel) -> Path:
-    return kvcat_home() / "heads" / f"{lm.spec.fingerprint}.json"
 
 
 def _find(ids: list[int], part: list[int]) -> int:
@@ -97,29 +90,8 @@ def compute_profile(lm: LoadedModel, cases_per_kind: int = 4) -> dict:
 
 
 def load_profile(lm: LoadedModel, refresh: bool = False) -> dict:
-    """The model's head profile: memory, then $KVCAT_HOME/heads/<fingerprint>.json, else computed (and saved)."""
-    fp = lm.spec.fingerprint
-    if not refresh and fp in _MEMO:
-        return _MEMO[fp]
-    path = profile_path(lm)
-    if not refresh and path.is_file():
-        try:
-            prof = json.loads(path.read_text())
-            if prof.get("version") == PROFILE_VERSION and prof.get("fingerprint") == fp:
-                _MEMO[fp] = prof
-                return prof
-        except (OSError, json.JSONDecodeError):
-            pass
-    prof = compute_profile(lm)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(prof))
-        tmp.replace(path)
-    except OSError as exc:  # a read-only home: use it from memory, measure again next process
-        log.warning("could not store the head profile at %s (%s)", path, exc)
-    _MEMO[fp] = prof
-    return prof
+    """The model's head profile: memory, then $KVCAT_HOME/heads/<fingerprint>.json, else measured (and stored)."""
+    return STORE.load(lm, lambda: compute_profile(lm), refresh)
 
 
 def retrieval_heads(lm: LoadedModel, share: float) -> torch.Tensor:

@@ -70,7 +70,7 @@ def models_heads(name: str = typer.Argument(..., help="zoo name or HF folder"),
         table.add_row(str(rank), str(layer), str(h), f"{score:.3f}")
     console.print(table)
     console.print(f"median over {len(flat)} KV heads: {flat[len(flat) // 2][0]:.4f}; {prof.get('cases')} tune "
-                  f"cases; stored at {heads.profile_path(lm)}")
+                  f"cases; stored at {heads.STORE.path(lm)}")
 
 
 def _deploy_tools(module: str):

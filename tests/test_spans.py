@@ -93,11 +93,11 @@ def test_head_profile_scores_copying_heads_once_per_model(small, tmp_path, monke
     monkeypatch.setenv("KVCAT_HOME", str(tmp_path))
     monkeypatch.setattr(heads, "compute_profile", lambda lm: {
         "version": heads.PROFILE_VERSION, "fingerprint": lm.spec.fingerprint, "scores": scores.tolist()})
-    heads._MEMO.clear()
+    heads.STORE.memo.clear()
     mask = heads.retrieval_heads(small, 0.2)
-    assert heads.profile_path(small).is_file() and int(mask.sum()) == round(0.2 * scores.numel())
+    assert heads.STORE.path(small).is_file() and int(mask.sum()) == round(0.2 * scores.numel())
     assert scores[mask].min() >= scores[~mask].max()
-    heads._MEMO.clear()
+    heads.STORE.memo.clear()
     assert heads.load_profile(small)["scores"] == scores.tolist()  # read back from disk
     assert int(heads.retrieval_heads(small, 0).sum()) == 0
     assert int(heads.retrieval_heads(small, 5.0).sum()) == scores.numel()
@@ -111,7 +111,7 @@ def test_retrieval_heads_spend_their_slots_on_fact_spans(small, monkeypatch):
     L, H = small.spec.num_layers, small.spec.num_kv_heads
     scores = torch.zeros(L, H)
     scores[1, 0], scores[4, 2] = 0.3, 0.2
-    monkeypatch.setitem(heads._MEMO, small.spec.fingerprint, {
+    monkeypatch.setitem(heads.STORE.memo, small.spec.fingerprint, {
         "version": heads.PROFILE_VERSION, "fingerprint": small.spec.fingerprint, "scores": scores.tolist()})
     ids = prompts.context_ids(small.tokenizer, DOC * 6)
     clear_memo()
