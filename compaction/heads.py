@@ -27,7 +27,7 @@ PROFILE_VERSION = 1
 # Answers copied from the document, in several forms, from data the demo's set-up installs (the several-facts
 # kind reads npm corpora too; with it, SmolLM2-135M's top 10% of heads were the same 9: benchmarks/NOTES.md).
 PROFILE_KINDS = ("needle", "multikey", "passage", "squad")
-PROFILE_LENGTH = 1024  # tokens: where the model answers every one of these kinds over the full document
+PROFILE_LENGTH = 1024  # tokens: short enough that SmolLM2-135M answers these kinds over the full document
 STORE = ProfileStore("heads", PROFILE_VERSION)
 log = logging.getLogger(__name__)
 
