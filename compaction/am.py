@@ -284,7 +284,7 @@ class AMOMP(AMMethod):
     drop_below: float = -7.0
     """Keys whose beta falls below this are dropped and replaced (at most 3 rounds)."""
 
-    at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "max_unit", "peak_run", "k_choice", "refit_every")
+    at_least_one: ClassVar[tuple[str, ...]] = (*AMMethod.at_least_one, "k_choice", "refit_every")
 
     def solve_head(self, K, V, Q, t, *, scale, validation=None, score_queries=None, key_scores=None,
                    keep=None) -> Solution:  # OMP picks its keys itself: no key_scores
