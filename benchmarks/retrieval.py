@@ -11,11 +11,11 @@ Each document is compacted once, before any question is known (as `/v1/compact` 
 questions is asked over the compacted cache (chat prompt, greedy, 48 new tokens); correct = a gold answer appears
 in the generation as whole words, case, white space and punctuation folded (`metrics.answered`).
 Per case and method: correct or not, the answer, compaction seconds and compaction over the plain prefill of
-the same document (timed just before, in the same process), and the served ratio: N over the widest head's
-slots, what a paged engine holds (methods with uneven head budgets, KVzip's global one, save less there than
-their mean ratio says). The full document and no document are the references. Paired comparisons: for each
-ratio, AM against every other method on the same cases (cases only AM gets right, cases only the other gets
-right, and the exact two-sided McNemar / sign-test p-value).
+the same document (timed just before, in the same process), and the served ratio: the full KV bytes over the
+bytes a server holds, the widest head's slots for every head plus a hybrid's side slots (methods with uneven
+head budgets, KVzip's global one, save less there than their mean ratio says). The full document and no
+document are the references. Paired comparisons: for each ratio, AM against every other method on the same
+cases (cases only AM gets right, cases only the other gets right, and the exact two-sided McNemar / sign-test p-value).
 Writes benchmarks/results/retrieval.json, .md and .png; `--resume` continues an interrupted run.
 """
 
@@ -119,7 +119,7 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
                     rec["rows"][f"{m}|{r:g}"] = {"correct": answered(text, ex.answers), "answer": text,
                                                  "compact_s": cache.info["compact_s"],
                                                  "vs_prefill": cache.info["compact_s"] / prefill_s,
-                                                 "served_ratio": cache.num_tokens / cache.num_slots,
+                                                 "served_ratio": cache.served_ratio,
                                                  "fit": cache.info.get("fit")}
         return recs
 

@@ -43,6 +43,7 @@ from .base import Method, Progress, attention_scale, group_queries, pad_layer
 from .document import DocumentState
 from .eviction import global_counts
 from .fit import FIT_MIN_QUERIES_PER_SLOT, Solution
+from .hybrid import WholeHeads
 from .queries import LayerQueries, QueryMode, get_queries
 from .registry import register
 from .solvers import hak, omp, salient_tokens
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class AMMethod(Method):
+class AMMethod(WholeHeads, Method):
     """What every AM method shares: reference queries, budgets, forced and salient tokens, the fit's judge.
     Subclasses give the per-head solver (`solve_head`). See benchmarks/NOTES.md for the figures behind each
     default."""
@@ -103,7 +104,14 @@ class AMMethod(Method):
 
     at_least_one: ClassVar[tuple[str, ...]] = ("max_queries", "max_unit", "peak_run")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_whole_share(spreads_budgets=self.budgets != "uniform")
+
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
+        whole = self.whole_budgets(lm, state.num_tokens, t)
+        if whole is not None:
+            return whole
         if self.budgets == "global":  # KVzip's allocation: one top-k over every head's key scores
             get_queries(lm, state, "repeat")  # records the reconstruction's key scores (all layers at once)
             L, H = lm.spec.num_layers, lm.spec.num_kv_heads
@@ -134,7 +142,7 @@ class AMMethod(Method):
         self.prepare_model(lm)
 
     def prepare_model(self, lm: LoadedModel) -> None:
-        if self.retrieval_share:
+        if self.retrieval_share or self.whole_share:
             heads.load_profile(lm)  # measured once per model (tune cases), then read from disk
 
     def input_seconds(self, state: DocumentState) -> float:
@@ -191,9 +199,13 @@ class AMMethod(Method):
             lq = group_queries(last[layer], lm.spec.num_kv_heads) if last is not None else [None] * len(K)
             solved = []
             ks = self.key_scores(source, layer, lm.spec.num_kv_heads)
-            cap = self.fitted_queries(int(budgets[layer].max()))
+            solved_here = budgets[layer][budgets[layer] < state.num_tokens]  # heads kept whole are not fitted
+            cap = self.fitted_queries(int(solved_here.max()) if solved_here.numel() else 1)
             for h, qh in enumerate(group_queries(q, lm.spec.num_kv_heads, cap)):
                 t = int(budgets[layer, h])
+                if t >= state.num_tokens:  # a head kept whole: every key, beta 0, its own values
+                    solved.append(Solution(K[h], torch.zeros(t, device=K.device), V[h], torch.arange(t)))
+                    continue
                 frac = self.retrieval_salient_frac if retrieval is not None and retrieval[layer, h] else None
                 solved.append(self.solve_head(K[h], V[h], qh, t, scale=scale, validation=lq[h] if on_last else None,
                                               score_queries=lq[h], key_scores=ks[h] if ks is not None else None,

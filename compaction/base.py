@@ -17,14 +17,14 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import Field, dataclass, fields
+from dataclasses import Field, dataclass, fields, replace
 from functools import cache
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from kvcat.cache import CompactCache
+from kvcat.cache import CompactCache, SideHeads
 from kvcat.inference import ContextTooLongError
 from kvcat.models import LoadedModel
 
@@ -138,14 +138,33 @@ def fit_stats(solutions: Sequence[Sequence[Solution]]) -> dict:
             "per_layer": per_layer}
 
 
+def split_layer(layer: Sequence[Solution], width: int) -> tuple[list[Solution], SideHeads | None]:
+    """One layer's Solutions cut at `width` slots: the first `width` of every head (the paged part), and the
+    rest of the heads that hold more as side slots (None where none does)."""
+    def part(s: Solution, cut: slice) -> Solution:
+        return replace(s, keys=s.keys[cut], values=s.values[cut], beta=s.beta[cut], indices=s.indices[cut])
+
+    wide = [h for h, s in enumerate(layer) if len(s.indices) > width]
+    paged = [part(s, slice(None, width)) for s in layer]
+    if not wide:
+        return paged, None
+    k, v, b = pad_layer([part(layer[h], slice(width, None)) for h in wide])
+    return paged, SideHeads(torch.tensor(wide, dtype=torch.long), k, v, b)
+
+
 def package(solutions: Sequence[Sequence[Solution]], num_tokens: int, fingerprint: str, method: str,
-            params: dict, info: dict) -> CompactCache:
-    """Per layer, per head Solutions -> CompactCache, padding shorter heads with beta = -inf."""
-    width = max(len(s.indices) for layer in solutions for s in layer)
-    keys, values, betas = zip(*(pad_layer(layer, width) for layer in solutions))
+            params: dict, info: dict, paged_width: int | None = None) -> CompactCache:
+    """Per layer, per head Solutions -> CompactCache, padding shorter heads with beta = -inf. Heads with more
+    than `paged_width` slots (retrieval heads kept whole) keep the rest as side slots: a hybrid cache."""
+    widest = max(len(s.indices) for layer in solutions for s in layer)
+    width = min(paged_width or widest, widest)
+    split = [split_layer(layer, width) for layer in solutions]
+    keys, values, betas = zip(*(pad_layer(paged, width) for paged, _ in split))
+    side = [s for _, s in split]
     info = {**info, "fit": fit_stats(solutions)}
     return CompactCache(keys=list(keys), values=list(values), beta=list(betas), num_tokens=num_tokens,
-                        model_fingerprint=fingerprint, method=method, params=params, info=info)
+                        model_fingerprint=fingerprint, method=method, params=params, info=info,
+                        side=side if any(s is not None for s in side) else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +275,8 @@ class Method(ABC):
         return state.query_s.get(self.query_mode, 0.0) if self.query_mode else 0.0
 
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
-        """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden."""
+        """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden. A head of budget N is
+        kept whole: its slots beyond the others' widest go to the side cache (`package`)."""
         return uniform_budgets(lm.spec.num_layers, lm.spec.num_kv_heads, t)
 
     @abstractmethod
@@ -290,7 +310,9 @@ class Method(ABC):
                 "budget": t}
         params = {**{k: v for k, v in self.params.items() if _jsonable(v)},
                   "ratio": ratio, "target_tokens": target_tokens}
-        return package(solutions, state.num_tokens, lm.spec.fingerprint, self.name, params, info)
+        narrow = budgets[budgets < state.num_tokens]  # heads kept whole hold the rest beside the paged blocks
+        return package(solutions, state.num_tokens, lm.spec.fingerprint, self.name, params, info,
+                       paged_width=int(narrow.max()) if narrow.numel() else None)
 
     def compressor(self, ratio: float) -> Callable[[LoadedModel, Any], CompactCache]:
         """A `(lm, context_ids) -> CompactCache` function at a fixed ratio, for the evaluation harness."""

@@ -26,18 +26,34 @@ import torch.nn.functional as F
 
 from kvcat.models import LoadedModel
 
+from . import heads
 from .base import Method, Progress, attention_scale, group_queries
 from .document import DocumentState
 from .fit import Solution
+from .hybrid import WholeHeads
 from .queries import get_queries
 from .registry import register
 
 
 @dataclass
-class Eviction(Method):
-    """Score-based eviction; subclasses implement `scores` ([H, N], higher = keep)."""
+class Eviction(WholeHeads, Method):
+    """Score-based eviction; subclasses implement `scores` ([H, N], higher = keep). With `whole_share` the best
+    retrieval heads keep every token beside the others' top t' (streaming-llm then is DuoAttention's kind of
+    cache: whole retrieval heads, sinks and recent tokens elsewhere)."""
 
     global_budget: ClassVar[bool] = False  # one top-k over every head and layer (else top t per head)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_whole_share(spreads_budgets=self.global_budget)
+
+    def prepare_model(self, lm: LoadedModel) -> None:
+        if self.whole_share:
+            heads.load_profile(lm)
+
+    def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
+        whole = self.whole_budgets(lm, state.num_tokens, t)
+        return whole if whole is not None else super().head_budgets(lm, state, t)
 
     def scores(self, lm: LoadedModel, state: DocumentState, layer: int) -> torch.Tensor:
         raise NotImplementedError

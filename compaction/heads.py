@@ -97,8 +97,15 @@ def load_profile(lm: LoadedModel, refresh: bool = False) -> dict:
 def retrieval_heads(lm: LoadedModel, share: float) -> torch.Tensor:
     """[num_layers, num_kv_heads] bool: the `share` of KV heads with the highest retrieval scores (at least one
     where share > 0)."""
+    n = lm.spec.num_layers * lm.spec.num_kv_heads
+    return top_heads(lm, max(1, round(share * n)) if share > 0 else 0)
+
+
+def top_heads(lm: LoadedModel, count: int) -> torch.Tensor:
+    """[num_layers, num_kv_heads] bool: the `count` KV heads with the highest retrieval scores."""
     scores = torch.tensor(load_profile(lm)["scores"])
+    if not 0 <= count <= scores.numel():
+        raise ValueError(f"{count} retrieval heads asked of a model with {scores.numel()} KV heads")
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    if share > 0:
-        mask[torch.topk(scores.flatten(), min(scores.numel(), max(1, round(share * scores.numel())))).indices] = True
+    mask[torch.topk(scores.flatten(), count).indices] = True
     return mask.view_as(scores)

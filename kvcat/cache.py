@@ -1,12 +1,18 @@
 """CompactCache: the one compacted-KV type and file format shared by the CLI, evaluation, server and store.
 
-For every layer and KV head a compacted cache holds t slots (C_k, beta, C_v). Keys are post-RoPE at the
-positions of the original N-token context, so new tokens continue at positions N, N+1, ... Heads may keep
-different numbers of slots (non-uniform budgets): tensors are padded to the largest count with beta = -inf,
-which removes a slot from attention exactly.
+For every layer and KV head a compacted cache holds t slots (C_k, beta, C_v): what a paged engine stores, t
+slots for every head. Keys are post-RoPE at the positions of the original N-token context, so new tokens
+continue at positions N, N+1, ... Heads may keep different numbers of slots (non-uniform budgets): tensors are
+padded to the largest count with beta = -inf, which removes a slot from attention exactly.
 
-On disk: one safetensors file (tensors `k.{layer}`, `v.{layer}`, `beta.{layer}`) whose header carries the
-metadata as JSON, including a sha256 of the tensor bytes so truncation and corruption are detected.
+A hybrid cache adds `side`: for a few heads (retrieval heads kept whole), the slots beyond the t paged ones
+(`SideHeads`). A head attends over its t slots and its side slots together; the server keeps the side slots
+outside vLLM's paged blocks. Its bytes are counted: `held_slots` and `served_ratio` are what memory it takes.
+
+On disk: one safetensors file (tensors `k.{layer}`, `v.{layer}`, `beta.{layer}`, and for a hybrid
+`side.heads.{layer}`, `side.k.{layer}`, `side.v.{layer}`, `side.beta.{layer}`) whose header carries the
+metadata as JSON, including a sha256 of the tensor bytes so truncation and corruption are detected. Format 2
+added the side tensors; format 1 files (none) still load.
 """
 
 from __future__ import annotations
@@ -15,16 +21,32 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 class CacheError(ValueError):
     """A compacted cache is malformed, corrupt, or belongs to another model."""
+
+
+@dataclass
+class SideHeads:
+    """One layer's side slots: for the KV heads `heads` [k] (long, ascending), keys, values [k, s, head_dim] and
+    beta [k, s] (-inf pads a head with fewer side slots), attended together with those heads' paged slots."""
+
+    heads: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    beta: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> "SideHeads":
+        return SideHeads(self.heads.to(device=device), *(x.to(device=device, dtype=dtype)
+                                                         for x in (self.keys, self.values, self.beta)))
 
 
 @dataclass
@@ -37,6 +59,7 @@ class CompactCache:
     method: str
     params: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # free-form provenance (document id, timings, ...)
+    side: list[SideHeads | None] = field(default_factory=list)  # per layer, or empty: no side slots
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,30 +74,72 @@ class CompactCache:
         """t: slots per head as stored (the largest head budget)."""
         return self.keys[0].shape[1]
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def is_hybrid(self) -> bool:
+        return any(s is not None for s in self.side)
+
     def head_counts(self) -> torch.Tensor:
-        """[num_layers, num_kv_heads] number of live (beta > -inf) slots of each head."""
-        return torch.stack([torch.isfinite(b).sum(-1) for b in self.beta])
+        """[num_layers, num_kv_heads] number of live (beta > -inf) slots of each head, side slots included."""
+        counts = torch.stack([torch.isfinite(b).sum(-1) for b in self.beta])
+        for i, s in enumerate(self.side):
+            if s is not None:
+                counts[i, s.heads.to(counts.device)] += torch.isfinite(s.beta).sum(-1).to(counts.device)
+        return counts
 
     @property
     def ratio(self) -> float:
         """Compaction ratio N / (mean live slots per head)."""
         return self.num_tokens / max(self.head_counts().float().mean().item(), 1e-9)
 
+    def side_slots(self) -> int:
+        """Slots held beside the paged ones (per head and layer, padding included)."""
+        return sum(s.beta.numel() for s in self.side if s is not None)
+
+    def held_slots(self) -> int:
+        """Slots a server holds for this cache, over all layers and heads: t paged slots for every head (padded
+        ones too: a paged block stores every head of a slot) plus the side slots."""
+        return self.num_layers * self.num_kv_heads * self.num_slots + self.side_slots()
+
+    @property
+    def served_ratio(self) -> float:
+        """The full context's KV bytes over the bytes a server holds for this cache (`held_slots`)."""
+        return self.num_layers * self.num_kv_heads * self.num_tokens / self.held_slots()
+
     def kv_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Bytes of K and V this cache occupies once stored as `dtype` (padded slots included)."""
+        """Bytes of K and V this cache occupies once stored as `dtype` (padded and side slots included)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return sum(k.numel() + v.numel() for k, v in zip(self.keys, self.values)) * elem
+        return 2 * self.held_slots() * self.keys[0].shape[2] * elem
+
+    def layer_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's keys, values [H, t + s, d] and beta [H, t + s]: the paged slots followed by the side slots
+        (heads without side slots padded with beta = -inf), what attention over this cache reads."""
+        k, v, b = self.keys[layer], self.values[layer], self.beta[layer]
+        side = self.side[layer] if self.side else None
+        if side is None:
+            return k, v, b
+        heads, s = side.heads.to(k.device), side.beta.shape[1]
+        sk, sv = k.new_zeros(k.shape[0], s, k.shape[2]), v.new_zeros(v.shape[0], s, v.shape[2])
+        sb = b.new_full((b.shape[0], s), float("-inf"))
+        sk[heads], sv[heads], sb[heads] = side.keys.to(k), side.values.to(v), side.beta.to(b)
+        return torch.cat([k, sk], 1), torch.cat([v, sv], 1), torch.cat([b, sb], 1)
 
     def to(self, device=None, dtype=None) -> "CompactCache":
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return CompactCache([move(k) for k in self.keys], [move(v) for v in self.values],
                             [b.to(device=device, dtype=dtype) for b in self.beta], self.num_tokens,
-                            self.model_fingerprint, self.method, dict(self.params), dict(self.info))
+                            self.model_fingerprint, self.method, dict(self.params), dict(self.info),
+                            [s.to(device, dtype) if s is not None else None for s in self.side])
 
     def concat(self, block: "CompactCache") -> "CompactCache":
         """This cache followed by `block`, the compacted form of the tokens that came after it (its keys
         at positions num_tokens..): one cache of both, the kind incremental compaction builds."""
         block.check_model(self.model_fingerprint)
+        if self.is_hybrid or block.is_hybrid:
+            raise CacheError("a hybrid cache (heads with side slots) cannot be extended block by block")
         if block.num_layers != self.num_layers or block.keys[0].shape[0] != self.keys[0].shape[0]:
             raise CacheError("the blocks have different numbers of layers or KV heads")
         cat = lambda a, b: [torch.cat([x, y.to(x.device, x.dtype)], dim=1) for x, y in zip(a, b)]  # noqa: E731
@@ -107,6 +172,32 @@ class CompactCache:
                 raise CacheError(f"layer {i}: a head has no live slot (all beta = -inf)")
         if self.num_slots > self.num_tokens:
             raise CacheError(f"{self.num_slots} slots for a {self.num_tokens}-token context")
+        if self.side:
+            self._validate_side()
+
+    def _validate_side(self) -> None:
+        if len(self.side) != self.num_layers:
+            raise CacheError(f"side slots need one entry per layer ({self.num_layers}), got {len(self.side)}")
+        heads, dim = self.num_kv_heads, self.keys[0].shape[2]
+        for i, s in enumerate(self.side):
+            if s is None:
+                continue
+            k = s.heads.numel()
+            if s.heads.dim() != 1 or k == 0 or s.heads.dtype != torch.long:
+                raise CacheError(f"layer {i}: side heads must be a non-empty 1-D long tensor")
+            if int(s.heads.min()) < 0 or int(s.heads.max()) >= heads or not bool((s.heads.diff() > 0).all()):
+                raise CacheError(f"layer {i}: side heads {s.heads.tolist()} must be ascending KV heads of "
+                                 f"the model's {heads}")
+            if s.keys.dim() != 3 or s.keys.shape[0] != k or s.keys.shape[2] != dim or s.values.shape != s.keys.shape \
+                    or s.beta.shape != s.keys.shape[:2]:
+                raise CacheError(f"layer {i}: side keys {tuple(s.keys.shape)}, values {tuple(s.values.shape)} and "
+                                 f"beta {tuple(s.beta.shape)} do not agree ([k, s, {dim}], [k, s, {dim}], [k, s])")
+            if not (torch.isfinite(s.keys).all() and torch.isfinite(s.values).all()):
+                raise CacheError(f"layer {i}: side keys or values contain NaN or Inf")
+            if torch.isnan(s.beta).any() or (s.beta == float("inf")).any():
+                raise CacheError(f"layer {i}: side beta contains NaN or +Inf")
+        if int(self.head_counts().max()) > self.num_tokens:
+            raise CacheError(f"a head holds more slots than the {self.num_tokens}-token context has")
 
     def check_model(self, fingerprint: str) -> None:
         if fingerprint != self.model_fingerprint:
@@ -118,10 +209,15 @@ class CompactCache:
         out = {}
         for i, (k, v, b) in enumerate(zip(self.keys, self.values, self.beta)):
             out[f"k.{i}"], out[f"v.{i}"], out[f"beta.{i}"] = (x.detach().contiguous().cpu() for x in (k, v, b))
+        for i, s in enumerate(self.side):
+            if s is not None:
+                for name, x in (("heads", s.heads), ("k", s.keys), ("v", s.values), ("beta", s.beta)):
+                    out[f"side.{name}.{i}"] = x.detach().contiguous().cpu()
         return out
 
     def metadata(self) -> dict:
-        meta = {k: v for k, v in asdict(self).items() if k not in ("keys", "values", "beta")}
+        meta = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("keys", "values", "beta", "side")}
         return {"format": FORMAT_VERSION, **meta, "num_slots": self.num_slots}
 
     def to_bytes(self) -> bytes:
@@ -153,17 +249,21 @@ class CompactCache:
             meta = json.loads(header["__metadata__"]["kvcat"])
         except (SafetensorError, KeyError, ValueError, TypeError) as exc:
             raise CacheError(f"{where}: not a kvcat cache file, or truncated ({exc})") from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise CacheError(f"{where}: format {meta.get('format')} is not supported (want {FORMAT_VERSION})")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise CacheError(f"{where}: format {meta.get('format')} is not supported (this kvcat reads "
+                             f"{', '.join(map(str, READABLE_FORMATS))})")
         if meta.get("sha256") != _digest(tensors):
             raise CacheError(f"{where}: checksum mismatch, the file is corrupt")
         n = sum(1 for name in tensors if name.startswith("k."))
         try:
+            side = [SideHeads(*(tensors[f"side.{part}.{i}"].to(device) for part in ("heads", "k", "v", "beta")))
+                    if f"side.heads.{i}" in tensors else None for i in range(n)]
             cache = cls(keys=[tensors[f"k.{i}"].to(device) for i in range(n)],
                         values=[tensors[f"v.{i}"].to(device) for i in range(n)],
                         beta=[tensors[f"beta.{i}"].to(device) for i in range(n)],
                         num_tokens=meta["num_tokens"], model_fingerprint=meta["model_fingerprint"],
-                        method=meta["method"], params=meta.get("params", {}), info=meta.get("info", {}))
+                        method=meta["method"], params=meta.get("params", {}), info=meta.get("info", {}),
+                        side=side if any(x is not None for x in side) else [])
         except KeyError as exc:
             raise CacheError(f"{where}: missing {exc}") from None
         if expect_fingerprint is not None:

@@ -223,9 +223,11 @@ class CacheSession:
         if cache is not None:
             cache.check_model(lm.spec.fingerprint)
             dtype = lm.model.dtype
-            for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            self.bias = []
+            for i in range(cache.num_layers):  # a hybrid cache's side slots follow its paged ones
+                k, v, b = cache.layer_view(i)
                 self.past.update(k[None].to(lm.device, dtype), v[None].to(lm.device, dtype), i)
-            self.bias = [b.to(lm.device) for b in cache.beta]
+                self.bias.append(b.to(lm.device))
             self.position = cache.num_tokens
 
     @torch.no_grad()

@@ -19,6 +19,8 @@ KV_BYTES_FULL = Gauge("kvcat_kv_full_bytes", "KV bytes the stored contexts would
                       ["model", "method"])
 KV_BYTES_COMPACTED = Gauge("kvcat_kv_compacted_bytes", "KV bytes the stored contexts hold compacted",
                            ["model", "method"])
+KV_BYTES_SIDE = Gauge("kvcat_kv_side_bytes", "Of the compacted bytes, those of retrieval heads kept whole beside the "
+                      "paged blocks (hybrid caches)", ["model", "method"])
 KV_BYTES_SAVED = Gauge("kvcat_kv_saved_bytes", "KV bytes saved by the stored contexts vs full caches",
                        ["model", "method"])
 COMPACTION_FACTOR = Histogram("kvcat_compaction_factor", "How many times smaller a compaction makes a context "

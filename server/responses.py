@@ -78,10 +78,12 @@ class KvContext(BaseModel):
     model: str
     method: str
     original_tokens: int
-    compacted_tokens: int = Field(description="slots per head the context takes in the engine")
-    ratio: float
+    compacted_tokens: int = Field(description="slots per head the context takes in the engine's paged blocks")
+    ratio: float = Field(description="kv_bytes_full / kv_bytes_compacted")
     kv_bytes_full: int
-    kv_bytes_compacted: int
+    kv_bytes_compacted: int = Field(description="the paged slots plus the side slots")
+    kv_bytes_side: int = Field(0, description="bytes of the retrieval heads' side slots (a hybrid cache), held by "
+                                              "kvcat beside vLLM's paged blocks")
     kv_bytes_saved: int
     compaction_seconds: float
     created: int

@@ -266,6 +266,9 @@ def _drop_beta(cache) -> None:
     """Serving with stock kernels: beta is dropped, and caches that need it to mask padded heads are refused."""
     import torch
 
+    if cache.is_hybrid:
+        raise invalid("this cache keeps retrieval heads whole in side slots, which stock attention kernels cannot "
+                      "read; compact without whole_share or serve with --beta", "params")
     if any(bool(torch.isinf(b).any()) for b in cache.beta):
         raise invalid("this cache has heads with different budgets (padded with beta = -inf), which stock "
                       "attention kernels cannot mask; compact with uniform budgets or serve with --beta", "params")

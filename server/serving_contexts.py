@@ -103,11 +103,12 @@ class ContextRegistry:
     def refresh_gauges(self) -> None:
         totals: dict[tuple[str, str], list[int]] = {}
         for rec in self.store.list():
-            acc = totals.setdefault((rec.model, rec.method), [0, 0, 0, 0, 0])
-            for i, value in enumerate((1, rec.num_tokens, rec.num_slots, rec.kv_bytes_full, rec.kv_bytes_compacted)):
+            acc = totals.setdefault((rec.model, rec.method), [0, 0, 0, 0, 0, 0])
+            for i, value in enumerate((1, rec.num_tokens, rec.num_slots, rec.kv_bytes_full, rec.kv_bytes_compacted,
+                                       rec.kv_bytes_side)):
                 acc[i] += value
         gauges = (metrics.CONTEXTS_STORED, metrics.ORIGINAL_TOKENS, metrics.COMPACTED_TOKENS,
-                  metrics.KV_BYTES_FULL, metrics.KV_BYTES_COMPACTED)
+                  metrics.KV_BYTES_FULL, metrics.KV_BYTES_COMPACTED, metrics.KV_BYTES_SIDE)
         for gauge in (*gauges, metrics.KV_BYTES_SAVED):
             gauge.clear()
         for (model, method), values in totals.items():

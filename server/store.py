@@ -50,11 +50,12 @@ class ContextRecord:
     num_slots: int  # t (stored width, padded heads included)
     ratio: float
     kv_bytes_full: int
-    kv_bytes_compacted: int
+    kv_bytes_compacted: int  # paged slots plus side slots
     compaction_seconds: float
     created: int
     source: dict = field(default_factory=dict)  # {"text": ...}, {"messages": [...]} or {"token_ids": {count, sha256}}
     beta_nonzero: bool = False
+    kv_bytes_side: int = 0  # a hybrid's side slots (retrieval heads kept whole), part of kv_bytes_compacted
     fit: dict = field(default_factory=dict)  # heads carrying a fit, in all and per layer (`compaction.base.fit_stats`)
     origin: str = "compact"  # "compact" (POST /v1/compact) or "auto" (on-the-fly compaction in chat)
     version: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new for every write under an id
@@ -64,7 +65,7 @@ class ContextRecord:
         return {"id": self.id, "object": "kv_context", "model": self.model, "method": self.method,
                 "original_tokens": self.num_tokens, "compacted_tokens": self.num_slots,
                 "ratio": round(self.ratio, 3), "kv_bytes_full": self.kv_bytes_full,
-                "kv_bytes_compacted": self.kv_bytes_compacted,
+                "kv_bytes_compacted": self.kv_bytes_compacted, "kv_bytes_side": self.kv_bytes_side,
                 "kv_bytes_saved": self.kv_bytes_full - self.kv_bytes_compacted,
                 "compaction_seconds": round(self.compaction_seconds, 4), "created": self.created,
                 "origin": self.origin, **({"fit": self.fit} if self.fit else {})}
@@ -291,13 +292,15 @@ class ContextStore:
             kv_bytes_per_token: int, context_id: str | None = None, origin: str = "compact",
             tenant: str = "default") -> ContextRecord:
         cid = context_id or self.new_id()
+        per_slot = kv_bytes_per_token / (cache.num_layers * cache.num_kv_heads)  # one head's slot in one layer
+        held, side = round(cache.held_slots() * per_slot), round(cache.side_slots() * per_slot)
         if origin != "auto":
-            self.check_quota(tenant, cache.num_slots * kv_bytes_per_token, replacing=cid)
+            self.check_quota(tenant, held, replacing=cid)
         rec = ContextRecord(
             id=cid, model=model, fingerprint=cache.model_fingerprint, method=cache.method,
-            num_tokens=cache.num_tokens, num_slots=cache.num_slots, ratio=cache.num_tokens / cache.num_slots,
-            kv_bytes_full=cache.num_tokens * kv_bytes_per_token,
-            kv_bytes_compacted=cache.num_slots * kv_bytes_per_token, compaction_seconds=compaction_seconds,
+            num_tokens=cache.num_tokens, num_slots=cache.num_slots, ratio=cache.served_ratio,
+            kv_bytes_full=cache.num_tokens * kv_bytes_per_token, kv_bytes_compacted=held, kv_bytes_side=side,
+            compaction_seconds=compaction_seconds,
             created=int(time.time()), source=source, origin=origin, tenant=tenant,
             beta_nonzero=any(bool((b != 0).any()) for b in cache.beta), fit=cache.info.get("fit", {}))
         self.blobs.put(f"{cid}.kvc", cache.to_bytes())

@@ -77,6 +77,8 @@ def test_bad_documents_and_names_are_refused(tiny):
     (dict(colour="red"), "no parameter.*colour"), (dict(max_queries=0), "'max_queries' .* >= 1"),
     (dict(score="median"), "'score' of 'am-hak' is one of rms, mean, max"), (dict(fit_beta=1), "'fit_beta'"),
     (dict(beta_bounds=[1.0]), "'beta_bounds'"), (dict(ridge=float("nan")), "'ridge'"), (dict(queries=3), "'queries'"),
+    (dict(whole_share=1.0), "'whole_share' .* below 1"), (dict(whole_share=-0.5), "'whole_share'"),
+    (dict(whole_share=0.5, budgets="global"), "spreads its slots"),
 ])
 def test_bad_parameters_are_refused_naming_the_field(params, match):
     with pytest.raises(CompactionError, match=match):
@@ -193,3 +195,31 @@ def test_am_beats_random_eviction_at_ratio_4(smollm2):
         cache = get_method(name, **params).compact(smollm2, prefix, ratio=4)
         nll[name] = continuation_nll(smollm2, cache, cont).mean().item()
     assert nll["am-hak"] < nll["random"], nll
+
+
+def test_whole_retrieval_heads_sit_beside_the_paged_slots_at_the_asked_bytes(small):
+    """whole_share=0.5 at 4x: floor(0.5 x 18 heads / 4) = 2 retrieval heads (the head profile's best) keep every
+    token, t paged and the rest as side slots; the others get fewer slots, so the bytes held are N / 4 per head."""
+    from kvcat.compaction import heads
+    from kvcat.inference import prefill
+
+    ids = _ids(small, 200)
+    cache = get_method("am-hak-fast", whole_share=0.5).compact(small, ids, ratio=4)
+    whole = heads.top_heads(small, 2)
+    assert cache.is_hybrid and (cache.head_counts() == 200).equal(whole)
+    assert cache.served_ratio == pytest.approx(4, rel=0.03) and cache.num_slots < 50
+    pre = prefill(small, ids)
+    for layer, head in whole.nonzero().tolist():  # a whole head holds the prefill's own keys and values, beta 0
+        k, v, b = cache.layer_view(layer)
+        assert torch.allclose(k[head], pre.keys[layer][head]) and torch.allclose(v[head], pre.values[layer][head])
+        assert (b[head] == 0).all()
+    with pytest.raises(ValueError, match="19 retrieval heads .* 18 KV heads"):
+        heads.top_heads(small, 19)
+
+
+def test_duoattentions_kind_of_cache_is_streaming_llm_with_whole_heads(small):
+    ids = _ids(small, 200)
+    cache = get_method("streaming-llm", whole_share=0.5).compact(small, ids, ratio=4)
+    assert cache.is_hybrid and cache.served_ratio == pytest.approx(4, rel=0.03)
+    with pytest.raises(CompactionError, match="spreads its slots"):
+        get_method("kvzip", whole_share=0.5)

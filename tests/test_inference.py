@@ -46,6 +46,26 @@ def test_beta_is_an_additive_logit_bias(tiny):
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_side_slots_are_attended_like_paged_ones(tiny):
+    """A hybrid cache (head 0 of every layer whole: 10 paged slots + 20 side slots, the others 10 slots) gives
+    the logits of the same slots all in one padded tensor (the others' 20 beyond masked with -inf)."""
+    from kvcat.cache import SideHeads
+
+    ids = _ids(tiny, 40)
+    pre = prefill(tiny, ids[:30])
+    side = [SideHeads(torch.tensor([0]), k[:1, 10:], v[:1, 10:], torch.zeros(1, 20))
+            for k, v in zip(pre.keys, pre.values)]
+    hybrid = CompactCache([k[:, :10] for k in pre.keys], [v[:, :10] for v in pre.values],
+                          [torch.zeros(k.shape[0], 10) for k in pre.keys], 30, tiny.spec.fingerprint, "test", side=side)
+    padded = full_cache(pre, tiny.spec.fingerprint)
+    for b in padded.beta:
+        b[1:, 10:] = float("-inf")
+    assert hybrid.held_slots() < sum(b.numel() for b in padded.beta)
+    a = CacheSession(tiny, hybrid).forward(ids[30:])
+    b = CacheSession(tiny, padded).forward(ids[30:])
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_no_context_is_worse_than_full_context(smollm2):
     small = smollm2
     ids = _ids(small, 260)

@@ -50,9 +50,11 @@ def _compact(server, **body):
 
 @pytest.fixture(scope="module")
 def contexts(server):
-    """Two compactions of DOC at 4x: attention matching with fitted beta, and SnapKV (beta = 0)."""
+    """Compactions of DOC at 4x: attention matching with fitted beta, SnapKV (beta = 0), and a hybrid (retrieval
+    heads kept whole in side slots beside the paged ones)."""
     return {"beta": _compact(server, ratio=4, method="am-hak", query_mode="context"),
-            "nobeta": _compact(server, ratio=4, method="snapkv")}
+            "nobeta": _compact(server, ratio=4, method="snapkv"),
+            "hybrid": _compact(server, ratio=4, method="am-hak-fast", params={"whole_share": 0.5})}
 
 
 def _ask(server, question, kv_context=None, **kw):
@@ -63,7 +65,7 @@ def _ask(server, question, kv_context=None, **kw):
         **args, extra_body={"kv_context": kv_context} if kv_context else None)
 
 
-@pytest.mark.parametrize("which", ["beta", "nobeta"])
+@pytest.mark.parametrize("which", ["beta", "nobeta", "hybrid"])
 def test_served_tokens_and_logprobs_match_reference(server, contexts, smollm2, which):
     from kvcat.cache import CompactCache
     from kvcat.inference import CacheSession
@@ -72,7 +74,12 @@ def test_served_tokens_and_logprobs_match_reference(server, contexts, smollm2, w
     ctx = contexts[which]
     cache = CompactCache.load(server["store"] / f"{ctx['id']}.kvc", expect_fingerprint=smollm2.spec.fingerprint)
     nonzero = any(bool((b[torch.isfinite(b)] != 0).any()) for b in cache.beta)
-    assert nonzero == (which == "beta")
+    if which != "hybrid":
+        assert nonzero == (which == "beta") and not cache.is_hybrid and ctx["kv_bytes_side"] == 0
+    else:  # the bytes held are the paged slots plus the side slots, and the ratio is counted on both
+        assert cache.is_hybrid and 0 < ctx["kv_bytes_side"] < ctx["kv_bytes_compacted"]
+        assert ctx["ratio"] == pytest.approx(ctx["kv_bytes_full"] / ctx["kv_bytes_compacted"], rel=1e-3)
+        assert ctx["ratio"] == pytest.approx(cache.served_ratio, rel=1e-3) and 3.5 < ctx["ratio"] < 4.5
     assert ctx["compacted_tokens"] == cache.num_slots < cache.num_tokens
 
     tok = smollm2.tokenizer

@@ -71,7 +71,9 @@ ROWS: tuple[Row, ...] = (
         Panel("KV cache bytes: full vs compacted", "timeseries", "bytes", (
             Query(store("kvcat_kv_full_bytes"), "full context"),
             Query(store("kvcat_kv_compacted_bytes"), "compacted"),
-        ), "KV bytes the stored contexts take compacted, against what they would take in full."),
+            Query(store("kvcat_kv_side_bytes"), "of which side slots"),
+        ), "KV bytes the stored contexts take compacted (paged slots plus the side slots of retrieval heads kept "
+           "whole), against what they would take in full."),
         Panel("Share of KV memory saved", "stat", "percentunit", (
             Query(f"1 - {store('kvcat_kv_compacted_bytes')} / {store('kvcat_kv_full_bytes')}", "saved"),
         ), "1 - compacted / full over all stored contexts.", width=4),

@@ -6,7 +6,9 @@ beta map, which the KV connector hands to `worker_contexts.WORKER` when vLLM bin
 request's first block id), takes the context's t slots
 from the worker's float32 copy and the request's own tokens from the previous step's copy plus this step's
 keys and values (`StepState`), adds beta to the logits of the first t key columns (`beta_attention`), and
-replaces those output rows. Requests without a context (or with beta = 0 everywhere) keep the stock kernel's
+replaces those output rows. A hybrid context's side slots (retrieval heads kept whole, held by the worker
+beside the paged blocks) join those keys the same way, after the t slots. Requests without a context (or with
+beta = 0 everywhere) keep the stock kernel's
 output untouched, so the subclass is a no-op for plain chat, and so are layers whose beta is zero. This runs
 on every step of such a request (decode included), so it is a handful of batched float32 ops per layer: two
 matmuls, one softmax, no mask at decode.
@@ -53,14 +55,18 @@ class BetaAttentionMixin:
         for row in rows:
             ctx = row.context
             if not ctx.layer_has_bias[li]:
-                continue  # beta = 0 in this layer: the stock kernel's output is already exact
+                continue  # beta = 0 and no side slots in this layer: the stock kernel's output is already exact
             a, b = row.start, row.stop
             # the context's slots come from the worker's copy (the values the connector wrote, in float32), the
             # request's own tokens from the previous step's copy plus this step's keys and values
             k_own, v_own = STEP.own_tokens(row, li, key, value, kv_cache, layout)
-            k = torch.cat([ctx.keys[li], k_own], dim=1)  # [H, s, D]
-            v = torch.cat([ctx.values[li], v_own], dim=1)
-            out = beta_attention(query[a:b], k, v, ctx.beta[li], self.scale)
+            k, v, bias = ctx.keys[li], ctx.values[li], ctx.beta[li]
+            if ctx.side_beta[li] is not None:  # a hybrid's side slots follow the paged ones (as in `layer_view`)
+                k, v = torch.cat([k, ctx.side_keys[li].float()], 1), torch.cat([v, ctx.side_values[li].float()], 1)
+                bias = torch.cat([bias, ctx.side_beta[li]], 1)
+            k = torch.cat([k, k_own], dim=1)  # [H, s, D]
+            v = torch.cat([v, v_own], dim=1)
+            out = beta_attention(query[a:b], k, v, bias, self.scale)
             output[a:b].copy_(out.reshape(output[a:b].shape))
         return output
 

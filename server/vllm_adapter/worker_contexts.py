@@ -35,7 +35,9 @@ def file_stamp(path: str) -> tuple[int, int]:
 
 class LoadedContext:
     """A context as the worker injects it: keys rotated, heads sliced for TP, rounded to the cache dtype (what
-    the paged blocks hold). `keys`/`values`/`beta` are float32 [H, t, D] on the engine's device, the dtype the
+    the paged blocks hold). A hybrid's side slots live here too, beside the paged blocks: loaded with the
+    context, shared by every request over it, freed when it leaves the LRU. `keys`/`values`/`beta` are float32
+    [H, t, D] on the engine's device, the dtype the
     beta attention path computes in every step (on CUDA kept only for contexts with a beta). On CUDA the
     connector writes from `pinned`: per layer [t, H, D] in the cache dtype in page-locked host memory, so
     each layer's copy to the GPU is asynchronous on the stream that runs the forward."""
@@ -50,7 +52,17 @@ class LoadedContext:
         keys = [shift_keys(k[heads].float(), -shift, freq).to(dtype) for k in cache.keys]
         values = [v[heads].to(dtype) for v in cache.values]
         self.num_slots = cache.num_slots
-        self.layer_has_bias = [bool((b[heads] != 0).any()) for b in cache.beta]
+        # a hybrid's side slots, this rank's heads: [H, s, D] in the engine's dtype (the bytes its record counts)
+        # and their beta [H, s] in float32 (-inf: a head without side slots); None for a layer without any
+        self.side_keys, self.side_values, self.side_beta = [], [], []
+        for i in range(cache.num_layers):
+            k, v, b = (x[heads, cache.num_slots:] for x in cache.layer_view(i))  # empty where the layer has none
+            live = bool(torch.isfinite(b).any())
+            self.side_keys.append(shift_keys(k.float(), -shift, freq).to(device, dtype) if live else None)
+            self.side_values.append(v.to(device, dtype) if live else None)
+            self.side_beta.append(b.float().to(device) if live else None)
+        # the layers whose rows the kvcat attention path recomputes: a beta to add or side slots to attend to
+        self.layer_has_bias = [bool((b[heads] != 0).any()) or s is not None for b, s in zip(cache.beta, self.side_beta)]
         self.has_bias = any(self.layer_has_bias)
         self.pinned = None
         if torch.device(device).type != "cpu":
