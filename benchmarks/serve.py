@@ -11,12 +11,14 @@ One `kvcat serve` (vLLM CPU engine, bf16 by default) on loopback. For each held-
 - compacted-warm: a second question over the same context (its blocks hit the prefix cache);
 - no-context: the question alone, as plain chat (what a compacted context's TTFT is held against);
 - plain-same-length (per ratio): plain chat of the document's first t tokens (t = the compacted context's
-  slots) and the question: as many KV tokens as the compacted request, so its decode speed is the
-  reference for the compacted rows' (beta and the injected blocks are the only difference).
+  bytes over one token's: its slots, plus a hybrid's side slots) and the question: as many KV bytes as the
+  compacted request, so its decode speed is the reference for the compacted rows' (beta, side slots and the
+  injected blocks are the only difference).
 Measured from the client (official openai client, streaming): ttft_s (request to first token) and
 decode_tok_s (tokens after the first / time after the first; min_tokens fixes the count), with
 ttft_vs_no_context and decode_vs_plain (decode over decode of plain-same-length at the same ratio). kv_bytes:
-the paged KV a context holds (whole blocks of the engine's block size; for full chat the document's blocks),
+the paged KV a context holds (whole blocks of the engine's block size; for full chat the document's blocks)
+plus a hybrid's side slots (`--method am-hak-fast:whole_share=0.5`: a variant's parameters go to /v1/compact),
 and contexts_in_budget: how many such contexts fit the fixed KV budget (--budget-gib).
 Writes benchmarks/results/serve.json and serve.png. `kvcat bench peers` calls `measure(plain_vllm=True)`
 to put vLLM's own OpenAI server, serving the full document, beside these rows.
@@ -45,7 +47,7 @@ class ServeConfig(EngineConfig):
     out: Path = result_file("serve")
     doc_tokens: int = option(8000, help="document length in tokens")
     ratios: tuple[float, ...] = option((10.0, 32.0), help="compaction ratios")
-    method: str = option(DEFAULT_METHOD, help="compaction method")
+    method: str = option(DEFAULT_METHOD, help="compaction method, a name or name:key=value:... (a variant)")
     docs: int = option(3, help="held-out documents")
     decode_tokens: int = option(32, help="tokens generated per request (min_tokens fixes the count)")
     budget_gib: float = option(1.0, help="the fixed KV budget for contexts_in_budget")
@@ -99,6 +101,7 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     columns."""
     import httpx
 
+    from kvcat.compaction.registry import parse_params
     from kvcat.server.launch import ServerProcess, StockVLLMProcess
 
     model, decode_tokens, budget_gib = config.model, config.decode_tokens, config.budget_gib
@@ -108,6 +111,8 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     samples: dict[tuple[str, str, float], list[dict]] = {}
     slots: dict[tuple[str, float], list[int]] = {("full-cold", 1.0): [n for _, n in docs],
                                                   ("full-warm", 1.0): [n for _, n in docs], ("no-context", 1.0): [0]}
+    side: dict[tuple[str, float], list[int]] = {}  # a hybrid's side-slot bytes, beside the paged blocks
+    method, *items = config.method.split(":")
     # CPU: room for the model's full context; on a GPU vLLM sizes its KV memory from gpu_memory_utilization
     kv_gib = None if _on_gpu() else max(2, math.ceil(budget_gib))
     info: dict = {"engine_dtype": engine_dtype}
@@ -143,7 +148,7 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
             ids = httpx.post(srv.url("/tokenize"), json={"prompt": text}, timeout=60).json()["tokens"]
             for r in config.ratios:
                 resp = httpx.post(srv.url("/v1/compact"), timeout=3600,
-                                  json={"text": text, "ratio": r, "method": config.method})
+                                  json={"text": text, "ratio": r, "method": method, "params": parse_params(items)})
                 resp.raise_for_status()
                 ctx = resp.json()
                 compaction_s.setdefault(r, []).append(ctx["compaction_seconds"])
@@ -151,30 +156,34 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
                     samples.setdefault(("kvcat", mode, r), []).append(_stream(client, served, q, ctx["id"],
                                                                               decode_tokens))
                     slots.setdefault((mode, r), []).append(ctx["compacted_tokens"])
-                head = httpx.post(srv.url("/detokenize"), json={"tokens": ids[:ctx["compacted_tokens"]]},
-                                  timeout=60).json()["prompt"]
+                    side.setdefault((mode, r), []).append(ctx["kv_bytes_side"])
+                same = round(ctx["kv_bytes_compacted"] / info["kv_bytes_per_token"])  # tokens of the same bytes
+                head = httpx.post(srv.url("/detokenize"), json={"tokens": ids[:same]}, timeout=60).json()["prompt"]
                 samples.setdefault(("kvcat", "plain-same-length", r), []).append(
                     _stream(client, served, f"{head}\n\n{QUESTIONS[0]}", None, decode_tokens))
-                slots.setdefault(("plain-same-length", r), []).append(ctx["compacted_tokens"])
+                slots.setdefault(("plain-same-length", r), []).append(same)
                 httpx.delete(srv.url(f"/v1/contexts/{ctx['id']}"), timeout=60)
                 log(f"doc {i + 1}/{len(docs)} ratio {r:g}: {ctx['original_tokens']} -> {ctx['compacted_tokens']} "
                     f"slots, compaction {ctx['compaction_seconds']:.1f} s")
     if plain_vllm and info["vllm_block_size"] not in (None, info["kv_block_size"]):
         raise RuntimeError(f"plain vLLM pages KV in blocks of {info['vllm_block_size']}, kvcat's engine in "
                            f"{info['kv_block_size']}: the KV-bytes columns would not compare")
-    rows = summarise(samples, slots, compaction_s, info["kv_block_size"], info["kv_bytes_per_token"],
+    rows = summarise(samples, slots, side, compaction_s, info["kv_block_size"], info["kv_bytes_per_token"],
                      int(budget_gib * 2**30))
     info["reference"] = f"{rows[0]['system']} full-cold"
     return rows, info
 
 
-def summarise(samples: dict, slots: dict, compaction_s: dict, block: int, per_token: int, budget: int) -> list[dict]:
-    """One row per (system, mode, ratio) from the streamed samples: means, KV bytes in whole blocks, contexts per
+def summarise(samples: dict, slots: dict, side: dict, compaction_s: dict, block: int, per_token: int,
+              budget: int) -> list[dict]:
+    """One row per (system, mode, ratio) from the streamed samples: means, KV bytes in whole blocks (plus side
+    slots), contexts per
     `budget` bytes, and ratios against the first row (full-cold); the compacted-cold rows also carry
     /v1/compact's seconds against the kvcat server's own cold prefill."""
     rows = []
     for (system, mode, r), ss in samples.items():
-        kb = int(statistics.mean(max(1, math.ceil(n / block)) * block * per_token for n in slots[(mode, r)]))
+        kb = int(statistics.mean(max(1, math.ceil(n / block)) * block * per_token for n in slots[(mode, r)])
+                 + statistics.mean(side.get((mode, r), [0])))
         rows.append({"system": system, "mode": mode, "ratio": r,
                      "ttft_s": round(statistics.mean(s["ttft_s"] for s in ss), 4),
                      "ttft_s_all": [round(s["ttft_s"], 4) for s in ss],

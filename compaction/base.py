@@ -275,9 +275,13 @@ class Method(ABC):
         return state.query_s.get(self.query_mode, 0.0) if self.query_mode else 0.0
 
     def head_budgets(self, lm: LoadedModel, state: DocumentState, t: int) -> torch.Tensor:
-        """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden. A head of budget N is
-        kept whole: its slots beyond the others' widest go to the side cache (`package`)."""
+        """[num_layers, num_kv_heads] slots per head; mean t. Uniform unless overridden."""
         return uniform_budgets(lm.spec.num_layers, lm.spec.num_kv_heads, t)
+
+    def paged_width(self, budgets: torch.Tensor, num_tokens: int) -> int:
+        """Slots every head keeps in a paged engine's blocks: the widest head's (the others padded); a hybrid
+        method keeps fewer, the wider heads' further slots then side slots (`package`)."""
+        return int(budgets.max())
 
     @abstractmethod
     def solve_layers(self, lm: LoadedModel, state: DocumentState, budgets: torch.Tensor,
@@ -310,9 +314,8 @@ class Method(ABC):
                 "budget": t}
         params = {**{k: v for k, v in self.params.items() if _jsonable(v)},
                   "ratio": ratio, "target_tokens": target_tokens}
-        narrow = budgets[budgets < state.num_tokens]  # heads kept whole hold the rest beside the paged blocks
         return package(solutions, state.num_tokens, lm.spec.fingerprint, self.name, params, info,
-                       paged_width=int(narrow.max()) if narrow.numel() else None)
+                       paged_width=self.paged_width(budgets, state.num_tokens))
 
     def compressor(self, ratio: float) -> Callable[[LoadedModel, Any], CompactCache]:
         """A `(lm, context_ids) -> CompactCache` function at a fixed ratio, for the evaluation harness."""

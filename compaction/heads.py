@@ -104,6 +104,10 @@ def retrieval_heads(lm: LoadedModel, share: float) -> torch.Tensor:
 def top_heads(lm: LoadedModel, count: int) -> torch.Tensor:
     """[num_layers, num_kv_heads] bool: the `count` KV heads with the highest retrieval scores."""
     scores = torch.tensor(load_profile(lm)["scores"])
+    if scores.shape != (lm.spec.num_layers, lm.spec.num_kv_heads):
+        raise ValueError(f"the head profile of {lm.spec.name} scores {tuple(scores.shape)} heads, the model has "
+                         f"{(lm.spec.num_layers, lm.spec.num_kv_heads)}: measure it again (kvcat models heads "
+                         f"{lm.spec.name} --refresh)")
     if not 0 <= count <= scores.numel():
         raise ValueError(f"{count} retrieval heads asked of a model with {scores.numel()} KV heads")
     mask = torch.zeros(scores.numel(), dtype=torch.bool)

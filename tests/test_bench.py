@@ -203,11 +203,13 @@ def test_serve_summary_puts_the_compaction_seconds_against_the_servers_cold_pref
     slots = {("full-cold", 1.0): [1000, 1000], ("full-warm", 1.0): [1000, 1000], ("no-context", 1.0): [0],
              ("compacted-cold", 10.0): [100, 100], ("compacted-warm", 10.0): [100, 100],
              ("plain-same-length", 10.0): [100, 100]}
-    rows = serve.summarise(samples, slots, {10.0: [30.0, 40.0]}, block=16, per_token=10, budget=160_000)
+    side = {("compacted-cold", 10.0): [0, 0], ("compacted-warm", 10.0): [50, 70]}  # a hybrid's side-slot bytes
+    rows = serve.summarise(samples, slots, side, {10.0: [30.0, 40.0]}, block=16, per_token=10, budget=160_000)
     cold = next(r for r in rows if r["mode"] == "compacted-cold")
     assert cold["compaction_s"] == 35.0 and cold["compaction_s_all"] == [30.0, 40.0]
     assert cold["compaction_vs_full_cold"] == 7.0  # 35 s over the 5 s mean cold prefill
     assert cold["kv_bytes"] == 112 * 10 and rows[0]["kv_bytes"] == 1008 * 10  # whole 16-token blocks
+    assert next(r for r in rows if r["mode"] == "compacted-warm")["kv_bytes"] == 112 * 10 + 60  # + side slots
     assert cold["decode_vs_plain"] == 0.8 and cold["ttft_vs_no_context"] == 1.25
     assert not any("compaction_s" in r for r in rows if r["mode"] != "compacted-cold")
     text = serve.table({"rows": rows})

@@ -78,7 +78,7 @@ def test_bad_documents_and_names_are_refused(tiny):
     (dict(score="median"), "'score' of 'am-hak' is one of rms, mean, max"), (dict(fit_beta=1), "'fit_beta'"),
     (dict(beta_bounds=[1.0]), "'beta_bounds'"), (dict(ridge=float("nan")), "'ridge'"), (dict(queries=3), "'queries'"),
     (dict(whole_share=1.0), "'whole_share' .* below 1"), (dict(whole_share=-0.5), "'whole_share'"),
-    (dict(whole_share=0.5, budgets="global"), "spreads its slots"),
+    (dict(whole_share=0.5, budgets="global"), "spreads its slots"), (dict(whole_ratio=0.5), "'whole_ratio'"),
 ])
 def test_bad_parameters_are_refused_naming_the_field(params, match):
     with pytest.raises(CompactionError, match=match):
@@ -215,6 +215,10 @@ def test_whole_retrieval_heads_sit_beside_the_paged_slots_at_the_asked_bytes(sma
         assert (b[head] == 0).all()
     with pytest.raises(ValueError, match="19 retrieval heads .* 18 KV heads"):
         heads.top_heads(small, 19)
+    # whole_ratio=2: floor(0.5 x 18 x 2 / 4) = 4 heads of N / 2 slots, compacted by the method themselves
+    halves = get_method("am-hak-fast", whole_share=0.5, whole_ratio=2).compact(small, ids, ratio=4)
+    assert (halves.head_counts() == 100).equal(heads.top_heads(small, 4))
+    assert halves.served_ratio == pytest.approx(4, rel=0.03)
 
 
 def test_duoattentions_kind_of_cache_is_streaming_llm_with_whole_heads(small):
