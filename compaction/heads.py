@@ -98,7 +98,7 @@ def retrieval_heads(lm: LoadedModel, share: float) -> torch.Tensor:
     """[num_layers, num_kv_heads] bool: the `share` of KV heads with the highest retrieval scores (at least one
     where share > 0)."""
     n = lm.spec.num_layers * lm.spec.num_kv_heads
-    return top_heads(lm, max(1, round(share * n)) if share > 0 else 0)
+    return top_heads(lm, min(n, max(1, round(share * n))) if share > 0 else 0)
 
 
 def top_heads(lm: LoadedModel, count: int) -> torch.Tensor:
