@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"N = {cache.num_tokens} tokens, t = {counts.mean():.1f} slots per head "
                       f"(min {int(counts.min())}, max {int(counts.max())}), ratio {cache.ratio:.1f}x")
         console.print(f"KV bytes (bf16): {full:,} -> {cache.kv_bytes():,} "
-                      f"({full / max(cache.kv_bytes(), 1):.1f}x smaller, padding included)")
+                      f"({full / max(cache.kv_bytes(), 1):.1f}x smaller, padding and side slots included)")
         console.print(f"{seconds:.2f} s (prefill {cache.info.get('prefill_s', 0):.2f} s, queries "
                       f"{cache.info.get('queries_s', 0):.2f} s, solve {cache.info.get('solve_s', 0):.2f} s)"
                       f" -> {out}")

@@ -2,7 +2,9 @@
 
 Each method scores every key of every KV head (higher = keep) and keeps the top t per head, or, for
 global methods (KVzip-style), the top L*H*t over all heads and layers (at least one per head); heads with
-fewer slots are padded with beta = -inf by `base.package`.
+fewer slots are padded with beta = -inf by `base.package`, and a global method's heads that keep more than t
+keep the rest as side slots (a hybrid cache: its bytes are then what a server holds, not t per head padded to
+the widest head).
 
 - recent (truncation): the t most recent tokens.
 - streaming-llm: the first `sink` tokens (attention sinks) + the most recent ones (Xiao et al. 2023).
