@@ -101,7 +101,7 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     columns."""
     import httpx
 
-    from kvcat.compaction.registry import parse_params
+    from kvcat.compaction.registry import parse_spec
     from kvcat.server.launch import ServerProcess, StockVLLMProcess
 
     model, decode_tokens, budget_gib = config.model, config.decode_tokens, config.budget_gib
@@ -112,7 +112,7 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
     slots: dict[tuple[str, float], list[int]] = {("full-cold", 1.0): [n for _, n in docs],
                                                   ("full-warm", 1.0): [n for _, n in docs], ("no-context", 1.0): [0]}
     side: dict[tuple[str, float], list[int]] = {}  # a hybrid's side-slot bytes, beside the paged blocks
-    method, *items = config.method.split(":")
+    method, params = parse_spec(config.method)
     # CPU: room for the model's full context; on a GPU vLLM sizes its KV memory from gpu_memory_utilization
     kv_gib = None if _on_gpu() else max(2, math.ceil(budget_gib))
     info: dict = {"engine_dtype": engine_dtype}
@@ -148,7 +148,7 @@ def measure(config: ServeConfig, docs: list[tuple[str, int]], plain_vllm: bool =
             ids = httpx.post(srv.url("/tokenize"), json={"prompt": text}, timeout=60).json()["tokens"]
             for r in config.ratios:
                 resp = httpx.post(srv.url("/v1/compact"), timeout=3600,
-                                  json={"text": text, "ratio": r, "method": method, "params": parse_params(items)})
+                                  json={"text": text, "ratio": r, "method": method, "params": params})
                 resp.raise_for_status()
                 ctx = resp.json()
                 compaction_s.setdefault(r, []).append(ctx["compaction_seconds"])

@@ -66,10 +66,16 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return params
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """"name" or "name:key=value:key=value" -> (name, parameters), as `/v1/compact` takes them."""
+    name, *items = spec.split(":")
+    return name, parse_params(items)
+
+
 def method_from_spec(spec: str) -> Method:
     """A method from "name" or "name:key=value:key=value" (a variant under test, named by its spec)."""
-    name, *items = spec.split(":")
-    return get_method(name, **parse_params(items))
+    name, params = parse_spec(spec)
+    return get_method(name, **params)
 
 
 def method_names() -> list[str]:

@@ -114,18 +114,25 @@ class CompactCache:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.held_slots() * self.keys[0].shape[2] * elem
 
-    def layer_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One layer's keys, values [H, t + s, d] and beta [H, t + s]: the paged slots followed by the side slots
-        (heads without side slots padded with beta = -inf), what attention over this cache reads."""
-        k, v, b = self.keys[layer], self.values[layer], self.beta[layer]
+    def side_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """One layer's side slots for every head: keys, values [H, s, d] and beta [H, s], heads without side slots
+        padded with beta = -inf; None where the layer has none."""
         side = self.side[layer] if self.side else None
         if side is None:
-            return k, v, b
+            return None
+        k, v, b = self.keys[layer], self.values[layer], self.beta[layer]
         heads, s = side.heads.to(k.device), side.beta.shape[1]
         sk, sv = k.new_zeros(k.shape[0], s, k.shape[2]), v.new_zeros(v.shape[0], s, v.shape[2])
         sb = b.new_full((b.shape[0], s), float("-inf"))
         sk[heads], sv[heads], sb[heads] = side.keys.to(k), side.values.to(v), side.beta.to(b)
-        return torch.cat([k, sk], 1), torch.cat([v, sv], 1), torch.cat([b, sb], 1)
+        return sk, sv, sb
+
+    def layer_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's keys, values [H, t + s, d] and beta [H, t + s]: the paged slots followed by the side slots
+        (`side_view`), what attention over this cache reads."""
+        paged = self.keys[layer], self.values[layer], self.beta[layer]
+        side = self.side_view(layer)
+        return paged if side is None else tuple(torch.cat([x, y], 1) for x, y in zip(paged, side))
 
     def to(self, device=None, dtype=None) -> "CompactCache":
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
@@ -164,10 +171,7 @@ class CompactCache:
             if k.shape != self.keys[0].shape:
                 raise CacheError(f"layer {i}: shape {tuple(k.shape)} differs from layer 0 "
                                  f"{tuple(self.keys[0].shape)}")
-            if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-                raise CacheError(f"layer {i}: keys or values contain NaN or Inf")
-            if torch.isnan(b).any() or (b == float("inf")).any():
-                raise CacheError(f"layer {i}: beta contains NaN or +Inf")
+            _check_values(f"layer {i}: ", k, v, b)
             if not torch.isfinite(b).any(-1).all():
                 raise CacheError(f"layer {i}: a head has no live slot (all beta = -inf)")
         if self.num_slots > self.num_tokens:
@@ -192,10 +196,7 @@ class CompactCache:
                     or s.beta.shape != s.keys.shape[:2]:
                 raise CacheError(f"layer {i}: side keys {tuple(s.keys.shape)}, values {tuple(s.values.shape)} and "
                                  f"beta {tuple(s.beta.shape)} do not agree ([k, s, {dim}], [k, s, {dim}], [k, s])")
-            if not (torch.isfinite(s.keys).all() and torch.isfinite(s.values).all()):
-                raise CacheError(f"layer {i}: side keys or values contain NaN or Inf")
-            if torch.isnan(s.beta).any() or (s.beta == float("inf")).any():
-                raise CacheError(f"layer {i}: side beta contains NaN or +Inf")
+            _check_values(f"layer {i}: side ", s.keys, s.values, s.beta)
         if int(self.head_counts().max()) > self.num_tokens:
             raise CacheError(f"a head holds more slots than the {self.num_tokens}-token context has")
 
@@ -303,6 +304,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _check_values(where: str, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor) -> None:
+    """Finite keys and values; beta finite or -inf (a padded slot)."""
+    if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        raise CacheError(f"{where}keys or values contain NaN or Inf")
+    if torch.isnan(beta).any() or (beta == float("inf")).any():
+        raise CacheError(f"{where}beta contains NaN or +Inf")
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

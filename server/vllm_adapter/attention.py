@@ -60,12 +60,13 @@ class BetaAttentionMixin:
             # the context's slots come from the worker's copy (the values the connector wrote, in float32), the
             # request's own tokens from the previous step's copy plus this step's keys and values
             k_own, v_own = STEP.own_tokens(row, li, key, value, kv_cache, layout)
-            k, v, bias = ctx.keys[li], ctx.values[li], ctx.beta[li]
+            ks, vs, bias = [ctx.keys[li]], [ctx.values[li]], ctx.beta[li]
             if ctx.side_beta[li] is not None:  # a hybrid's side slots follow the paged ones (as in `layer_view`)
-                k, v = torch.cat([k, ctx.side_keys[li].float()], 1), torch.cat([v, ctx.side_values[li].float()], 1)
+                ks.append(ctx.side_keys[li].float())
+                vs.append(ctx.side_values[li].float())
                 bias = torch.cat([bias, ctx.side_beta[li]], 1)
-            k = torch.cat([k, k_own], dim=1)  # [H, s, D]
-            v = torch.cat([v, v_own], dim=1)
+            k = torch.cat([*ks, k_own], dim=1)  # [H, s, D]
+            v = torch.cat([*vs, v_own], dim=1)
             out = beta_attention(query[a:b], k, v, bias, self.scale)
             output[a:b].copy_(out.reshape(output[a:b].shape))
         return output

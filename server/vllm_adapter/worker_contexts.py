@@ -56,8 +56,9 @@ class LoadedContext:
         # and their beta [H, s] in float32 (-inf: a head without side slots); None for a layer without any
         self.side_keys, self.side_values, self.side_beta = [], [], []
         for i in range(cache.num_layers):
-            k, v, b = (x[heads, cache.num_slots:] for x in cache.layer_view(i))  # empty where the layer has none
-            live = bool(torch.isfinite(b).any())
+            side = cache.side_view(i)
+            k, v, b = (x[heads] for x in side) if side is not None else (None, None, None)
+            live = b is not None and bool(torch.isfinite(b).any())  # this rank's heads may have none
             self.side_keys.append(shift_keys(k.float(), -shift, freq).to(device, dtype) if live else None)
             self.side_values.append(v.to(device, dtype) if live else None)
             self.side_beta.append(b.float().to(device) if live else None)
