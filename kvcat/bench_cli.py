@@ -41,6 +41,7 @@ BENCHMARKS = {
     "peers": Benchmark("peers", "PeersConfig", (RESUME,)),
     "serve": Benchmark("serve", "ServeConfig"),
     "onthefly": Benchmark("onthefly", "OnTheFlyConfig", errors=(ValueError,)),
+    "load": Benchmark("load", "LoadConfig", errors=(ValueError,)),
     "kvcat": Benchmark("kvcat_training", "KVCatTrainingConfig", errors=(ValueError,), options=(
         _flag("smoke", "a tiny configuration that checks the pipeline in minutes (it sets only the options left at "
                        "their default)"),

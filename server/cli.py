@@ -70,6 +70,9 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                                  "and load balancers' idle timeouts"),
           compaction_timeout: float = typer.Option(Limits.compaction_timeout_s,
                                                    help="seconds a synchronous compaction may take"),
+          compaction_nice: int = typer.Option(Limits.compaction_nice, min=0, max=19,
+                                              help="how much nicer (lower priority) compaction runs than chats on "
+                                                   "shared cores; 0 = equal shares"),
           max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="largest request body"),
           max_contexts_per_tenant: int = typer.Option(None, help="quota: stored contexts per tenant"),
           max_bytes_per_tenant: int = typer.Option(None, help="quota: compacted KV bytes per tenant"),
@@ -114,7 +117,7 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     limits = Limits(max_document_tokens=max_document_tokens, max_completion_tokens=max_completion_tokens,
                     max_queued_compactions=max_queued_compactions, request_timeout_s=request_timeout,
-                    compaction_timeout_s=compaction_timeout)
+                    compaction_timeout_s=compaction_timeout, compaction_nice=compaction_nice)
     config = ServerConfig(model=model, dtype=dtype, compaction_dtype=compaction_dtype, max_model_len=max_model_len,
                           tensor_parallel_size=tensor_parallel_size, beta=beta, kv_cache_gib=kv_cache_gib,
                           store=store, self_test=self_test, served_name=served_name, auth=auth, limits=limits,

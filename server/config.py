@@ -11,7 +11,8 @@ from kvcat.server.onthefly import AutoCompaction
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; past these the server answers 413, 422, 429 or 504, never queues forever."""
+    """What one request may ask for (past these the server answers 413, 422, 429 or 504, never queues forever), and
+    how compaction shares the machine with chats."""
 
     max_document_tokens: int | None = None  # default: the model's context
     max_completion_tokens: int | None = None  # default: what fits the context
@@ -19,6 +20,9 @@ class Limits:
     request_timeout_s: float | None = 600.0  # a chat completion, generation included
     compaction_timeout_s: float | None = 1800.0  # one synchronous /v1/compact or on-the-fly compaction
     max_jobs: int = 64  # finished async jobs remembered for GET /v1/compact/jobs/{id}
+    # niceness of the compaction thread (and the torch threads it starts): on shared cores the engine's chats come
+    # first and compactions use what is left (benchmarks/README.md, the load benchmark's burst); 0 = equal shares
+    compaction_nice: int = 10
 
 
 @dataclass

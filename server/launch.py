@@ -160,7 +160,8 @@ class StockVLLMProcess(ServerProcess):
 
     def __init__(self, model: str, *, dtype: str = "auto", port: int | None = None,
                  max_model_len: int | None = None, kv_cache_gib: int | None = None,
-                 log_path: str | os.PathLike | None = None, ready_timeout: float = 600.0):
+                 args: list[str] | tuple[str, ...] = (), log_path: str | os.PathLike | None = None,
+                 ready_timeout: float = 600.0):
         from kvcat.config import choose_dtype
         from kvcat.models import resolve
         from kvcat.server.vllm_adapter.engine import EngineConfig, stock_serve_command
@@ -171,5 +172,6 @@ class StockVLLMProcess(ServerProcess):
                               kv_cache_gib=kv_cache_gib, served_name=name)
         self._child(port, log_path, None, ready_timeout)
         self.cmd, extra_env = stock_serve_command(config, "127.0.0.1", self.port)
+        self.cmd += list(args)  # more of vLLM's own options
         self.env.update(extra_env)
         self.store_dir = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
@@ -54,7 +55,8 @@ class CompactionServing:
         self.closing = False
         self._queued = 0  # compactions submitted and not finished
         self._mean_seconds = 10.0  # running mean, for Retry-After
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcat-compact")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcat-compact",
+                                        initializer=lower_priority, initargs=(limits.compaction_nice,))
         self._finishing: set[asyncio.Task] = set()
 
     @property
@@ -260,6 +262,18 @@ async def _finish(job: Job, fut: asyncio.Future, warmer: ContextWarmer) -> None:
         log.error("compaction job %s failed: %r", job.id, exc)
         job.error = ErrorDetail(message=f"compaction failed: {exc}", type="server_error", code="compaction_failed")
     metrics.ERRORS.labels(str(job.error.code)).inc()
+
+
+def lower_priority(nice: int) -> None:
+    """Make the calling thread `nice` steps nicer (Linux: niceness is per thread, and the threads it starts, torch's
+    intra-op pool included, inherit it), so the engine's steps win the cores from a running compaction."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: compaction runs at the server's priority
+        log.warning("could not lower the compaction thread's priority: %s", exc)
 
 
 def _drop_beta(cache) -> None:

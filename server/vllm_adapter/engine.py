@@ -56,6 +56,15 @@ def stock_serve_command(config: EngineConfig, host: str, port: int) -> tuple[lis
     return cmd, env
 
 
+def check_parallel_layout(parallel) -> None:
+    """Refuse, before any worker starts, a parallel layout the connector cannot serve: it writes every layer of a
+    context from each tensor-parallel rank (that rank's heads), so layers split over pipeline stages are not served."""
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(f"kvcat serves compacted contexts with tensor parallelism only: pipeline_parallel_size="
+                         f"{parallel.pipeline_parallel_size} splits the layers over workers, which the KV connector "
+                         "does not write; use --tensor-parallel-size instead")
+
+
 def beta_plugin_installed() -> bool:
     from importlib.metadata import entry_points
 
@@ -146,6 +155,7 @@ class Engine:
             extra["attention_backend"] = AttentionBackendEnum[extra["attention_backend"].upper()]  # ValueError
         args = AsyncEngineArgs(**(kwargs | extra))
         vllm_config = args.create_engine_config()
+        check_parallel_layout(vllm_config.parallel_config)
         llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=False)
         return cls(config, llm, vllm_config)
 
@@ -191,16 +201,12 @@ class Engine:
         await self.llm.reset_prefix_cache()
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of paged KV per token in this engine (all layers, K and V, this rank's heads)."""
-        mc = self.vllm_config.model_config
-        import torch
-
-        dtype = self.vllm_config.cache_config.cache_dtype
-        elem = mc.dtype.itemsize if dtype == "auto" else 1
-        del torch
-        layers = mc.get_num_layers(self.vllm_config.parallel_config)
-        heads = mc.get_num_kv_heads(self.vllm_config.parallel_config)
-        return 2 * layers * heads * mc.get_head_size() * elem
+        """Bytes of paged KV per token in this engine: all layers, K and V, summed over the tensor-parallel ranks
+        (each holds its share of the heads, or a replica of one head where there are more ranks than KV heads)."""
+        mc, parallel = self.vllm_config.model_config, self.vllm_config.parallel_config
+        elem = mc.dtype.itemsize if self.vllm_config.cache_config.cache_dtype == "auto" else 1
+        per_rank = 2 * mc.get_num_layers(parallel) * mc.get_num_kv_heads(parallel) * mc.get_head_size() * elem
+        return per_rank * parallel.tensor_parallel_size
 
     def shutdown(self) -> None:
         self.llm.shutdown()
