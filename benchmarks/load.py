@@ -301,7 +301,7 @@ async def run_system(system: str, base: str, model: str, users: list[User], conf
            "compact_wait_s": quantiles(waits) if waits else None,
            "refused": sum(r.get("compact_refused", 0) for r in records) + sum(t["refused"] for t in turns),
            **{k: int(after[k] - before[k]) for k in after}, "peak_kv_blocks": kv.peak_blocks,
-           "kv_blocks": config.kv_blocks(), "hits": sum(t["hit"] for t in turns),
+           "kv_blocks": config.kv_blocks(), "hits": int(sum(t["hit"] for t in turns)),
            "error_samples": [e for r in records for e in r["errors"]][:5],
            "answers": {f"{r['user']}/{i}": t["hit"] for r in records for i, t in enumerate(r["turns"])}}
     log(f"{system}, {len(users)} users: {row['requests']} requests in {wall:.0f} s ({row['requests_per_min']}/min), "
@@ -429,7 +429,7 @@ def compare(rows: list[dict]) -> None:
             r["ttft_p95_vs_vllm"] = round(r["ttft_s"]["p95"] / ref["ttft_s"]["p95"], 3)
         full = [k for k, hit in ref["answers"].items() if hit]
         r["full_hits"] = len(full)
-        r["kept_of_full"] = sum(r["answers"].get(k, 0) for k in full)
+        r["kept_of_full"] = int(sum(r["answers"].get(k, 0) for k in full))
 
 
 def run(config: LoadConfig) -> dict:

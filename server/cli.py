@@ -72,7 +72,8 @@ def serve(model: str = typer.Option(..., "--model", "-m", help="zoo name or HF f
                                                    help="seconds a synchronous compaction may take"),
           compaction_nice: int = typer.Option(Limits.compaction_nice, min=0, max=19,
                                               help="how much nicer (lower priority) compaction runs than chats on "
-                                                   "shared cores; 0 = equal shares"),
+                                                   "shared CPU cores: 0 = equal shares; 10 = chats first, compactions "
+                                                   "wait for idle cores"),
           max_body_bytes: int = typer.Option(ServerConfig.max_body_bytes, help="largest request body"),
           max_contexts_per_tenant: int = typer.Option(None, help="quota: stored contexts per tenant"),
           max_bytes_per_tenant: int = typer.Option(None, help="quota: compacted KV bytes per tenant"),

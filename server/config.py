@@ -20,9 +20,10 @@ class Limits:
     request_timeout_s: float | None = 600.0  # a chat completion, generation included
     compaction_timeout_s: float | None = 1800.0  # one synchronous /v1/compact or on-the-fly compaction
     max_jobs: int = 64  # finished async jobs remembered for GET /v1/compact/jobs/{id}
-    # niceness of the compaction thread (and the torch threads it starts): on shared cores the engine's chats come
-    # first and compactions use what is left (benchmarks/README.md, the load benchmark's burst); 0 = equal shares
-    compaction_nice: int = 10
+    # niceness of the compaction thread (and the torch threads it starts) on shared CPU cores: 0 = compaction and
+    # the engine's chats share them equally; 10 puts chats first, but under steady chat load compactions then wait
+    # for idle cores (minutes each: benchmarks/README.md, the load benchmark's burst rows)
+    compaction_nice: int = 0
 
 
 @dataclass
