@@ -336,15 +336,13 @@ async def burst_phase(base: str, model: str, residents: list[User], arrivals: li
             k += 1
             await asyncio.sleep(config.think_s)
 
-    async def arrive(http, user: User) -> dict:
-        return await compact(http, model, user.document, config)
-
     chatters = [asyncio.ensure_future(chatter(u, c)) for u, c in zip(residents, contexts)]
     await asyncio.sleep(config.idle_s)
     phase["name"] = "burst"
     start = time.perf_counter()
     async with httpx.AsyncClient(base_url=base) as http:
-        done = await asyncio.gather(*(arrive(http, u) for u in arrivals), return_exceptions=True)
+        done = await asyncio.gather(*(compact(http, model, u.document, config) for u in arrivals),
+                                    return_exceptions=True)
     burst_s = time.perf_counter() - start
     stop.set()
     await asyncio.gather(*chatters, return_exceptions=True)
