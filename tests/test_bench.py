@@ -107,7 +107,7 @@ def test_kvcat_bench_is_registered_by_the_benchmarks_with_their_configs_options(
     bench = typer.Typer()
     register(bench)
     commands = typer.main.get_command(bench).commands
-    assert list(commands) == ["readme", "compaction", "retrieval", "peers", "serve", "onthefly", "kvcat"]
+    assert list(commands) == ["readme", "compaction", "retrieval", "peers", "serve", "onthefly", "load", "kvcat"]
     for name, benchmark in BENCHMARKS.items():
         config = getattr(load_script(benchmark.script), benchmark.config)
         assert issubclass(config, BenchConfig)
