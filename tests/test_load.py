@@ -1,7 +1,8 @@
 """A small `kvcat bench load`: plain vLLM's own server and both kvcat modes, real engines on loopback, a KV budget
 of one conversation, then a compaction burst past the queue limit. Nothing may fail: every question of every user
 is answered, refused compactions (429) are retried after Retry-After and all succeed, and the result files are
-written. Speed is the benchmark's business (benchmarks/README.md), not this test's."""
+written. Speed is the benchmark's business (benchmarks/README.md), not this test's. The run takes about three
+minutes (three engines start), so it is marked slow (`make test-all`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def load_run(tmp_path_factory):
     return load.run(config), out
 
 
+@pytest.mark.slow
 def test_every_system_answers_every_question(load_run):
     result, out = load_run
     rows = {r["system"]: r for r in result["rows"]}
@@ -43,6 +45,7 @@ def test_every_system_answers_every_question(load_run):
     assert json.loads(out.read_text())["rows"] and out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_burst_past_the_queue_is_retried_and_served(load_run):
     (burst,) = load_run[0]["bursts"]
     assert burst["compaction_nice"] == 10
