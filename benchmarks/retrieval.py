@@ -21,7 +21,6 @@ Writes benchmarks/results/retrieval.json, .md and .png; `--resume` continues an 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from kvcat.bench_process import logger
 from kvcat.console import option
 from kvcat.data.suite import SUITE_KINDS
 from kvcat.defaults import AM_METHODS
+from kvcat.eval.stats import sign_test
 
 MAX_NEW_TOKENS = 48  # small models echo the question first; a passage answer comes after it
 
@@ -164,15 +164,6 @@ def aggregate(cases: list[dict], names: list[str], ratios: list[float]) -> list[
                          "compact_s": mean_or_none([g["compact_s"] for g in got]),
                          "compact_over_prefill": mean_or_none([g["vs_prefill"] for g in got])})
     return rows
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test p-value for `wins` against `losses` (ties left out)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def paired(cases: list[dict], names: list[str], ratios: list[float]) -> list[dict]:

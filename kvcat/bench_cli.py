@@ -45,7 +45,10 @@ BENCHMARKS = {
     "kvcat": Benchmark("kvcat_training", "KVCatTrainingConfig", errors=(ValueError,), options=(
         _flag("smoke", "a tiny configuration that checks the pipeline in minutes (it sets only the options left at "
                        "their default)"),
-        _flag("resume", "continue the evaluation of an interrupted run (finished training is always reused)"))),
+        _flag("resume", "continue an interrupted run (finished and interrupted training is always reused)"),
+        inspect.Parameter("stop_after", inspect.Parameter.KEYWORD_ONLY, annotation=float, default=typer.Option(
+            0.0, help="minutes: stop at the first checkpoint after this long (0: run to the end); --resume "
+                      "continues")))),
 }
 
 

@@ -216,40 +216,51 @@ def test_serve_summary_puts_the_compaction_seconds_against_the_servers_cold_pref
     assert "10x 35.0 s (7.0x the cold prefill)" in text
 
 
-def test_kvcat_bench_chooses_a_kvcat_checkpoint_and_reads_the_goals_against_the_control(tmp_path):
-    """`kvcat bench kvcat`'s report: the tune-split choice never picks the base or the control; the goals
-    are read against the control at the chosen (method, ratio); a run without the control, or evaluated on a
-    training corpus, is refused before any training."""
+def test_kvcat_bench_chooses_a_variant_and_reads_the_goals_against_the_control_and_the_base(tmp_path):
+    """`kvcat bench kvcat`'s report: the tune-split choice picks among the variants only; the goals are read at
+    8x against the control (retrieval ratio, gap ratio) and the base (retrieval, uncompressed PPL, full-document
+    cases), with exact McNemar counts and a paired interval on the gap; bad settings are refused before any
+    training."""
     from kvcat.bench import load_script
 
     kb = load_script("kvcat_training")
 
-    def row(ck, policy, split, method, ratio, gap, hits, ppl=30.0):
-        return {"checkpoint": ck, "policy": policy, "split": split, "method": method, "ratio": ratio,
-                "ppl_gap": gap, "ppl_gaps": [gap - 0.5, gap + 0.5], "retrieval_acc": sum(hits) / len(hits),
-                "hits": hits, "base_ppl": ppl, "base_ppls": [ppl - 1, ppl + 1]}
+    def row(ck, split, method, ratio, gap, hits, ppl=30.0):
+        return {"checkpoint": ck, "policy": "x", "split": split, "method": method, "ratio": ratio,
+                "ppl_gap": gap, "ppl_gaps": [gap - 0.5, gap + 0.5, gap], "retrieval_acc": sum(hits) / len(hits),
+                "hits": hits, "base_ppl": ppl, "base_ppls": [ppl - 1, ppl + 1, ppl]}
 
-    tune = [row("kvcat-am", "am", "tune", "am-hak-fast", 8, 2.0, [1, 0]),
-            row("kvcat-rand", "rand", "tune", "am-hak-fast", 8, 1.0, [1, 0]),
-            row("kvcat-ntp", "ntp", "tune", "am-hak-fast", 8, 0.1, [1, 1])]
-    assert kb.choose(tune, "am-hak-fast", 8) == "kvcat-rand"  # same retrieval, smaller gap; never the control
-    with pytest.raises(ValueError, match="besides ntp"):
-        kb.choose(tune[2:], "am-hak-fast", 8)
+    tune = [row("kvcat-base-all-2e-05", "tune", "am-hak-fast", 8, 2.0, [1, 0]),
+            row("kvcat-self-all-2e-05", "tune", "am-hak-fast", 8, 1.0, [1, 0]),
+            row("kvcat-ntp-all-2e-05", "tune", "am-hak-fast", 8, 0.1, [1, 1])]
+    variants = ["kvcat-base-all-2e-05", "kvcat-self-all-2e-05"]
+    assert kb.choose(tune, variants, "am-hak-fast", 8) == "kvcat-self-all-2e-05"  # same retrieval, smaller gap
+    with pytest.raises(ValueError, match="no KV-CAT variant"):
+        kb.choose(tune[2:], variants, "am-hak-fast", 8)
 
-    held = [row("kvcat-ntp", "ntp", "heldout", "full", 1, 0.0, [1, 1, 1, 1], ppl=30.0),
-            row("kvcat-ntp", "ntp", "heldout", "am-hak-fast", 8, 3.0, [1, 0, 0, 0], ppl=30.0),
-            row("kvcat-rand", "rand", "heldout", "full", 1, 0.0, [1, 1, 1, 1], ppl=30.3),
-            row("kvcat-rand", "rand", "heldout", "am-hak-fast", 8, 1.8, [1, 1, 0, 0], ppl=30.3)]
-    s = kb.summarise(tune + held, "kvcat-rand", "am-hak-fast", 8)
-    assert (s["retrieval_ratio"], s["retrieval_ok"]) == (2.0, True)
-    assert (s["gap_ratio"], s["gap_ok"]) == (0.6, True)
-    assert s["ppl_change_pct"] == pytest.approx(1.0) and s["ppl_ok"]
-    step = {"ntp_step_s": 10.0, "kvcat_step_s": 16.0, "ratio": 1.6, "batch": 4, "seq_len": 512}
+    me, ctl = "kvcat-self-all-2e-05", "kvcat-ntp-all-2e-05"
+    held = [row(ctl, "heldout", "full", 1, 0.0, [1, 1, 1, 1], ppl=30.0),
+            row(ctl, "heldout", "am-hak-fast", 8, 3.0, [1, 0, 0, 0]),
+            row(me, "heldout", "full", 1, 0.0, [1, 1, 1, 0], ppl=30.3),
+            row(me, "heldout", "am-hak-fast", 8, 1.8, [1, 1, 0, 0]),
+            row("base", "heldout", "full", 1, 0.0, [1, 1, 1, 1], ppl=30.0),
+            row("base", "heldout", "am-hak-fast", 8, 2.5, [0, 1, 0, 0])]
+    step = {"ntp_step_s": 10.0, "kvcat_step_s": 16.0, "ratio": 1.6, "batch": 4, "seq_len": 1024}
+    s = kb.summarise(tune + held, me, ctl, "am-hak-fast", [8], step)
+    at8, goals = s["ratios"]["8"], s["goals"]
+    assert at8["vs_control"] == {"only_a": 1, "only_b": 0, "p": 1.0} and at8["vs_base"]["only_a"] == 1
+    assert at8["gap_difference_ci"]["mean"] == pytest.approx(-1.2)
+    assert goals["retrieval_vs_control"] == {"value": 2.0, "met": True}
+    assert goals["retrieval_vs_base"]["met"] and goals["gap_vs_control"] == {"value": 0.6, "met": True}
+    assert goals["uncompressed_ppl_vs_base_pct"] == {"value": 1.0, "met": True}
+    assert goals["full_retrieval_vs_base_cases"] == {"value": -1, "met": True}
+    assert goals["step_time_ratio"] == {"value": 1.6, "met": False}
     text = kb.table({"rows": tune + held, "summary": s, "step_time": step, "config": {"eval_corpus": "jane_austen"}})
-    assert "| kvcat-rand | am-hak-fast | 1.800 ± 0.71 / 0.50 | 30.300 ± 1.41 | 1.00 |" in text
-    assert "| 1.60 | not met |" in text and text.count("| met |") == 3
+    assert f"| {me} | 30.300 / 0.75 | 1.800 / 0.50 |" in text
+    assert "| 8x | 1 / 0 (p 1.00) | 1 / 0 (p 1.00) | -1.200 [" in text
+    assert text.count("| met |") == 5 and text.count("| not met |") == 1
 
-    for bad, message in ((dict(policies=("am",)), "include ntp"),
+    for bad, message in ((dict(variants=("base/lora@1e-4",)), "params all or attention"),
                          (dict(eval_corpus="kjv"), "is a training corpus"),
                          (dict(retention=1.5), "retention must be in")):
         with pytest.raises(ValueError, match=message):
@@ -267,9 +278,9 @@ def test_a_benchmark_that_cannot_start_ends_in_one_line(tmp_path, monkeypatch):
 
     bench = typer.Typer()
     register(bench)
-    res = CliRunner().invoke(bench, ["kvcat", "--policies", "am", "--work-dir", str(tmp_path / "w"),
+    res = CliRunner().invoke(bench, ["kvcat", "--variants", "base/all", "--work-dir", str(tmp_path / "w"),
                                      "--out", str(tmp_path / "k.json")])
-    assert res.exit_code == 2 and "include ntp in --policies" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "TEACHER/PARAMS@LR" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "w").exists()
 
     fails = tmp_path / "peers_venv.sh"

@@ -16,7 +16,7 @@ from kvcat.training.config import TrainConfig
 from kvcat.training.trainer import Trainer
 
 TINY = dict(model="tiny-random", seq_len=48, prefix_frac=0.75, warmup_steps=1, corpora=("paul_graham",),
-            max_docs=4, seed=0)
+            max_docs=4, seed=0, planted_frac=0.0)
 ENV = {**os.environ, "KVCAT_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -26,6 +26,7 @@ def cli_args(cfg: TrainConfig, out) -> list[str]:
             "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum),
             "--warmup-steps", str(cfg.warmup_steps), "--corpora", ",".join(cfg.corpora),
             "--docs", str(cfg.max_docs), "--save-every", str(cfg.save_every), "--seed", str(cfg.seed),
+            "--planted-frac", str(cfg.planted_frac),
             "--no-progress", "--out", str(out)]
 
 

@@ -20,7 +20,8 @@ def register(app) -> None:
 def train_command(
     model: str = typer.Option(_DEFAULTS.model, help="zoo name or local HF folder"),
     policy: str = typer.Option(_DEFAULTS.policy, help="train-time KV sparsification: ntp (the control, with "
-                                                             "--w-kl 0), rand, attn, am, router"),
+                                                             "--w-kl 0 --w-anchor 0 --w-answer 0), rand, attn, am, "
+                                                             "served (what the served default keeps), router"),
     retention: float = typer.Option(_DEFAULTS.retention, help="fraction of prefix KV slots kept, in (0, 1]"),
     steps: int = typer.Option(_DEFAULTS.steps, help="optimisation steps (a larger value extends a finished run)"),
     seq_len: int = typer.Option(_DEFAULTS.seq_len, help="tokens per training sequence (prefix + continuation)"),
@@ -31,8 +32,16 @@ def train_command(
     lr: float = typer.Option(_DEFAULTS.lr, help="peak learning rate of the model"),
     router_lr: float = typer.Option(_DEFAULTS.router_lr, help="peak learning rate of the router"),
     warmup_steps: int = typer.Option(_DEFAULTS.warmup_steps),
-    w_kl: float = typer.Option(_DEFAULTS.w_kl, help="weight of the self-distillation KL (0: plain NTP)"),
-    w_ntp: float = typer.Option(_DEFAULTS.w_ntp, help="weight of the NTP anchor on the full pass"),
+    teacher: str = typer.Option(_DEFAULTS.teacher, help="base: the frozen base model's full-cache outputs are the "
+                                                        "masked pass's target; self: the trained model's own"),
+    w_kl: float = typer.Option(_DEFAULTS.w_kl, help="weight of the KL from the teacher to the masked pass"),
+    w_anchor: float = typer.Option(_DEFAULTS.w_anchor, help="weight of the KL from the base to the full pass, "
+                                                            "every position"),
+    w_answer: float = typer.Option(_DEFAULTS.w_answer, help="weight of the planted answers' cross-entropy under "
+                                                            "the masked pass"),
+    w_ntp: float = typer.Option(_DEFAULTS.w_ntp, help="weight of NTP on the full pass"),
+    train_params: str = typer.Option(_DEFAULTS.train_params, help="all, or attention (q/k/v/o projections only)"),
+    freeze_embeddings: bool = typer.Option(_DEFAULTS.freeze_embeddings, help="keep the token embeddings the base's"),
     w_budget: float = typer.Option(_DEFAULTS.w_budget, help="weight of the router's budget loss"),
     corpora: str = typer.Option(",".join(_DEFAULTS.corpora), help="comma-separated corpora (TRAIN split)"),
     docs: Optional[int] = typer.Option(_DEFAULTS.max_docs, help="use only this many training documents (seeded "
@@ -58,7 +67,9 @@ def train_command(
 
     cfg = TrainConfig(model=model, policy=policy, retention=retention, steps=steps, seq_len=seq_len,
                       prefix_frac=prefix_frac, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      router_lr=router_lr, warmup_steps=warmup_steps, w_kl=w_kl, w_ntp=w_ntp, w_budget=w_budget,
+                      router_lr=router_lr, warmup_steps=warmup_steps, teacher=teacher, w_kl=w_kl, w_anchor=w_anchor,
+                      w_answer=w_answer, w_ntp=w_ntp, w_budget=w_budget, train_params=train_params,
+                      freeze_embeddings=freeze_embeddings,
                       corpora=tuple(c.strip() for c in corpora.split(",") if c.strip()), max_docs=docs,
                       planted_frac=planted_frac,
                       save_every=save_every, seed=seed, precision=precision)

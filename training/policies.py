@@ -17,6 +17,9 @@ sequence gets the same mask whichever process or micro-batch it lands in, and af
 | am     | with the highest RMS attention from `am_queries` of the prefix's own queries, each scored       |
 |        | against every prefix key: Attention Matching's HAK key selection from reference queries the     |
 |        | served method could have (never the continuation's)                                             |
+| served | what the served default (`am-hak-fast`) keeps: the sinks and recent tokens, the prefix's most       |
+|        | surprising sentences under the model's own full pass (`compaction.spans`: salient_frac of the budget) |
+|        | and, for the rest, the highest RMS attention from the prefix's last queries                       |
 | router | a small learned per-layer, per-KV-head scorer on (key, value) says keep: Gumbel-sigmoid keep     |
 |        | decisions with a straight-through gradient, target retention r                                  |
 
@@ -47,6 +50,7 @@ class SlotBatch:
     prefix_len: int
     sample_ids: list[int]  # global sequence indices: seed the per-sequence randomness
     seed: int
+    ids: torch.Tensor | None = None  # [B, L] the sequences' token ids (policies that read the text)
 
 
 def per_sample_uniform(batch: SlotBatch, layer: int, shape: tuple[int, ...], salt: str,
@@ -65,11 +69,12 @@ class Policy(nn.Module):
 
     name: ClassVar[str]
 
-    def __init__(self, retention: float, num_layers: int, num_kv_heads: int, head_dim: int, config=None):
+    def __init__(self, retention: float, num_layers: int, num_kv_heads: int, head_dim: int, config=None,
+                 tokenizer=None):
         super().__init__()
         self.retention, self.num_layers = retention, num_layers
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.config = config
+        self.config, self.tokenizer = config, tokenizer
         self.batch: SlotBatch | None = None
         self._stats: dict[str, float] = {}
 
@@ -79,6 +84,9 @@ class Policy(nn.Module):
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Called by every layer's attention in the full pass: query [B, H, L, d], key/value [B, KVH, L, d]."""
+
+    def see_logits(self, logits: torch.Tensor) -> None:
+        """Called after the full pass with its logits [B, L, V] (detached): policies that read surprisal."""
 
     def slot_bias(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -109,12 +117,19 @@ class TopKPolicy(Policy):
         """[B, KVH, P] higher = more worth keeping."""
         raise NotImplementedError
 
+    def forced(self) -> torch.Tensor | None:
+        """[B, P] bool: slots kept whatever their scores (within the budget), or None."""
+        return None
+
     def slot_bias(self) -> list[torch.Tensor]:
         if any(s is None for s in self.scores):
             raise RuntimeError(f"policy {self.name!r} saw no full pass for some layer")
         out = []
+        forced = self.forced()
         for scores in self.scores:
             k = self.num_keep(scores.shape[-1])
+            if forced is not None:
+                scores = scores.masked_fill(forced[:, None, :], float("inf"))
             keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
             out.append(torch.zeros_like(scores, dtype=torch.float32).masked_fill(~keep, float("-inf")))
         self._stats = {"keep": sum(torch.isfinite(b).float().mean().item() for b in out) / len(out)}
@@ -176,6 +191,56 @@ class AMPolicy(TopKPolicy):
         return _prefix_attention(query, key[:, :, :p], rows, p, causal=False).square().mean(dim=2).sqrt()
 
 
+class ServedPolicy(TopKPolicy):
+    """The served default's choice (`am-hak-fast`, without its fit): every head keeps the first `SINK` and last
+    `RECENT` prefix tokens and the prefix's most surprising sentences (`salient_frac` of its budget; surprisal
+    under this model's own full pass, sentences and ranking from `compaction.spans`, as served), then the slots
+    with the highest RMS attention from the prefix's last `LAST` queries. Training on this mask teaches the
+    model to work with what serving will keep."""
+
+    name = "served"
+    SINK, RECENT, LAST = 4, 16, 64  # the served default's sink, recent and last-query counts
+    salient_frac = 0.5
+    max_unit, peak_run = 32, 4
+
+    def begin(self, batch: SlotBatch) -> None:
+        super().begin(batch)
+        self._forced: torch.Tensor | None = None
+
+    def see_logits(self, logits: torch.Tensor) -> None:
+        from kvcat.compaction import spans
+        from kvcat.prompts import context_ids
+
+        if self.tokenizer is None or self.batch.ids is None:
+            raise RuntimeError("the served policy reads the text: give it the tokenizer and the batch's ids")
+        p, ids = self.batch.prefix_len, self.batch.ids
+        t = self.num_keep(p)
+        logp = torch.log_softmax(logits[:, :p - 1].detach().float(), dim=-1)
+        nll = torch.zeros(ids.shape[0], p)
+        nll[:, 1:] = -logp.gather(-1, ids[:, 1:p, None]).squeeze(-1).cpu()
+        head = context_ids(self.tokenizer, "")
+        forced = torch.zeros(ids.shape[0], p, dtype=torch.bool)
+        for b in range(ids.shape[0]):
+            row = ids[b, :p].tolist()
+            template = spans.template_positions(row, self.tokenizer, head)
+            units = spans.units(row, self.tokenizer, self.max_unit, template)
+            keep = spans.fact_spans(nll[b], units, round(self.salient_frac * t), self.peak_run)
+            forced[b, :self.SINK] = True
+            forced[b, max(0, p - self.RECENT):] = True
+            forced[b, keep] = True
+        self._forced = forced.to(logits.device)
+
+    def forced(self) -> torch.Tensor | None:
+        if self._forced is None:
+            raise RuntimeError("the served policy saw no full-pass logits (see_logits)")
+        return self._forced
+
+    def score(self, layer, query, key, value):
+        p = self.batch.prefix_len
+        rows = slice(max(0, p - self.LAST), p)
+        return _prefix_attention(query, key, rows, p).square().mean(dim=2).sqrt()
+
+
 class RouterPolicy(Policy):
     """Per layer and KV head, a 2-layer MLP scores each prefix slot from its RMS-normalised (key, value).
 
@@ -189,8 +254,8 @@ class RouterPolicy(Policy):
 
     name = "router"
 
-    def __init__(self, retention, num_layers, num_kv_heads, head_dim, config=None):
-        super().__init__(retention, num_layers, num_kv_heads, head_dim, config)
+    def __init__(self, retention, num_layers, num_kv_heads, head_dim, config=None, tokenizer=None):
+        super().__init__(retention, num_layers, num_kv_heads, head_dim, config, tokenizer)
         hidden = getattr(config, "router_hidden", 32)
         self.tau = getattr(config, "router_tau", 1.0)
         self.noise = getattr(config, "router_noise", True)
@@ -243,11 +308,11 @@ class RouterPolicy(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (NtpPolicy, RandPolicy, AttnPolicy, AMPolicy,
-                                                                  RouterPolicy)}
+                                                                  ServedPolicy, RouterPolicy)}
 
 
 def make_policy(name: str, retention: float, num_layers: int, num_kv_heads: int, head_dim: int,
-                config=None) -> Policy:
+                config=None, tokenizer=None) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name](retention, num_layers, num_kv_heads, head_dim, config)
+    return POLICIES[name](retention, num_layers, num_kv_heads, head_dim, config, tokenizer)
