@@ -148,3 +148,19 @@ def test_missing_corpus_names_the_fix(monkeypatch, tmp_path):
         data.load_corpus("nope")
     with pytest.raises(ValueError, match="unknown split"):
         data.documents("test")
+
+
+def test_several_windows_per_document_do_not_overlap(tok):
+    """A corpus with fewer long documents than windows wanted gives several per document, never overlapping, and
+    one per document stays the default (other benchmarks' windows unchanged)."""
+    with pytest.raises(DataError, match="ask for fewer windows"):
+        data.token_windows(tok, 1024, 128, 32, split="heldout", corpora=("jane_austen",))
+    wins = data.token_windows(tok, 1024, 128, 32, split="heldout", corpora=("jane_austen",), per_document=3)
+    assert len(wins) == 32 and len({w.document_id for w in wins}) < 32
+    by_doc: dict[str, list[int]] = {}
+    for w in wins:
+        by_doc.setdefault(w.document_id, []).append(w.start)
+    for starts in by_doc.values():
+        assert len(starts) <= 3 and all(b - a >= 1152 for a, b in zip(sorted(starts), sorted(starts)[1:]))
+    one = data.token_windows(tok, 256, 32, 3, split="heldout", corpora=("paul_graham",))
+    assert len({w.document_id for w in one}) == 3

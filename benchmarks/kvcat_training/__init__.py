@@ -64,6 +64,8 @@ class KVCatTrainingConfig(BenchConfig):
     # evaluation
     eval_corpus: str = option("jane_austen", help="corpus of the PPL windows (not among the training corpora)")
     eval_windows: int = option(32, help="held-out PPL windows")
+    windows_per_document: int = option(3, help="most PPL windows from one document (non-overlapping; the held-out "
+                                               "split of jane_austen has 15 long enough)")
     tune_windows: int = option(8, help="tune-split PPL windows (the choice)")
     prefix_tokens: int = option(1024, help="tokens of each window's compacted prefix")
     continuation_tokens: int = option(128, help="continuation tokens for the PPL gap")
@@ -136,7 +138,7 @@ def run(config: KVCatTrainingConfig, smoke: bool = False, resume: bool = False, 
         tok, base_path = base.tokenizer, base.spec.path
         del base
         data = {split: (token_windows(tok, bc.prefix_tokens, bc.continuation_tokens, n_win, split=split,
-                                      corpora=(bc.eval_corpus,)),
+                                      corpora=(bc.eval_corpus,), per_document=bc.windows_per_document),
                         retrieval_cases(tok, SuiteSpec(split=split, cases_per_kind=n_case)))
                 for split, n_win, n_case in (("tune", bc.tune_windows, bc.tune_cases_per_kind),
                                              ("heldout", bc.eval_windows, bc.cases_per_kind))}

@@ -42,9 +42,11 @@ def training_windows(tokenizer, seq_len: int, corpora: tuple[str, ...] | None = 
 
 
 def token_windows(tokenizer, prefix_tokens: int, continuation_tokens: int, n: int, split: str = "heldout",
-                  corpora: tuple[str, ...] | None = None, seed: int = 0) -> list[TokenWindow]:
-    """n (prefix, continuation) windows from documents of `split` long enough to hold both, at most one per
-    document, at a seeded offset inside each; deterministic for a tokenizer, split, sizes and seed."""
+                  corpora: tuple[str, ...] | None = None, seed: int = 0, per_document: int = 1) -> list[TokenWindow]:
+    """n (prefix, continuation) windows from documents of `split` long enough to hold both, at a seeded offset
+    inside each; at most `per_document` from one document (non-overlapping: seeded choices among its
+    consecutive window-sized blocks), for a corpus with fewer documents than windows wanted. Deterministic for a
+    tokenizer, split, sizes, seed and per_document."""
     check_split(split)
     need = prefix_tokens + continuation_tokens
     if prefix_tokens < 1 or continuation_tokens < 2:
@@ -53,14 +55,21 @@ def token_windows(tokenizer, prefix_tokens: int, continuation_tokens: int, n: in
     rng = random.Random(f"windows:{split}:{seed}:{prefix_tokens}:{continuation_tokens}")
     rng.shuffle(docs)
     out: list[TokenWindow] = []
+    if per_document < 1:
+        raise ValueError("per_document must be at least 1")
     for doc in docs:
-        # Tokenize only as much text as a window needs (plus slack for the random offset).
-        ids = tokenizer(doc.text[: need * 12], add_special_tokens=False)["input_ids"]
+        # Tokenize only as much text as the windows need (plus slack for the random offset).
+        ids = tokenizer(doc.text[: need * 12 * per_document], add_special_tokens=False)["input_ids"]
         if len(ids) < need:
             continue
-        start = rng.randrange(0, min(len(ids) - need, need) + 1)
-        out.append(TokenWindow(doc.id, start, tuple(ids[start:start + prefix_tokens]),
-                               tuple(ids[start + prefix_tokens:start + need])))
+        if per_document == 1:
+            starts = [rng.randrange(0, min(len(ids) - need, need) + 1)]
+        else:
+            blocks = len(ids) // need
+            starts = [b * need for b in sorted(rng.sample(range(blocks), min(per_document, blocks)))]
+        for start in starts[:n - len(out)]:
+            out.append(TokenWindow(doc.id, start, tuple(ids[start:start + prefix_tokens]),
+                                   tuple(ids[start + prefix_tokens:start + need])))
         if len(out) == n:
             break
     if len(out) < n:
