@@ -279,3 +279,17 @@ def test_the_served_policy_keeps_sinks_recent_and_the_most_surprising_sentence()
     units = spans.units(ids, trainer.tokenizer, 32)
     top = spans.fact_spans(nll, units, 1)  # the peak of the most surprising sentence
     assert all(bool(k[0, :, top].all()) for k in kept)
+
+
+def test_a_deadline_stops_at_the_next_checkpoint_and_the_same_run_resumes(tmp_path):
+    """`Trainer.run(deadline=...)` (kvcat bench kvcat --stop-after) stops at the first save past the deadline; the
+    same configuration on the same folder resumes and finishes."""
+    import time
+
+    trainer = tiny_trainer(tmp_path / "o", policy="attn", retention=0.5, steps=4, save_every=2)
+    trainer.run(deadline=time.time() - 1)
+    assert trainer.step == 2
+    again = tiny_trainer(tmp_path / "o", policy="attn", retention=0.5, steps=4, save_every=2)
+    assert again.step == 2
+    again.run()
+    assert again.step == 4 and [r["step"] for r in again.history] == [1, 2, 3, 4]
