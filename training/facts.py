@@ -19,9 +19,11 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from kvcat.data.facts import Draw
 from kvcat.data.synthetic import plant
 
-# Keys and values: pools of their own (the test checks they meet no evaluation pool).
+# Keys and values: pools of their own (the test checks they meet no evaluation pool); drawn by the evaluation's
+# `Draw` (a key never twice in one document).
 GIVEN = ("Anselm", "Brigid", "Cosmo", "Delphine", "Evander", "Fenna", "Gideon", "Hesper", "Isolde", "Jasper",
          "Kerensa", "Leopold", "Mireille", "Nestor", "Oriel", "Perpetua", "Rosalind", "Tamsin", "Ulric", "Wilhelmina")
 SURNAMES = ("Brackenridge", "Cuthbertson", "Dunmore", "Featherstone", "Gallimore", "Hartigan", "Inglethorpe",
@@ -38,100 +40,75 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
 GREEK = ("Alpha", "Gamma", "Delta", "Epsilon", "Kappa", "Lambda", "Sigma", "Omega", "Theta", "Zeta")
 
 
-@dataclass(frozen=True)
-class Pick:
-    """What one fact draws: a fresh person or village as its key, and its value."""
-
-    rng: random.Random
-    used: set
-
-    def person(self) -> str:
-        return self._fresh(lambda: f"{self.rng.choice(GIVEN)} {self.rng.choice(SURNAMES)}")
-
-    def village(self) -> str:
-        return self._fresh(lambda: self.rng.choice(VILLAGES))
-
-    def _fresh(self, make: Callable[[], str]) -> str:
-        for _ in range(1000):  # no key twice in one document, nor two people sharing a given name
-            value = make()
-            if value not in self.used and value.split()[0] not in {u.split()[0] for u in self.used}:
-                self.used.add(value)
-                return value
-        raise RuntimeError("training fact key pools exhausted")
-
-    def one(self, pool: tuple[str, ...]) -> str:
-        return self.rng.choice(pool)
-
-
-def _tram(p: Pick):
-    v, h, m = p.village(), p.rng.randrange(5, 12), p.rng.choice(("05", "15", "20", "35", "40", "50"))
+def _tram(d: Draw):
+    v, h, m = d.place(), d.rng.randrange(5, 12), d.rng.choice(("05", "15", "20", "35", "40", "50"))
     return (f"On Sundays the tram to {v} sets off at {h}:{m} sharp.", f"When does the Sunday tram to {v} set off?",
             f"{h}:{m}")
 
 
-def _vineyard(p: Pick):
-    who, day, month = p.person(), p.rng.randrange(2, 29), p.one(MONTHS)
+def _vineyard(d: Draw):
+    who, day, month = d.person(), d.rng.randrange(2, 29), d.pick(MONTHS)
     return (f"The vineyard of {who} was planted on {day} {month}, after a week of rain.",
             f"On which date was the vineyard of {who} planted?", f"{day} {month}")
 
 
-def _well(p: Pick):
-    v, depth = p.village(), f"{p.rng.randrange(4, 40)}.{p.rng.randrange(1, 10)}"
+def _well(d: Draw):
+    v, depth = d.place(), f"{d.rng.randrange(4, 40)}.{d.rng.randrange(1, 10)}"
     return (f"The old well behind the chapel in {v} measures {depth} metres to the water.",
             f"How many metres does the old well in {v} measure to the water?", depth)
 
 
-def _soup(p: Pick):
-    who, spice = p.person(), p.one(SPICES)
+def _soup(d: Draw):
+    who, spice = d.person(), d.pick(SPICES)
     return (f"Every winter {who} seasoned the barley soup with {spice}.",
             f"Which spice did {who} use to season the barley soup?", spice)
 
 
-def _band(p: Pick):
-    who, instrument = p.person(), p.one(INSTRUMENTS)
+def _band(d: Draw):
+    who, instrument = d.person(), d.pick(INSTRUMENTS)
     return (f"In the brass and folk band of the parish, {who} played the {instrument}.",
             f"Which instrument did {who} play in the parish band?", instrument)
 
 
-def _coat(p: Pick):
-    who, fabric = p.person(), p.one(FABRICS)
+def _coat(d: Draw):
+    who, fabric = d.person(), d.pick(FABRICS)
     return (f"{who} stitched a travelling cloak out of {fabric}.", f"What fabric was the travelling cloak of {who} "
             "stitched from?", fabric)
 
 
-def _ring(p: Pick):
-    v, stone = p.village(), p.one(STONES)
+def _ring(d: Draw):
+    v, stone = d.place(), d.pick(STONES)
     return (f"The mayor's ring kept in the {v} town hall is set with a single {stone}.",
             f"What stone is set in the mayor's ring at the {v} town hall?", stone)
 
 
-def _sample(p: Pick):
-    who, label = p.person(), f"{p.one(GREEK)} {p.rng.randrange(10, 99)}"
+def _sample(d: Draw):
+    who, label = d.person(), f"{d.pick(GREEK)} {d.rng.randrange(10, 99)}"
     return (f"The soil sample that {who} collected was filed under the label {label}.",
             f"Under which label was the soil sample of {who} filed?", label)
 
 
-def _mentor(p: Pick):
-    who, mentor = p.person(), p.person()
+def _mentor(d: Draw):
+    who, mentor = d.person(), d.person()
     return (f"As an apprentice glazier, {who} learnt the craft from {mentor}.",
             f"From whom did {who} learn the glazier's craft?", mentor)
 
 
-def _moved(p: Pick):
-    who, village = p.person(), p.village()
+def _moved(d: Draw):
+    who, village = d.person(), d.place()
     return (f"When the mill closed, {who} moved the whole family to {village}.",
             f"Where did {who} move the family when the mill closed?", village)
 
 
-TRAINING_FORMS: tuple[Callable[[Pick], tuple[str, str, str]], ...] = (
+TRAINING_FORMS: tuple[Callable[[Draw], tuple[str, str, str]], ...] = (
     _tram, _vineyard, _well, _soup, _band, _coat, _ring, _sample, _mentor, _moved)
 
 
 def draw_training_facts(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
     """`count` (statement, question, answer) of distinct forms, keys never repeated in one document."""
     forms = rng.sample(TRAINING_FORMS, count)
-    pick = Pick(rng, set())
-    return [form(pick) for form in forms]
+    draw = Draw(rng, set(), GIVEN, SURNAMES, VILLAGES)
+    return [form(draw) for form in forms]
 
 
 @dataclass

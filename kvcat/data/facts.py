@@ -12,7 +12,7 @@ own sentence form and of its own kind of value:
 Each fact becomes one `Example` (same document, its own question), so a compaction made once per document
 is asked every fact in turn, and the other facts of the document are its distractors. The sentence forms of
 the tune split and of the held-out split are different (`FACT_FORMS`): a default chosen on tune is judged on
-forms it never saw. No form here is used by training (`training/data.py` plants its own).
+forms it never saw. No form, key or value here is used by training (`kvcat.training.facts` has its own).
 """
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
 
 @dataclass(frozen=True)
 class Draw:
-    """What one fact needs drawn: a fresh person or place as its key, and its value."""
+    """What one fact needs drawn: a fresh person or place as its key, and its value. The key pools are the
+    evaluation's unless given (training draws from pools of its own: `kvcat.training.facts`)."""
 
     rng: random.Random
     used: set
+    first: tuple[str, ...] = FIRST
+    family: tuple[str, ...] = FAMILY
+    places: tuple[str, ...] = PLACES
 
     def person(self) -> str:
-        return self._fresh(lambda: f"{self.rng.choice(FIRST)} {self.rng.choice(FAMILY)}")
+        return self._fresh(lambda: f"{self.rng.choice(self.first)} {self.rng.choice(self.family)}")
 
     def place(self) -> str:
-        return self._fresh(lambda: self.rng.choice(PLACES))
+        return self._fresh(lambda: self.rng.choice(self.places))
 
     def _fresh(self, make: Callable[[], str]) -> str:
         for _ in range(1000):  # a key is never shared by two facts of one document (surnames may repeat)
