@@ -9,14 +9,16 @@ standard-library-only file, by path). The job (JSON):
 
     {"model": "/path/to/hf/folder",
      "windows": [{"context": [ids], "continuation": [ids]}, ...],     # PPL windows
-     "prompts": [{"context": [ids], "question": [ids], "max_new_tokens": 24}, ...],
+     "documents": [{"context": [ids], "questions": [[ids], ...]}, ...],  # each compressed once, then asked
      "runs": [["none", 1], ["snapkv", 8], ...],   # (press, kvcat ratio); "none" = no press; ratio 1 = cr 0
      "max_new_tokens": 24, "stop_ids": [2]}
 
 The store (STORE.json, rewritten after every run) keeps the runs' raw records: {"versions": {...},
 "model": folder name, "data_sha", "record_format", "runs": [{"press", "ratio", "compression_ratio", "windows":
-[{"nll_sum", "count"}], "prompts": [{"ids", "text"}], "compress_s": [...], "kept_per_head": [slots per KV head
-kept, per item], "peak_rss_mb", "seconds", "error"}]}. A stored run is reused, not run again, while its data
+[{"nll_sum", "count"}], "prompts": [{"ids", "text"}] (every document's questions in order), "compress_s": [...],
+"kept_per_head": [mean entries per KV head kept, per window and document], "widest_head": [the most entries any
+layer's head keeps, per window and document: what a paged engine, one slot count for every head, holds],
+"peak_rss_mb", "seconds", "error"}]}. A stored run is reused, not run again, while its data
 (`data_sha`: the job without its list of runs, the model's folder name and config), the versions of kvpress,
 transformers and torch, and RECORD_FORMAT are the same: a change to kvcat's own methods never costs kvpress's
 hours again. Stores of another job are replaced. (A store of the older format, keyed by the sha of the whole
@@ -35,7 +37,11 @@ kvpress facts this relies on (kvpress 0.5.x):
   the (N+1)-th, (N+2)-th, ... tokens of the text, so they get position_ids N, N+1, ... passed explicitly
   (as kvpress's own pipeline does in `generate_answer`). Without them transformers would derive positions
   from the cache length t and rotate the new queries and keys to the wrong RoPE angles. The attention mask
-  and cache_position still follow the cache's real length (t + new tokens), which is what the cache holds.
+  and cache_position still follow the cache's real length (t + new tokens), which is what the cache holds;
+- a document is compressed once and all its questions asked over it (as `/v1/compact` serves it): after each
+  answer the cache is cropped back to its compressed length (`DynamicCache.crop`). Head-wise presses' masks
+  (`masked_key_indices`) survive the answers: kvpress clears them only on a pass whose queries are as many as
+  its keys (a prefill).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from pathlib import Path
 
 
 # Bump when what a run records or how it measures changes: stored runs of another format are run again.
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: documents asked several questions; widest_head
 
 
 def _load_bench_process():
@@ -68,12 +74,16 @@ PeakRSS = _bench_process.PeakRSS
 log = _bench_process.logger("kvpress runner")
 
 
-# press name -> (kvpress class name, constructor keywords besides compression_ratio); "adakv-<name>" wraps
-# <name> (a ScorerPress) in AdaKVPress, kvpress's head-wise budget allocation.
+# press name -> (kvpress class name, constructor keywords besides compression_ratio). Wrappers of a ScorerPress
+# <name>: "adakv-<name>" (AdaKVPress, kvpress's head-wise budget allocation) and "chunkkv-<name>" (ChunkKVPress:
+# whole chunks of CHUNK tokens ranked by their mean score, the same chunks in every head).
+CHUNK = 20  # ChunkKV's default chunk length
+WRAPPERS = {"adakv-": ("AdaKVPress", {}), "chunkkv-": ("ChunkKVPress", {"chunk_length": CHUNK})}
 PRESSES = {
     "snapkv": ("SnapKVPress", {}),
     "expected-attention": ("ExpectedAttentionPress", {}),
-    "kvzip": ("KVzipPress", {}),
+    "kvzip": ("KVzipPress", {}),  # global budget: layers and heads keep what their scores earn
+    "kvzip-layerwise": ("KVzipPress", {"layerwise": True}),  # the same count in every layer, uneven across heads
     "streaming-llm": ("StreamingLLMPress", {}),
     "tova": ("TOVAPress", {}),
     "knorm": ("KnormPress", {}),
@@ -97,35 +107,45 @@ class NotRun(Exception):
 def make_press(name: str, compression_ratio: float):
     import kvpress
 
-    if name.startswith("adakv-"):
-        return kvpress.AdaKVPress(press=make_press(name[len("adakv-"):], compression_ratio))
+    for prefix, (wrapper, kwargs) in WRAPPERS.items():
+        if name.startswith(prefix):
+            return getattr(kvpress, wrapper)(press=make_press(name[len(prefix):], compression_ratio), **kwargs)
     if name in HUB_ONLY:
         raise NotRun(HUB_ONLY[name])
     if name not in PRESSES:
-        raise ValueError(f"unknown press {name!r}; known: {', '.join([*PRESSES, *HUB_ONLY])} and adakv-<press>")
+        raise ValueError(f"unknown press {name!r}; known: {', '.join([*PRESSES, *HUB_ONLY])} and "
+                         + ", ".join(f"{p}<press>" for p in WRAPPERS))
     cls, kwargs = PRESSES[name]
     return getattr(kvpress, cls)(compression_ratio=compression_ratio, **kwargs)
 
 
-def compression_ratio_for(n: int, ratio: float) -> float:
-    """kvpress's fraction removed for kvcat's ratio r on an n-token context, keeping kvcat's round(n / r)."""
+def compression_ratio_for(n: int, ratio: float, press: str = "") -> float:
+    """kvpress's fraction removed for kvcat's ratio r on an n-token context, keeping kvcat's round(n / r) entries
+    (ChunkKV keeps int(chunks x (1 - cr)) whole chunks: round(n / r / CHUNK) of them, within half a chunk)."""
     if ratio <= 1:
         return 0.0
     t = max(1, min(n - 1, round(n / ratio)))
+    if press.startswith("chunkkv-"):
+        n, t = -(-n // CHUNK), max(1, round(t / CHUNK))
     return 1.0 - (t + 0.01) / n
 
 
-def kept_per_head(model, cache) -> float:
-    """Mean KV entries per layer and KV head that attention can still see (entries minus those a head-wise
-    press masked)."""
-    layers = model.model.layers
-    total = 0.0
-    for i, layer in enumerate(layers):
+def kept_slots(model, cache) -> tuple[float, int]:
+    """KV entries attention can still see (entries minus those a head-wise press masked), per layer and KV
+    head: their mean, and the most of any head (a paged engine gives every head that many slots)."""
+    import torch
+
+    counts = []
+    for i, layer in enumerate(model.model.layers):
         keys = cache.layers[i].keys
         heads, n = keys.shape[1], keys.shape[2]
         masked = getattr(layer.self_attn, "masked_key_indices", None)
-        total += n - (len(masked[0]) / heads if masked is not None else 0)
-    return total / len(layers)
+        kept = torch.full((heads,), n)
+        if masked is not None:
+            kept -= torch.bincount(masked[1].cpu(), minlength=heads)
+        counts.append(kept)
+    counts = torch.cat(counts)
+    return float(counts.float().mean()), int(counts.max())
 
 
 class Runner:
@@ -194,32 +214,37 @@ class Runner:
     def run(self, job: dict, name: str, ratio: float, tokenizer) -> dict:
         torch = self.torch
         rec = {"press": name, "ratio": ratio, "compression_ratio": [], "windows": [], "prompts": [],
-               "compress_s": [], "kept_per_head": [], "peak_rss_mb": None, "seconds": None, "error": None}
+               "compress_s": [], "kept_per_head": [], "widest_head": [], "peak_rss_mb": None, "seconds": None,
+               "error": None}
         start = time.perf_counter()
         peak = 0.0
         try:
             # one press object per run (KVzip warns on every construction); its ratio is set per context
             press = None if name == "none" else make_press(name, 0.0)
             with torch.no_grad():
-                for kind, items in (("windows", job.get("windows", [])), ("prompts", job.get("prompts", []))):
+                for kind, items in (("windows", job.get("windows", [])), ("documents", job.get("documents", []))):
                     for item in items:
                         ctx = list(item["context"])
-                        cr = compression_ratio_for(len(ctx), ratio)
+                        cr = compression_ratio_for(len(ctx), ratio, name)
                         if press is not None:
-                            press.compression_ratio = cr  # AdaKVPress forwards it to the press it wraps
+                            press.compression_ratio = cr  # the wrappers forward it to the press they wrap
                         with PeakRSS() as mem:
                             cache, sec = self.prefill(ctx, press)
                         peak = max(peak, mem.peak)
-                        rec["kept_per_head"].append(round(kept_per_head(self.model, cache), 2))
+                        mean, widest = kept_slots(self.model, cache)
+                        rec["kept_per_head"].append(round(mean, 2))
+                        rec["widest_head"].append(widest)
                         rec["compression_ratio"].append(cr)
                         rec["compress_s"].append(round(sec, 4))
                         if kind == "windows":
                             s, c = self.nll(cache, ctx, list(item["continuation"]))
                             rec["windows"].append({"nll_sum": s, "count": c})
-                        else:
-                            ids = self.generate(cache, ctx, list(item["question"]),
-                                                int(item.get("max_new_tokens", self.max_new)))
+                            continue
+                        compressed = cache.get_seq_length()
+                        for question in item["questions"]:
+                            ids = self.generate(cache, ctx, list(question), self.max_new)
                             rec["prompts"].append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
+                            cache.crop(compressed)  # the next question sees the compressed document only
                         del cache
         except NotRun as exc:
             rec["error"] = f"not run: {exc}"
@@ -288,7 +313,7 @@ def main(argv=None) -> None:
     finished = {(rec["press"], float(rec["ratio"])) for rec in store["runs"]}
     runs = [(str(p), float(r)) for p, r in job["runs"] if (str(p), float(r)) not in finished]
     log(f"kvpress {store['versions']['kvpress']}, transformers {store['versions']['transformers']}; "
-        f"{len(job.get('windows', []))} windows, {len(job.get('prompts', []))} prompts, {len(runs)} runs to do")
+        f"{len(job.get('windows', []))} windows, {len(job.get('documents', []))} documents, {len(runs)} runs to do")
     runner = Runner(job) if runs else None
     for i, (name, ratio) in enumerate(runs):
         rec = runner.run(job, name, ratio, tokenizer)

@@ -64,14 +64,10 @@ class RetrievalConfig(SampleConfig):
 
 def run(config: RetrievalConfig, resume: bool = False) -> dict:
     """Do a document's facts survive compaction? -> benchmarks/results/retrieval.json + PNG, paired comparisons."""
-    import torch
-
     from kvcat.bench import Checkpoint, config_record, provenance, publish
     from kvcat.compaction import method_from_spec
-    from kvcat.compaction.queries import clear_memo, document_state
-    from kvcat.data.suite import by_document, retrieval_cases, suite_kind
-    from kvcat.eval.metrics import answered
-    from kvcat.inference import CacheSession, full_cache, prefill
+    from kvcat.data.suite import by_document, retrieval_cases
+    from kvcat.inference import prefill
     from kvcat.models import load_model
     from kvcat.prompts import context_and_question
 
@@ -88,46 +84,11 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
         f"methods {names}")
     prefill(lm, context_and_question(tok, suite[0].document, suite[0].question).context_ids[:64])  # warm-up
 
-    def ask(cache, question_ids) -> str:
-        return tok.decode(CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS),
-                          skip_special_tokens=True).strip()
-
-    def document(cases) -> list[dict]:
-        """Prefill and compact one document once per method and ratio; ask each of its questions."""
-        prompts = [context_and_question(tok, ex.document, ex.question) for ex in cases]
-        ids = prompts[0].context_ids  # the same document: the same context tokens for every question
-        clear_memo()
-        start = time.perf_counter()
-        pre = prefill(lm, ids)
-        prefill_s = time.perf_counter() - start
-        full_kv = full_cache(pre, lm.spec.fingerprint)
-        recs = [{"id": ex.id, "kind": suite_kind(ex), "length": ex.metadata["length"],
-                 "depth": ex.metadata.get("depth", ex.metadata.get("actual_depth")), "tokens": len(ids),
-                 "expected": ex.answers[0], "prefill_s": prefill_s, "rows": {}} for ex in cases]
-        for rec, ex, p in zip(recs, cases, prompts):
-            full = ask(full_kv, p.question_ids)
-            none = ask(None, context_and_question(tok, "", ex.question).ids)
-            rec.update(full=answered(full, ex.answers), full_answer=full, none=answered(none, ex.answers))
-        del pre, full_kv
-        # one reconstruction per document, shared by the ratios (each compaction is still charged its seconds)
-        document_state(lm, torch.tensor(ids), token_nll=True).keep_queries = True
-        for m in names:
-            for r in ratios:
-                cache = compactors[m].compact(lm, ids, ratio=r)
-                for rec, ex, p in zip(recs, cases, prompts):
-                    text = ask(cache, p.question_ids)
-                    rec["rows"][f"{m}|{r:g}"] = {"correct": answered(text, ex.answers), "answer": text,
-                                                 "compact_s": cache.info["compact_s"],
-                                                 "vs_prefill": cache.info["compact_s"] / prefill_s,
-                                                 "served_ratio": cache.served_ratio,
-                                                 "fit": cache.info.get("fit")}
-        return recs
-
     seen = {rec["id"] for rec in done["cases"]}
     for i, (doc_id, cases) in enumerate(documents.items()):
         if all(ex.id in seen for ex in cases):
             continue
-        for rec in document(cases):
+        for rec in score_document(lm, cases, compactors, ratios):
             if rec["id"] in seen:  # an interrupted run stored part of this document's cases
                 continue
             done.add("cases", rec)
@@ -140,6 +101,65 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
     publish(result, c.out, table, plot, log)
     done.finish()
     return result
+
+
+def score_document(lm, cases, compactors: dict, ratios: list[float], skip=None) -> list[dict]:
+    """One document's cases (all about the same document): prefilled once, each question asked over the full
+    document and over none, then compacted once per method and ratio, before any question is seen (as
+    `/v1/compact` does), each question asked over every compacted cache. `skip(method, tokens, ratio)` -> a
+    reason leaves a (method, ratio) out of this document. Returns a record per case (`kvcat bench peers` keeps
+    the same records)."""
+    import torch
+
+    from kvcat.bench_process import PeakRSS
+    from kvcat.compaction.queries import clear_memo, document_state
+    from kvcat.data.suite import suite_kind
+    from kvcat.eval.metrics import answered
+    from kvcat.inference import CacheSession, full_cache, prefill
+    from kvcat.prompts import context_and_question
+
+    tok = lm.tokenizer
+
+    def ask(cache, question_ids) -> str:
+        return tok.decode(CacheSession(lm, cache).generate(question_ids, max_new_tokens=MAX_NEW_TOKENS),
+                          skip_special_tokens=True).strip()
+
+    prompts = [context_and_question(tok, ex.document, ex.question) for ex in cases]
+    ids = prompts[0].context_ids  # the same document: the same context tokens for every question
+    clear_memo()
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        pre = prefill(lm, ids)
+    prefill_s = time.perf_counter() - start
+    full_kv = full_cache(pre, lm.spec.fingerprint)
+    recs = [{"id": ex.id, "document": ex.metadata.get("document_id", ex.id), "kind": suite_kind(ex),
+             "length": ex.metadata["length"],
+             "depth": ex.metadata.get("depth", ex.metadata.get("actual_depth")), "tokens": len(ids),
+             "expected": ex.answers[0], "prefill_s": prefill_s, "prefill_rss": mem.peak, "rows": {}} for ex in cases]
+    for rec, ex, p in zip(recs, cases, prompts):
+        full = ask(full_kv, p.question_ids)
+        none = ask(None, context_and_question(tok, "", ex.question).ids)
+        rec.update(full=answered(full, ex.answers), full_answer=full, none=answered(none, ex.answers))
+    del pre, full_kv
+    # one reconstruction per document, shared by the ratios (each compaction is still charged its seconds)
+    document_state(lm, torch.tensor(ids), token_nll=True).keep_queries = True
+    for m, method in compactors.items():
+        for r in ratios:
+            reason = skip(m, len(ids), r) if skip else None
+            if reason:
+                for rec in recs:
+                    rec["rows"][f"{m}|{r:g}"] = {"skipped": reason}
+                continue
+            with PeakRSS() as mem:
+                cache = method.compact(lm, ids, ratio=r)
+            for rec, ex, p in zip(recs, cases, prompts):
+                text = ask(cache, p.question_ids)
+                rec["rows"][f"{m}|{r:g}"] = {"correct": answered(text, ex.answers), "answer": text,
+                                             "compact_s": cache.info["compact_s"],
+                                             "vs_prefill": cache.info["compact_s"] / prefill_s,
+                                             "served_ratio": cache.served_ratio, "rss": mem.peak,
+                                             "fit": cache.info.get("fit")}
+    return recs
 
 
 def aggregate(cases: list[dict], names: list[str], ratios: list[float]) -> list[dict]:

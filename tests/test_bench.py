@@ -127,7 +127,7 @@ def test_peers_kvpress_runs_are_reused_on_the_same_data_only(tmp_path):
     runner = load_source(Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_runner.py", "kvpress_runner")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"hidden_size": 8}')
-    job = {"model": str(tmp_path / "m"), "windows": [{"context": [1, 2], "continuation": [3]}], "prompts": [],
+    job = {"model": str(tmp_path / "m"), "windows": [{"context": [1, 2], "continuation": [3]}], "documents": [],
            "runs": [["none", 1.0], ["snapkv", 8.0]], "max_new_tokens": 4, "stop_ids": [2]}
     versions = {"kvpress": "0.5.5"}
     ok = {"press": "snapkv", "ratio": 8.0, "error": None}
@@ -147,6 +147,70 @@ def test_peers_kvpress_runs_are_reused_on_the_same_data_only(tmp_path):
     assert stored({**job, "model": str(tmp_path / "elsewhere" / "m")}, same) == []  # config differs (none there)
     legacy = {"versions": versions, "job_sha": "sha-of-this-job-text", "runs": [ok]}  # the older format
     assert stored(job, legacy) == [ok] and stored(job, {**legacy, "job_sha": "other"}) == []
+
+
+def test_peers_runner_matches_kvcats_budget_in_kvpress_terms():
+    """kvpress removes a fraction (compression_ratio) and keeps int(N x (1 - cr)) entries, ChunkKV int(chunks x
+    (1 - cr)) whole chunks: both are set so that kvcat's round(N / r) entries are kept (ChunkKV's within half a
+    chunk); ratio 1 is no compression."""
+    from kvcat.bench import load_source
+
+    runner = load_source(REPO / "benchmarks" / "kvpress_runner.py", "kvpress_runner")
+    for n, r in ((793, 8.0), (2048, 16.0), (4096, 32.0), (1000, 3.0)):
+        t = round(n / r)
+        assert int(n * (1 - runner.compression_ratio_for(n, r))) == t
+        chunks = -(-n // runner.CHUNK)
+        kept = int(chunks * (1 - runner.compression_ratio_for(n, r, "chunkkv-snapkv"))) * runner.CHUNK
+        assert abs(kept - t) <= runner.CHUNK / 2
+    assert runner.compression_ratio_for(793, 1.0) == 0.0
+
+
+def test_peers_summary_scores_both_systems_per_document_and_reports_served_ratios():
+    """kvcat's records (one per case, a document compressed once for its questions) and kvpress's runs (answers in
+    the same order) scored alike: accuracy per kind, seconds per document, the served ratio of a press with
+    uneven heads (its widest head) beside its mean ratio, AM paired against each press, and the fairness check."""
+    from kvcat.bench import load_script
+
+    peers = load_script("peers")
+    nll = [10.0, 5]  # (sum, count): PPL e^2
+    windows = [{"reference": nll, "full": nll, "prefill_s": 1.0, "prefill_rss": 100.0,
+                "rows": {"am-hak-fast|8": {"nll": [11.0, 5], "compact_s": 2.0, "rss": 120.0, "served_ratio": 8.0}}}]
+
+    def case(i, doc, kind, full, am, compact_s):
+        return {"id": f"c{i}", "document": doc, "kind": kind, "full": full, "full_answer": "7", "prefill_s": 1.0,
+                "prefill_rss": 90.0, "rows": {"am-hak-fast|8": {"correct": am, "compact_s": compact_s, "rss": 110.0,
+                                                                "served_ratio": 8.0}}}
+
+    # document d0 (1,600 tokens) holds two facts asked one at a time, d1 (800 tokens) one
+    cases = [case(0, "d0", "facts", 1.0, 1.0, 4.0), case(1, "d0", "facts", 1.0, 0.0, 4.0),
+             case(2, "d1", "needle", 1.0, 1.0, 1.0)]
+    gold = [["7"], ["blue"], ["42"]]
+
+    def run(press, ratio, texts, kept, widest):
+        return {"press": press, "ratio": ratio, "windows": [{"nll_sum": 10.0, "count": 5}],
+                "prompts": [{"ids": [], "text": t} for t in texts], "compress_s": [1.0, 2.0, 3.0],
+                "kept_per_head": kept, "widest_head": widest, "peak_rss_mb": 50.0, "error": None}
+
+    contexts = [1024, 1600, 800]  # the window, then each document
+    runs = [run("none", 1.0, ["7", "Blue.", "42"], contexts, contexts),
+            run("kvzip", 8.0, ["7", "blue", "no"], [128, 200, 100], [512, 800, 400]),
+            run("snapkv", 8.0, ["no", "no", "42"], [128, 200, 100], [128, 200, 100])]
+    got = peers.summarize(windows, cases, runs, ["am-hak-fast"], [8.0], load_script("retrieval").sign_test, gold,
+                          contexts)
+    row = {(r["system"], r["method"], r["ratio"]): r for r in got["rows"]}
+    am = row[("kvcat", "am-hak-fast", 8.0)]
+    kvzip, snap = row[("kvpress", "kvzip", 8.0)], row[("kvpress", "snapkv", 8.0)]
+    assert row[("kvpress", "full", 1.0)]["retrieval_acc"] == 1.0  # case, white space and punctuation folded
+    assert am["retrieval_acc"] == pytest.approx(2 / 3, abs=1e-4) and am["acc_facts"] == 0.5 and am["acc_needle"] == 1
+    assert am["compress_s"] == pytest.approx((2.0 + 4.0 + 1.0) / 3, abs=1e-4)  # the window, d0 once, d1 once
+    assert kvzip["mean_ratio"] == pytest.approx(8.0) and kvzip["served_ratio"] == pytest.approx(2.0)
+    assert snap["served_ratio"] == snap["mean_ratio"] == pytest.approx(8.0)
+    pairs = {p["other"]: (p["only_am"], p["only_other"]) for p in got["paired"]}
+    assert pairs == {"kvzip": (1, 1), "snapkv": (1, 0)}
+    assert got["fairness"]["ok"] and got["fairness"]["full_cache_answers_equal"] == "1/3"
+    text = peers.table(got)
+    assert "**Served ratio**" in text and "| kvpress | kvzip | 2.0 (8.0) |" in text
+    assert "| kvpress | snapkv | 8.0 |" in text and "| kvcat | am-hak-fast | 8.0 |" in text
 
 
 def test_retrieval_summary_pairs_methods_on_the_same_cases(tmp_path):

@@ -35,6 +35,13 @@ def _best_at(cell: dict, keys, ratio: float, metric: str, higher: bool = False):
     return (pick(am) if am else None), top, (kp[top] if top else None)
 
 
+def _served(row: dict) -> str:
+    served, mean = row.get("served_ratio"), row.get("mean_ratio")
+    if served is None:
+        return "-"
+    return f"{served:.1f}" + (f" ({mean:.1f})" if mean is not None and abs(mean - served) > 0.05 else "")
+
+
 def table(result: dict) -> str:
     """One pivot (system/method x ratio) of "PPL gap / retrieval accuracy", the best kvcat AM against the best
     kvpress press per ratio on both, per-kind accuracy, the paired counts, seconds, fairness and the presses
@@ -92,8 +99,12 @@ def table(result: dict) -> str:
         am, top, kp = _best_at(cell, keys, x, "compress_s")
         ratio_line.append(f"{am / kp:.2f}x" if am is not None and top else "-")
     parts.append("\n".join(["**Compression seconds** (token ids to compressed cache, prefill included; mean over "
-                             "windows and cases)", "", head, *secs,
+                             "windows and documents, each compressed once)", "", head, *secs,
                              "| | fastest kvcat AM / fastest kvpress press | " + " | ".join(ratio_line) + " |"]))
+    parts.append("\n".join(["**Served ratio** (N over the slots a paged engine holds per head: one count for every "
+                             "head and layer, the widest head's; in brackets N over the mean kept per head, what a "
+                             "per-head cache would hold)", "", head,
+                             *[line(s, m, _served) for s, m in keys]]))
     if fair:
         parts.append(f"Fairness (ratio 1, same windows): full-cache PPL kvcat {fair['kvcat_full_ppl']:.4f}, kvpress "
                      f"{fair['kvpress_full_ppl']:.4f}, relative difference {fair['relative_difference']:.2e} "

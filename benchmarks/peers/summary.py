@@ -4,55 +4,56 @@ from __future__ import annotations
 
 from kvcat.bench import mean_or_none
 from kvcat.defaults import AM_METHODS
-from kvcat.eval.metrics import mean_ppl, ppl, ppl_gap, retrieved
+from kvcat.eval.metrics import answered, mean_ppl, ppl, ppl_gap
 
 FAIRNESS_TOLERANCE = 0.01
 
 
-def scored_answer(text: str, ex) -> dict:
-    return {"correct": retrieved(text, ex.answers), "answer": text}
-
-
 def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], names: list[str], ratios: list[float],
-              sign_test, suite, contexts: list[int]) -> dict:
-    """Rows (system, method, ratio: PPL gap, retrieval accuracy overall and per kind, seconds, memory), the
-    per-case answers of every system, AM paired against every press, and the fairness check."""
+              sign_test, gold: list[list[str]], contexts: list[int]) -> dict:
+    """Rows (system, method, ratio: PPL gap, retrieval accuracy overall and per kind, served ratio, seconds,
+    memory), the per-case answers of every system, AM paired against every press, and the fairness check.
+    `cases`: kvcat's records (`retrieval.score_document`) in the order kvpress was asked; `gold`: each case's
+    gold answers; `contexts`: the token count of every window, then of every document, as kvpress ran them."""
     reference = [tuple(w["reference"]) for w in windows]
-    kinds = sorted({ex.task for ex in suite})
+    kinds = sorted({cs["kind"] for cs in cases})
 
     def accuracy(correct: list[bool]) -> dict:
         if not correct:
             return {"retrieval_acc": None}
         return {"retrieval_acc": mean_or_none(correct),
-                **{f"acc_{k}": mean_or_none([x for x, ex in zip(correct, suite) if ex.task == k]) for k in kinds}}
+                **{f"acc_{k}": mean_or_none([x for x, cs in zip(correct, cases) if cs["kind"] == k]) for k in kinds}}
 
-    per_case = {("kvcat", "full", 1.0): [cs["full_correct"] for cs in cases]}
+    per_case = {("kvcat", "full", 1.0): [bool(cs["full"]) for cs in cases]}
+    # a document is compressed once for all its questions: seconds per window and per document, as kvpress's
+    first_of_document = list({cs.get("document", cs["id"]): cs for cs in cases}.values())
     rows = [{"system": "kvcat", "method": "full", "ratio": 1.0,
              "ppl": round(mean_ppl([tuple(w["full"]) for w in windows]), 4) if windows else None,
              "ppl_gap": round(ppl_gap([tuple(w["full"]) for w in windows], reference), 4) if windows else None,
              **accuracy(per_case[("kvcat", "full", 1.0)]),
-             # over the same documents as the methods' seconds (cases recorded before 2026-12-06 lack theirs)
-             "compress_s": mean_or_none([w["prefill_s"] for w in windows] + [cs["prefill_s"] for cs in cases
-                                                                               if "prefill_s" in cs]),
-             "peak_rss_mb": round(max(w["prefill_rss"] for w in windows), 1) if windows else None}]
+             "compress_s": mean_or_none([w["prefill_s"] for w in windows] + [cs["prefill_s"] for cs in
+                                                                               first_of_document]),
+             "peak_rss_mb": round(max([w["prefill_rss"] for w in windows] + [cs["prefill_rss"] for cs in cases]), 1)
+             if windows or cases else None}]
     for m in names:
         for r in ratios:
             key = f"{m}|{r:g}"
             got = [w["rows"][key] for w in windows] + [cs["rows"][key] for cs in cases]
+            once = [w["rows"][key] for w in windows] + [cs["rows"][key] for cs in first_of_document]
             if all("skipped" in g for g in got):
                 rows.append({"system": "kvcat", "method": m, "ratio": r, "skipped": got[0]["skipped"]})
                 continue
             nll = [(tuple(w["rows"][key]["nll"]), ref) for w, ref in zip(windows, reference)
                    if "nll" in w["rows"][key]]
-            correct = [cs["rows"][key].get("correct") for cs in cases]
+            correct = [bool(cs["rows"][key].get("correct")) for cs in cases]
             per_case[("kvcat", m, r)] = correct
             rows.append({"system": "kvcat", "method": m, "ratio": r,
                          "ppl": round(mean_ppl([a for a, _ in nll]), 4) if nll else None,
                          "ppl_gap": round(ppl_gap([a for a, _ in nll], [b for _, b in nll]), 4) if nll else None,
                          **accuracy(correct),
-                         "compress_s": mean_or_none([g.get("compact_s") for g in got]),
+                         "compress_s": mean_or_none([g.get("compact_s") for g in once]),
                          "peak_rss_mb": round(max(g["rss"] for g in got if "rss" in g), 1),
-                         "achieved_ratio": mean_or_none([g.get("ratio") for g in got])})
+                         "served_ratio": mean_or_none([g.get("served_ratio") for g in got])})
     n_win = len(windows)
     peer_full = None
     answers = {}
@@ -64,17 +65,18 @@ def summarize(windows: list[dict], cases: list[dict], peer_runs: list[dict], nam
             continue
         nlls = [(x["nll_sum"], x["count"]) for x in rec["windows"]]
         texts = [x["text"].strip() for x in rec["prompts"]]
-        correct = [scored_answer(t, ex)["correct"] for t, ex in zip(texts, suite)]
+        correct = [bool(answered(t, g)) for t, g in zip(texts, gold)]
         per_case[("kvpress", method, row["ratio"])] = correct
         answers[f"{method}|{row['ratio']:g}"] = texts
         if method == "full":
             peer_full = nlls
-        kept = rec["kept_per_head"]
+        kept, widest = rec["kept_per_head"], rec["widest_head"]
         rows.append({**row, "ppl": round(mean_ppl(nlls), 4) if nlls else None,
                      "ppl_gap": round(ppl_gap(nlls, reference), 4) if nlls else None, **accuracy(correct),
                      "compress_s": mean_or_none(rec["compress_s"]),
                      "compress_s_windows": mean_or_none(rec["compress_s"][:n_win]), "peak_rss_mb": rec["peak_rss_mb"],
-                     "achieved_ratio": mean_or_none([n / k for n, k in zip(contexts, kept) if k])})
+                     "mean_ratio": mean_or_none([n / k for n, k in zip(contexts, kept) if k]),
+                     "served_ratio": mean_or_none([n / k for n, k in zip(contexts, widest) if k])})
     if peer_full is None:
         raise RuntimeError("kvpress's full-cache run failed: no fairness check possible")
     paired = []
