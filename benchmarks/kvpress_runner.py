@@ -18,7 +18,8 @@ The store (STORE.json, rewritten after every run) keeps the runs' raw records: {
 [{"nll_sum", "count"}], "prompts": [{"ids", "text"}] (every document's questions in order), "compress_s": [...],
 "kept_per_head": [mean entries per KV head kept, per window and document], "widest_head": [the most entries any
 layer's head keeps, per window and document: what a paged engine, one slot count for every head, holds],
-"peak_rss_mb", "seconds", "error"}]}. A stored run is reused, not run again, while its data
+"peak_rss_mb", "seconds", "error"}]}. A run is saved after every window and document (marked "partial" until it
+ends), so an interrupted run continues where it stopped. A stored run is reused, not run again, while its data
 (`data_sha`: the job without its list of runs, the model's folder name and config), the versions of kvpress,
 transformers and torch, and RECORD_FORMAT are the same: a change to kvcat's own methods never costs kvpress's
 hours again. Stores of another job are replaced. (A store of the older format, keyed by the sha of the whole
@@ -211,41 +212,48 @@ class Runner:
             position += 1
         return out
 
-    def run(self, job: dict, name: str, ratio: float, tokenizer) -> dict:
+    def run(self, job: dict, name: str, ratio: float, tokenizer, partial: dict | None = None,
+            save=lambda rec: None) -> dict:
+        """One press at one ratio over every window and document of the job. `partial`: the unfinished record of
+        an interrupted run, continued after the last item it holds; `save(rec)` is called after each item with the
+        unfinished record (`"partial": True`)."""
         torch = self.torch
-        rec = {"press": name, "ratio": ratio, "compression_ratio": [], "windows": [], "prompts": [],
-               "compress_s": [], "kept_per_head": [], "widest_head": [], "peak_rss_mb": None, "seconds": None,
-               "error": None}
-        start = time.perf_counter()
-        peak = 0.0
+        rec = partial or {"press": name, "ratio": ratio, "compression_ratio": [], "windows": [], "prompts": [],
+                          "compress_s": [], "kept_per_head": [], "widest_head": [], "peak_rss_mb": None,
+                          "seconds": 0.0, "error": None}
+        rec["partial"] = True
+        start = time.perf_counter() - rec["seconds"]
+        peak = rec["peak_rss_mb"] or 0.0
+        items = [("windows", w) for w in job.get("windows", [])] + [("documents", d) for d in job.get("documents", [])]
         try:
             # one press object per run (KVzip warns on every construction); its ratio is set per context
             press = None if name == "none" else make_press(name, 0.0)
             with torch.no_grad():
-                for kind, items in (("windows", job.get("windows", [])), ("documents", job.get("documents", []))):
-                    for item in items:
-                        ctx = list(item["context"])
-                        cr = compression_ratio_for(len(ctx), ratio, name)
-                        if press is not None:
-                            press.compression_ratio = cr  # the wrappers forward it to the press they wrap
-                        with PeakRSS() as mem:
-                            cache, sec = self.prefill(ctx, press)
-                        peak = max(peak, mem.peak)
-                        mean, widest = kept_slots(self.model, cache)
-                        rec["kept_per_head"].append(round(mean, 2))
-                        rec["widest_head"].append(widest)
-                        rec["compression_ratio"].append(cr)
-                        rec["compress_s"].append(round(sec, 4))
-                        if kind == "windows":
-                            s, c = self.nll(cache, ctx, list(item["continuation"]))
-                            rec["windows"].append({"nll_sum": s, "count": c})
-                            continue
+                for kind, item in items[len(rec["kept_per_head"]):]:  # one entry per item done
+                    ctx = list(item["context"])
+                    cr = compression_ratio_for(len(ctx), ratio, name)
+                    if press is not None:
+                        press.compression_ratio = cr  # the wrappers forward it to the press they wrap
+                    with PeakRSS() as mem:
+                        cache, sec = self.prefill(ctx, press)
+                    peak = max(peak, mem.peak)
+                    mean, widest = kept_slots(self.model, cache)
+                    rec["kept_per_head"].append(round(mean, 2))
+                    rec["widest_head"].append(widest)
+                    rec["compression_ratio"].append(cr)
+                    rec["compress_s"].append(round(sec, 4))
+                    if kind == "windows":
+                        s, c = self.nll(cache, ctx, list(item["continuation"]))
+                        rec["windows"].append({"nll_sum": s, "count": c})
+                    else:
                         compressed = cache.get_seq_length()
                         for question in item["questions"]:
                             ids = self.generate(cache, ctx, list(question), self.max_new)
                             rec["prompts"].append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
                             cache.crop(compressed)  # the next question sees the compressed document only
-                        del cache
+                    del cache
+                    rec["peak_rss_mb"], rec["seconds"] = round(peak, 1), round(time.perf_counter() - start, 2)
+                    save(rec)
         except NotRun as exc:
             rec["error"] = f"not run: {exc}"
         except Exception as exc:  # a press that does not support this model (or these lengths): record it
@@ -253,6 +261,7 @@ class Runner:
             rec["traceback"] = traceback.format_exc(limit=6)
         rec["peak_rss_mb"] = round(peak, 1) if peak else None
         rec["seconds"] = round(time.perf_counter() - start, 2)
+        del rec["partial"]
         return rec
 
 
@@ -283,8 +292,10 @@ def stored_runs(out: Path, store: dict, job_sha: str) -> list[dict]:
     if same_data and old.get("versions") == store["versions"] and \
             old.get("record_format", RECORD_FORMAT) == RECORD_FORMAT:
         kept = [r for r in old["runs"] if not r.get("error") or r["error"].startswith("not run")]
-        log(f"reusing the {len(kept)} runs stored in {out}" + (f" ({len(old['runs']) - len(kept)} failed runs "
-            "are run again)" if len(kept) < len(old["runs"]) else ""))
+        unfinished = sum(bool(r.get("partial")) for r in kept)
+        log(f"reusing the {len(kept) - unfinished} runs stored in {out}"
+            + (f", continuing {unfinished} unfinished" if unfinished else "")
+            + (f" ({len(old['runs']) - len(kept)} failed runs are run again)" if len(kept) < len(old["runs"]) else ""))
         return kept
     log(f"the runs stored in {out} are of other data, versions or record format: they are replaced")
     return []
@@ -310,15 +321,25 @@ def main(argv=None) -> None:
     store = {"versions": versions(), "model": Path(job["model"]).name, "data_sha": data_sha(job),
              "record_format": RECORD_FORMAT, "runs": []}
     store["runs"] = stored_runs(out, store, hashlib.sha256(text.encode()).hexdigest())
-    finished = {(rec["press"], float(rec["ratio"])) for rec in store["runs"]}
+    finished = {(rec["press"], float(rec["ratio"])) for rec in store["runs"] if not rec.get("partial")}
     runs = [(str(p), float(r)) for p, r in job["runs"] if (str(p), float(r)) not in finished]
+    items = len(job.get("windows", [])) + len(job.get("documents", []))
     log(f"kvpress {store['versions']['kvpress']}, transformers {store['versions']['transformers']}; "
         f"{len(job.get('windows', []))} windows, {len(job.get('documents', []))} documents, {len(runs)} runs to do")
     runner = Runner(job) if runs else None
     for i, (name, ratio) in enumerate(runs):
-        rec = runner.run(job, name, ratio, tokenizer)
-        store["runs"].append(rec)
-        _save(store, out)
+        others = [r for r in store["runs"] if (r["press"], float(r["ratio"])) != (name, ratio)]
+        partial = next((r for r in store["runs"] if (r["press"], float(r["ratio"])) == (name, ratio)), None)
+        if partial:
+            log(f"run {i + 1}/{len(runs)}: {name} at {ratio:g}x continues after {len(partial['kept_per_head'])} of "
+                f"{items} windows and documents")
+
+        def save(rec, others=others):  # after every window and document: an interrupted run resumes there
+            store["runs"] = others + [rec]
+            _save(store, out)
+
+        rec = runner.run(job, name, ratio, tokenizer, partial, save)
+        save(rec)
         kept = rec["kept_per_head"]
         status = (f"FAILED ({rec['error']})" if rec["error"] else
                   f"kept {sum(kept) / max(len(kept), 1):.1f} slots/head on average")

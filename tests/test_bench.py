@@ -121,7 +121,8 @@ def test_kvcat_bench_is_registered_by_the_benchmarks_with_their_configs_options(
 
 def test_peers_kvpress_runs_are_reused_on_the_same_data_only(tmp_path):
     """kvpress's stored runs outlive a change to kvcat's methods: reused while the data (token ids, model) and
-    versions are the same, whatever the list of runs; a failed run is run again; other data replaces them."""
+    versions are the same, whatever the list of runs; a failed run is run again, an unfinished one continued;
+    other data replaces them."""
     from kvcat.bench import load_source
 
     runner = load_source(Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_runner.py", "kvpress_runner")
@@ -145,6 +146,8 @@ def test_peers_kvpress_runs_are_reused_on_the_same_data_only(tmp_path):
     assert stored(job, {**same, "versions": {"kvpress": "0.6"}}) == []
     assert stored({**job, "windows": [{"context": [1, 5], "continuation": [3]}]}, same) == []
     assert stored({**job, "model": str(tmp_path / "elsewhere" / "m")}, same) == []  # config differs (none there)
+    unfinished = {"press": "tova", "ratio": 16.0, "error": None, "partial": True, "kept_per_head": [9.0]}
+    assert stored(job, {**same, "runs": [ok, unfinished]}) == [ok, unfinished]  # continued, not run again
     legacy = {"versions": versions, "job_sha": "sha-of-this-job-text", "runs": [ok]}  # the older format
     assert stored(job, legacy) == [ok] and stored(job, {**legacy, "job_sha": "other"}) == []
 
