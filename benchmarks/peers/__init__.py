@@ -158,8 +158,9 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
         rows = {}
         for m in names:
             for r in ratios:
-                if skip(m, len(ids), r):
-                    rows[f"{m}|{r:g}"] = {"skipped": skip(m, len(ids), r)}
+                reason = skip(m, len(ids), r)
+                if reason:
+                    rows[f"{m}|{r:g}"] = {"skipped": reason}
                     continue
                 with PeakRSS() as mem:
                     cache = methods_obj[m].compact(lm, ids, ratio=r)
