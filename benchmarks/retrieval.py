@@ -103,19 +103,50 @@ def run(config: RetrievalConfig, resume: bool = False) -> dict:
     return result
 
 
+def timed_prefill(lm, ids: list[int]):
+    """The plain prefill of one context (the last context's memo cleared first), its seconds and its peak RSS:
+    what each compaction of it is set against."""
+    from kvcat.bench_process import PeakRSS
+    from kvcat.compaction.queries import clear_memo
+    from kvcat.inference import prefill
+
+    clear_memo()
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        pre = prefill(lm, ids)
+    return pre, time.perf_counter() - start, mem.peak
+
+
+def compactions(lm, ids: list[int], compactors: dict, ratios: list[float], skip=None):
+    """Each method at each ratio on one context (after `timed_prefill`): yields its key "method|ratio", the
+    cache (None where `skip(method, tokens, ratio)` gives a reason), that reason, and the compaction's peak RSS.
+    One reconstruction serves them all; each compaction is still charged its seconds."""
+    import torch
+
+    from kvcat.bench_process import PeakRSS
+    from kvcat.compaction.queries import document_state
+
+    document_state(lm, torch.tensor(ids), token_nll=True).keep_queries = True
+    for m, method in compactors.items():
+        for r in ratios:
+            reason = skip(m, len(ids), r) if skip else None
+            if reason:
+                yield f"{m}|{r:g}", None, reason, None
+                continue
+            with PeakRSS() as mem:
+                cache = method.compact(lm, ids, ratio=r)
+            yield f"{m}|{r:g}", cache, None, mem.peak
+
+
 def score_document(lm, cases, compactors: dict, ratios: list[float], skip=None) -> list[dict]:
     """One document's cases (all about the same document): prefilled once, each question asked over the full
     document and over none, then compacted once per method and ratio, before any question is seen (as
     `/v1/compact` does), each question asked over every compacted cache. `skip(method, tokens, ratio)` -> a
     reason leaves a (method, ratio) out of this document. Returns a record per case (`kvcat bench peers` keeps
     the same records)."""
-    import torch
-
-    from kvcat.bench_process import PeakRSS
-    from kvcat.compaction.queries import clear_memo, document_state
     from kvcat.data.suite import suite_kind
     from kvcat.eval.metrics import answered
-    from kvcat.inference import CacheSession, full_cache, prefill
+    from kvcat.inference import CacheSession, full_cache
     from kvcat.prompts import context_and_question
 
     tok = lm.tokenizer
@@ -126,41 +157,29 @@ def score_document(lm, cases, compactors: dict, ratios: list[float], skip=None) 
 
     prompts = [context_and_question(tok, ex.document, ex.question) for ex in cases]
     ids = prompts[0].context_ids  # the same document: the same context tokens for every question
-    clear_memo()
-    start = time.perf_counter()
-    with PeakRSS() as mem:
-        pre = prefill(lm, ids)
-    prefill_s = time.perf_counter() - start
+    pre, prefill_s, prefill_rss = timed_prefill(lm, ids)
     full_kv = full_cache(pre, lm.spec.fingerprint)
     recs = [{"id": ex.id, "document": ex.metadata.get("document_id", ex.id), "kind": suite_kind(ex),
              "length": ex.metadata["length"],
              "depth": ex.metadata.get("depth", ex.metadata.get("actual_depth")), "tokens": len(ids),
-             "expected": ex.answers[0], "prefill_s": prefill_s, "prefill_rss": mem.peak, "rows": {}} for ex in cases]
+             "expected": ex.answers[0], "prefill_s": prefill_s, "prefill_rss": prefill_rss, "rows": {}}
+            for ex in cases]
     for rec, ex, p in zip(recs, cases, prompts):
         full = ask(full_kv, p.question_ids)
         none = ask(None, context_and_question(tok, "", ex.question).ids)
         rec.update(full=answered(full, ex.answers), full_answer=full, none=answered(none, ex.answers))
     del pre, full_kv
-    # one reconstruction per document, shared by the ratios (each compaction is still charged its seconds)
-    document_state(lm, torch.tensor(ids), token_nll=True).keep_queries = True
-    for m, method in compactors.items():
-        for r in ratios:
-            reason = skip(m, len(ids), r) if skip else None
-            if reason:
-                for rec in recs:
-                    rec["rows"][f"{m}|{r:g}"] = {"skipped": reason}
+    for key, cache, reason, rss in compactions(lm, ids, compactors, ratios, skip):
+        for rec, ex, p in zip(recs, cases, prompts):
+            if cache is None:
+                rec["rows"][key] = {"skipped": reason}
                 continue
-            with PeakRSS() as mem:
-                cache = method.compact(lm, ids, ratio=r)
-            for rec, ex, p in zip(recs, cases, prompts):
-                text = ask(cache, p.question_ids)
-                rec["rows"][f"{m}|{r:g}"] = {"correct": answered(text, ex.answers), "answer": text,
-                                             "compact_s": cache.info["compact_s"],
-                                             "vs_prefill": cache.info["compact_s"] / prefill_s,
-                                             "served_ratio": cache.served_ratio, "rss": mem.peak,
-                                             "fit": cache.info.get("fit")}
+            text = ask(cache, p.question_ids)
+            rec["rows"][key] = {"correct": answered(text, ex.answers), "answer": text,
+                                "compact_s": cache.info["compact_s"],
+                                "vs_prefill": cache.info["compact_s"] / prefill_s,
+                                "served_ratio": cache.served_ratio, "rss": rss, "fit": cache.info.get("fit")}
     return recs
-
 
 def aggregate(cases: list[dict], names: list[str], ratios: list[float]) -> list[dict]:
     """Accuracy overall and per kind, the share of the full context's accuracy kept, and compaction time."""

@@ -103,13 +103,9 @@ class PeersConfig(SampleConfig):
 def run(config: PeersConfig, resume: bool = False) -> dict:
     """kvcat vs NVIDIA kvpress on the same held-out data, and plain vLLM vs the kvcat server ->
     benchmarks/results/peers.json + PNG."""
-    import torch
-
     from kvcat import data
     from kvcat.bench import Checkpoint, config_record, load_script, provenance, publish
-    from kvcat.bench_process import PeakRSS
     from kvcat.compaction import method_from_spec
-    from kvcat.compaction.queries import clear_memo, document_state
     from kvcat.data.suite import by_document, retrieval_cases
     from kvcat.eval.harness import full_prefix_nll
     from kvcat.eval.metrics import window_nll
@@ -147,26 +143,13 @@ def run(config: PeersConfig, resume: bool = False) -> dict:
         if i < len(done["windows"]):
             continue
         ids = list(w.prefix_ids)
-        start = time.perf_counter()
-        with PeakRSS() as mem:
-            pre = prefill(lm, ids)
-        prefill_s, prefill_rss = time.perf_counter() - start, mem.peak
+        pre, prefill_s, prefill_rss = retrieval.timed_prefill(lm, ids)
         full = window_nll(continuation_nll(lm, full_cache(pre, lm.spec.fingerprint), list(w.continuation_ids)))
         del pre
-        clear_memo()  # one prefill and reconstruction serve every method and ratio (each still charged its seconds)
-        document_state(lm, torch.tensor(ids), token_nll=True).keep_queries = True
-        rows = {}
-        for m in names:
-            for r in ratios:
-                reason = skip(m, len(ids), r)
-                if reason:
-                    rows[f"{m}|{r:g}"] = {"skipped": reason}
-                    continue
-                with PeakRSS() as mem:
-                    cache = methods_obj[m].compact(lm, ids, ratio=r)
-                rows[f"{m}|{r:g}"] = {"nll": window_nll(continuation_nll(lm, cache, list(w.continuation_ids))),
-                                      "compact_s": cache.info["compact_s"], "rss": mem.peak,
-                                      "served_ratio": cache.served_ratio}
+        rows = {key: {"skipped": reason} if cache is None else
+                {"nll": window_nll(continuation_nll(lm, cache, list(w.continuation_ids))),
+                 "compact_s": cache.info["compact_s"], "rss": rss, "served_ratio": cache.served_ratio}
+                for key, cache, reason, rss in retrieval.compactions(lm, ids, methods_obj, ratios, skip)}
         done.add("windows", {"reference": window_nll(full_prefix_nll(lm, w)), "full": full, "prefill_s": prefill_s,
                              "prefill_rss": prefill_rss, "rows": rows})
         log(f"kvcat: window {i + 1}/{len(windows)} done")
