@@ -15,6 +15,7 @@ pass (the answer has to come from what the policy kept).
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -144,6 +145,7 @@ def _context_of_length(tokenizer, document: str, question: str, prefix_len: int)
     return None
 
 
+@functools.cache
 def _turn_texts(tokenizer) -> tuple[str, str]:
     """(a later user turn with "{question}" in it, up to the assistant's answer; what closes an answer), as the
     tokenizer's chat template renders them (plain text for a model without one)."""

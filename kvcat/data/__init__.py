@@ -17,7 +17,7 @@ from kvcat.data.records import SPLITS, DataError, Document, Example, Split, Toke
 from kvcat.data.splits import split_of
 from kvcat.data.stream import token_windows, training_texts, training_windows
 from kvcat.data.synthetic import (RETRIEVAL_KINDS, kv_example, kv_retrieval, multikey_example, needle,
-                                  needle_example, needle_grid, passage_example, retrieval_suite)
+                                  needle_example, needle_grid, passage_example)
 
 # Names other packages use: one corpus, or several (default: all required corpora).
 load_documents = load_corpus
@@ -27,6 +27,6 @@ __all__ = [
     "CORPORA", "DEFAULT_CORPORA", "QA_TASKS", "RETRIEVAL_KINDS", "SPLITS", "DataError", "Document", "Example",
     "Split", "TokenWindow", "available_corpora", "documents", "hotpotqa", "iter_documents", "kv_example",
     "kv_retrieval", "load_corpus", "load_documents", "long_documents", "multikey_example", "needle",
-    "needle_example", "needle_grid", "passage_example", "retrieval_suite", "split_of", "squad", "token_windows",
+    "needle_example", "needle_grid", "passage_example", "split_of", "squad", "token_windows",
     "training_texts", "training_windows",
 ]

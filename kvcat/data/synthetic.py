@@ -157,24 +157,6 @@ def passage_example(tokenizer, length: int, depth: float, split: str = "heldout"
 RETRIEVAL_KINDS = {"needle": needle_example, "multikey": multikey_example, "passage": passage_example}
 
 
-def retrieval_suite(tokenizer, n: int = 42, lengths: tuple[int, ...] = (2048, 3072, 4096),
-                    depths: tuple[float, ...] = DEFAULT_DEPTHS, kinds: tuple[str, ...] = tuple(RETRIEVAL_KINDS),
-                    split: str = "heldout", seed: int = 0) -> list[Example]:
-    """n retrieval cases cycling through kinds (single needle, one of several keys, a passage question),
-    depths and lengths, so every kind meets every depth. The "tune" split has its own haystacks and facts:
-    defaults are chosen there, figures reported on "heldout"."""
-    unknown = set(kinds) - set(RETRIEVAL_KINDS)
-    if unknown:
-        raise ValueError(f"unknown retrieval kind(s) {sorted(unknown)}; choose from {', '.join(RETRIEVAL_KINDS)}")
-    out = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        depth = depths[(i // len(kinds)) % len(depths)]
-        length = lengths[(i // (len(kinds) * len(depths))) % len(lengths)] if len(lengths) > 1 else lengths[0]
-        out.append(RETRIEVAL_KINDS[kind](tokenizer, length, depth, split=split, seed=seed, index=i))
-    return out
-
-
 def needle(tokenizer, n: int = 5, length: int = 1024, depths: tuple[float, ...] = DEFAULT_DEPTHS,
            split: str = "heldout", seed: int = 0, digits: int = 7) -> list[Example]:
     """n needle examples of `length` tokens, cycling through `depths`."""
