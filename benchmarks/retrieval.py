@@ -181,6 +181,7 @@ def score_document(lm, cases, compactors: dict, ratios: list[float], skip=None) 
                                 "served_ratio": cache.served_ratio, "rss": rss, "fit": cache.info.get("fit")}
     return recs
 
+
 def aggregate(cases: list[dict], names: list[str], ratios: list[float]) -> list[dict]:
     """Accuracy overall and per kind, the share of the full context's accuracy kept, and compaction time."""
     kinds = sorted({c["kind"] for c in cases})
