@@ -80,10 +80,14 @@ class AMMethod(WholeHeads, Method):
     salient_unit: Literal["window", "sentence"] = "window"
     """Salient tokens as the top windows of mean surprisal, or as whole sentences ranked by their peak
     surprisal, each taken once (`spans.fact_spans`)."""
-    max_unit: int = 32
-    """salient_unit="sentence": longer sentences are cut into chunks of this many tokens."""
+    max_unit: int = 48
+    """salient_unit="sentence": longer sentences are cut into chunks of this many tokens (cut at 32, a long
+    sentence loses what its value belongs to: benchmarks/NOTES.md, 2026-12-08)."""
     peak_run: int = 4
-    """salient_unit="sentence": a sentence ranks by its most surprising run of this many tokens."""
+    """salient_unit="sentence": a sentence's peak is its most surprising run of this many tokens."""
+    salient_rank: spans.UnitRank = "peak"
+    """salient_unit="sentence": sentences ranked by their peak, their mean surprisal, or each in turn
+    (`spans.unit_order`)."""
     retrieval_share: float = 0.0
     """Share of KV heads that are retrieval heads (the model's head profile, `heads`): they spend
     retrieval_salient_frac of their slots on salient tokens, the other heads salient_frac."""
@@ -159,7 +163,8 @@ class AMMethod(WholeHeads, Method):
             nll = state.surprisal.get(self.local_context) if self.local_context else state.prefill.token_nll
             parts = [state.template] if self.keep_template and state.template is not None else []
             if count and nll is not None:
-                parts.append(spans.fact_spans(nll, state.units[self.max_unit], count, self.peak_run)
+                parts.append(spans.fact_spans(nll, state.units[self.max_unit], count, self.peak_run,
+                                                 rank=self.salient_rank)
                              if self.salient_unit == "sentence" else salient_tokens(nll, count, self.salient_window))
             memo[count] = torch.cat(parts) if parts else None
         return memo[count]
@@ -266,8 +271,9 @@ class AMHAKFast(AMHAK):
     context's last queries rank the keys besides the salient tokens (about 1.6x the prefill's time). Its salient
     tokens are whole sentences (`spans`), and the model's retrieval heads (the top tenth by the head profile,
     `heads`) spend all their slots on them: on the tune split that kept 0.44 of 0.59 at 8x where windows in
-    every head kept 0.28, and 0.19 at 16x where they kept 0 (benchmarks/NOTES.md, 2026-12-07). am-hak keeps
-    the windows: not re-tuned."""
+    every head kept 0.28, and 0.19 at 16x where they kept 0 (benchmarks/NOTES.md, 2026-12-07); sentences of up
+    to 48 tokens instead of 32 took another tune set from 0.38 to 0.53 at 8x and 0.17 to 0.25 at 16x
+    (2026-12-08). am-hak keeps the windows: not re-tuned."""
 
     name: ClassVar[str] = "am-hak-fast"
 

@@ -16,6 +16,7 @@ and are kept by every head, since every later turn reads them.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 import torch
 
@@ -89,22 +90,44 @@ def _runs(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.unfold(0, window, 1).mean(1)
 
 
+UnitRank = Literal["peak", "mean", "peak+mean"]
+
+
+def unit_order(nll: torch.Tensor, spans: list[tuple[int, int]], window: int = 4,
+               rank: UnitRank = "peak") -> tuple[list[int], list[torch.Tensor]]:
+    """The units, most surprising first, and each unit's run means (`_runs`). "peak": by the highest mean over
+    `window` tokens in a row (a value is several surprising tokens, a number's digits or a name's pieces, where
+    one rare word is one); "mean": by the unit's mean surprisal (a sentence out of place in its text is
+    surprising throughout, where a value of a form seen before is surprising in one token); "peak+mean": the
+    two orders taken in turn, each unit once."""
+    x = nll.float().cpu()
+    runs = [_runs(x[s:e], window) for s, e in spans]  # within each unit: no peak borrowed from a neighbour
+    by_peak = torch.argsort(torch.stack([r.max() for r in runs]), descending=True, stable=True).tolist()
+    if rank == "peak":
+        return by_peak, runs
+    by_mean = torch.argsort(torch.stack([x[s:e].mean() for s, e in spans]), descending=True, stable=True).tolist()
+    if rank == "mean":
+        return by_mean, runs
+    if rank != "peak+mean":
+        raise ValueError(f"unknown unit rank {rank!r}; choose one of peak, mean, peak+mean")
+    order: list[int] = []
+    for pair in zip(by_peak, by_mean):
+        order.extend(u for u in dict.fromkeys(pair) if u not in order)
+    return order, runs
+
+
 def fact_spans(nll: torch.Tensor, spans: list[tuple[int, int]], count: int, window: int = 4,
-               lead: float = 0.75) -> torch.Tensor:
-    """Up to `count` positions, most important first: the units by peak surprisal (the highest mean over
-    `window` tokens in a row: a value is several surprising tokens, a number's digits or a name's pieces, where
-    one rare word is one), each whole, with suppression (a unit is taken once). The last unit that does not fit
-    whole keeps the tokens around its peak, `lead` of them before it (what a value belongs to is said before
-    the value)."""
+               lead: float = 0.75, rank: UnitRank = "peak") -> torch.Tensor:
+    """Up to `count` positions, most important first: the units in `unit_order`, each whole, with suppression
+    (a unit is taken once). The last unit that does not fit whole keeps the tokens around its peak, `lead` of
+    them before it (what a value belongs to is said before the value)."""
     count = max(0, count)
     if count == 0 or not spans:
         return torch.empty(0, dtype=torch.long)
-    x = nll.float().cpu()
-    runs = [_runs(x[s:e], window) for s, e in spans]  # within each unit: no peak borrowed from a neighbour
-    peaks = torch.stack([r.max() for r in runs])
+    order, runs = unit_order(nll, spans, window, rank)
     out: list[torch.Tensor] = []
     left = count
-    for u in torch.argsort(peaks, descending=True, stable=True).tolist():
+    for u in order:
         s, e = spans[u]
         if e - s <= left:
             out.append(torch.arange(s, e))

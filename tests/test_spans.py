@@ -3,6 +3,7 @@ chat template kept and never scored; and the AM methods keeping them in every he
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvcat import prompts
@@ -55,6 +56,21 @@ def test_fact_spans_take_whole_units_by_peak_with_suppression():
     assert part[20:] == [32, 33, 34, 35] and len(set(part)) == 24
     assert spans.fact_spans(nll, units, 40, window=8).tolist()[30:] == list(range(10))  # the rare word comes last
     assert spans.fact_spans(nll, units, 0, window=8).numel() == 0 and spans.fact_spans(nll, [], 5).numel() == 0
+
+
+def test_unit_order_by_peak_by_mean_and_in_turn():
+    units = [(0, 10), (10, 20), (20, 30), (30, 40)]
+    nll = torch.full((40,), 0.5)
+    nll[14:18] = 6.0  # unit 1: a number, the highest peak (mean 2.7)
+    nll[20:30] = 2.8  # unit 2: out of place throughout, the highest mean
+    nll[33:36] = 5.0  # unit 3: a name, second by peak (mean 1.85)
+    nll[0:10] = 1.0  # unit 0: last either way
+    assert spans.unit_order(nll, units, 4, "peak")[0] == [1, 3, 2, 0]
+    assert spans.unit_order(nll, units, 4, "mean")[0] == [2, 1, 3, 0]
+    assert spans.unit_order(nll, units, 4, "peak+mean")[0] == [1, 2, 3, 0]  # each order in turn, each unit once
+    assert spans.fact_spans(nll, units, 20, window=4, rank="peak+mean").tolist() == list(range(10, 30))
+    with pytest.raises(ValueError, match="unit rank"):
+        spans.unit_order(nll, units, 4, "max")
 
 
 def test_sentence_salience_keeps_the_template_and_a_fact_in_every_head(small):
