@@ -110,10 +110,7 @@ def unit_order(nll: torch.Tensor, spans: list[tuple[int, int]], window: int = 4,
         return by_mean, runs
     if rank != "peak+mean":
         raise ValueError(f"unknown unit rank {rank!r}; choose one of peak, mean, peak+mean")
-    order: list[int] = []
-    for pair in zip(by_peak, by_mean):
-        order.extend(u for u in dict.fromkeys(pair) if u not in order)
-    return order, runs
+    return list(dict.fromkeys(u for pair in zip(by_peak, by_mean) for u in pair)), runs
 
 
 def fact_spans(nll: torch.Tensor, spans: list[tuple[int, int]], count: int, window: int = 4,
