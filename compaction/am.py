@@ -267,20 +267,21 @@ class AMHAK(AMMethod):
 @register
 @dataclass
 class AMHAKFast(AMHAK):
-    """AM-HAK without the reconstruction pass: the prefill's own (sampled) queries are fitted on and the
-    context's last queries rank the keys besides the salient tokens (about 1.6x the prefill's time). Its salient
-    tokens are whole sentences (`spans`), and the model's retrieval heads (the top tenth by the head profile,
-    `heads`) spend all their slots on them: on the tune split that kept 0.44 of 0.59 at 8x where windows in
-    every head kept 0.28, and 0.19 at 16x where they kept 0 (benchmarks/NOTES.md, 2026-12-07); sentences of up
-    to 48 tokens instead of 32 took another tune set from 0.38 to 0.53 at 8x and 0.17 to 0.25 at 16x
-    (2026-12-08). am-hak keeps the windows: not re-tuned."""
+    """AM-HAK without the reconstruction pass: the prefill's own (sampled) queries are fitted on (about 1.6x
+    the prefill's time). Its salient tokens are whole sentences (`spans`), and every head spends all its slots
+    besides the sinks and the last tokens on them: a fact is read only where all the heads that read together
+    hold it (benchmarks/NOTES.md, 2026-12-08). On the tune split: sentences in the retrieval heads' slots kept
+    0.44 of 0.59 at 8x where windows in every head kept 0.28 (2026-12-07); sentences of up to 48 tokens
+    instead of 32 took another tune set from 0.38 to 0.53 at 8x and 0.17 to 0.25 at 16x, and every head's
+    slots on them (not only the retrieval heads') to 0.57 and 0.30 (2026-12-08). am-hak keeps the windows:
+    not re-tuned."""
 
     name: ClassVar[str] = "am-hak-fast"
 
     queries: QueryMode = "context"
     score_last: float = 1.0
     salient_unit: Literal["window", "sentence"] = "sentence"
-    retrieval_share: float = 0.1
+    salient_frac: float = 1.0
 
 
 @register
