@@ -2,9 +2,9 @@
 them to build its options)."""
 
 # The compaction method /v1/compact, on-the-fly compaction, `kvcat compact` and the demo use unless told
-# otherwise. AM-HAK-fast: salient sentences (all of the retrieval heads' slots, half of the others') + the
-# context's last queries pick the keys, in about 1.6x the prefill's time; "am-hak" reconstructs the whole
-# document for its keys (about 5x the prefill's time). The tune-split figures: benchmarks/NOTES.md.
+# otherwise. AM-HAK-fast: the document's salient sentences fill every head's slots besides sinks and the last
+# tokens, in about 1.6x the prefill's time; "am-hak" reconstructs the whole document for its keys (about 5x
+# the prefill's time). The tune-split figures: benchmarks/NOTES.md.
 DEFAULT_METHOD = "am-hak-fast"
 
 # The Attention Matching methods, drawn bold and compared against the rest in every benchmark.
