@@ -269,12 +269,12 @@ class AMHAK(AMMethod):
 class AMHAKFast(AMHAK):
     """AM-HAK without the reconstruction pass: the prefill's own (sampled) queries are fitted on (about 1.6x
     the prefill's time). Its salient tokens are whole sentences (`spans`), and every head spends all its slots
-    besides the sinks and the last tokens on them: a fact is read only where all the heads that read together
-    hold it (benchmarks/NOTES.md, 2026-12-08). On the tune split: sentences in the retrieval heads' slots kept
-    0.44 of 0.59 at 8x where windows in every head kept 0.28 (2026-12-07); sentences of up to 48 tokens
-    instead of 32 took another tune set from 0.38 to 0.53 at 8x and 0.17 to 0.25 at 16x, and every head's
-    slots on them (not only the retrieval heads') to 0.57 and 0.30 (2026-12-08). am-hak keeps the windows:
-    not re-tuned."""
+    besides the sinks and the last tokens on them (the context's last queries rank any slot left): a fact is
+    read only where all the heads that read together hold it (benchmarks/NOTES.md, 2026-12-08). On the tune
+    split: sentences in the retrieval heads' slots kept 0.44 of 0.59 at 8x where windows in every head kept
+    0.28 (2026-12-07); sentences of up to 48 tokens instead of 32 took another tune set from 0.38 to 0.53 at 8x
+    and 0.17 to 0.25 at 16x, and every head's slots on them (not only the retrieval heads') to 0.57 and 0.30
+    (2026-12-08). am-hak keeps the windows: not re-tuned."""
 
     name: ClassVar[str] = "am-hak-fast"
 
